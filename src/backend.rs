@@ -1,0 +1,71 @@
+//! Which burn backend runs where. Everything in tune is generic over `B: Backend`; this module
+//! picks the concrete types and dispatches a generic function on the device the user asked for.
+
+use crate::error::{Error, Result};
+
+/// The CPU backend. burn-flex (gemm-based, SIMD) is the default; build with
+/// `--features ndarray-cpu` to use burn-ndarray instead.
+#[cfg(not(feature = "ndarray-cpu"))]
+pub type Cpu = burn::backend::Flex;
+#[cfg(feature = "ndarray-cpu")]
+pub type Cpu = burn::backend::NdArray;
+
+#[cfg(feature = "cuda")]
+pub type Cuda = burn_cuda::Cuda;
+
+/// `cpu` or `cuda`, as written in recipes and on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+impl std::str::FromStr for DeviceKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(DeviceKind::Cpu),
+            "cuda" => Ok(DeviceKind::Cuda),
+            other => Err(Error::Unsupported(format!("device `{other}`: expected cpu or cuda"))),
+        }
+    }
+}
+
+impl DeviceKind {
+    /// Refuses cuda in a build without the `cuda` feature.
+    pub fn check_available(self) -> Result<()> {
+        if self == DeviceKind::Cuda && !cfg!(feature = "cuda") {
+            return Err(Error::Unsupported(
+                "device cuda: this tune was built without CUDA support; rebuild with `cargo build --release --features cuda`".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Calls `$f::<Backend>(device, args...)` for the chosen device kind.
+#[macro_export]
+macro_rules! with_backend {
+    ($kind:expr, $f:ident ( $($arg:expr),* $(,)? )) => {{
+        match $kind {
+            $crate::backend::DeviceKind::Cpu => {
+                let device = Default::default();
+                $f::<$crate::backend::Cpu>(&device, $($arg),*)
+            }
+            #[cfg(feature = "cuda")]
+            $crate::backend::DeviceKind::Cuda => {
+                let device = Default::default();
+                $f::<$crate::backend::Cuda>(&device, $($arg),*)
+            }
+            #[cfg(not(feature = "cuda"))]
+            $crate::backend::DeviceKind::Cuda => {
+                Err($crate::backend::DeviceKind::Cuda
+                    .check_available()
+                    .expect_err("cuda is unavailable without the feature")
+                    .into())
+            }
+        }
+    }};
+}

@@ -1,0 +1,126 @@
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use tune::backend::DeviceKind;
+use tune::generate::{generate, Sampling};
+use tune::hf::{GenerationConfig, Message, Tokenizer};
+use tune::model::{self, Llama, ModelConfig};
+use tune::with_backend;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A Hugging Face model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt: one user message in the chat template, or the raw text with --raw.
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Feed the prompt as it is, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// A LoRA adapter directory (PEFT layout).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    device: DeviceKind,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    super::refuse_adapter(&args.adapter)?;
+    let tokenizer = Tokenizer::from_model_dir(&args.model)?;
+    let prompt_ids = if args.raw {
+        tokenizer.encode(&args.prompt, true)?
+    } else {
+        let template = tokenizer.chat_template().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: the model has no chat template (tokenizer_config.json `chat_template` or chat_template.jinja); use --raw to feed the prompt as plain text",
+                args.model.display()
+            )
+        })?;
+        let text = template.render(
+            &[Message {
+                role: "user".into(),
+                content: args.prompt.clone(),
+            }],
+            true,
+        )?;
+        // The template already holds any special tokens, as with apply_chat_template.
+        tokenizer.encode(&text, false)?
+    };
+    let stop = stop_ids(&args.model)?;
+    with_backend!(args.device, run_on(&args, &tokenizer, &prompt_ids, &stop))
+}
+
+fn run_on<B: Backend>(
+    device: &B::Device,
+    args: &Args,
+    tokenizer: &Tokenizer,
+    prompt_ids: &[u32],
+    stop: &[u32],
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let model: Llama<B> = model::load(&args.model, device)?;
+    eprintln!("loaded {} in {:.2} s", args.model.display(), start.elapsed().as_secs_f64());
+    let sampling = Sampling {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    let start = Instant::now();
+    let mut out = std::io::stdout().lock();
+    let mut ids: Vec<u32> = Vec::new();
+    let mut printed = 0usize;
+    let mut first_token = None;
+    let mut write_err = None;
+    generate(&model, prompt_ids, args.max_new_tokens, sampling, stop, device, |id| {
+        first_token.get_or_insert_with(|| start.elapsed());
+        if stop.contains(&id) {
+            return;
+        }
+        ids.push(id);
+        // Decode everything so far and print what is new; hold back a partial UTF-8 character.
+        if let Ok(text) = tokenizer.decode(&ids, true) {
+            if text.len() > printed && !text.ends_with('\u{FFFD}') && text.is_char_boundary(printed) {
+                if let Err(e) = out.write_all(text[printed..].as_bytes()).and_then(|_| out.flush()) {
+                    write_err.get_or_insert(e);
+                }
+                printed = text.len();
+            }
+        }
+    });
+    writeln!(out)?;
+    if let Some(e) = write_err {
+        return Err(e.into());
+    }
+    let total = start.elapsed().as_secs_f64();
+    let prefill = first_token.map_or(0.0, |d| d.as_secs_f64());
+    let n = ids.len() + usize::from(ids.len() < args.max_new_tokens);
+    eprintln!(
+        "{} prompt tokens in {:.2} s, {} new tokens in {:.2} s ({:.1} tokens/s)",
+        prompt_ids.len(),
+        prefill,
+        n,
+        total,
+        if total > prefill { (n.saturating_sub(1)) as f64 / (total - prefill) } else { 0.0 }
+    );
+    Ok(())
+}
+
+/// Generation stops at generation_config.json's eos ids, else config.json's.
+fn stop_ids(dir: &Path) -> anyhow::Result<Vec<u32>> {
+    if let Some(ids) = GenerationConfig::from_model_dir(dir)?.and_then(|g| g.eos_token_id) {
+        return Ok(ids.to_vec());
+    }
+    Ok(ModelConfig::from_model_dir(dir)?.eos_token_ids)
+}

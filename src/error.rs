@@ -1,0 +1,74 @@
+//! The library's error type. Every variant names the file (or key) involved and what was expected,
+//! so the CLI can print it as is.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A file whose content is not what tune expects (bad JSON, corrupt safetensors, bad record).
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+
+    /// A model directory that does not hold a usable checkpoint.
+    #[error("{0}")]
+    Model(String),
+
+    /// A tensor that is missing, unexpected, or has the wrong shape.
+    #[error("{path}: tensor `{name}`: {msg}")]
+    Tensor {
+        path: PathBuf,
+        name: String,
+        msg: String,
+    },
+
+    #[error("tokenizer {path}: {msg}")]
+    Tokenizer { path: PathBuf, msg: String },
+
+    #[error("chat template: {0}")]
+    Template(String),
+
+    /// Anything the user asked for that tune does not support.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Format {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+}
+
+/// Reads a whole file, naming it in the error.
+pub fn read_to_string(path: &std::path::Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}
+
+/// Parses a JSON file, reporting line and column of a syntax error.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
+    let text = read_to_string(path)?;
+    serde_json::from_str(&text).map_err(|e| {
+        Error::format(
+            path,
+            format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()),
+        )
+    })
+}

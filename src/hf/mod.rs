@@ -1,0 +1,12 @@
+//! Everything read from a Hugging Face model directory: config.json, safetensors weights,
+//! tokenizer.json and the chat template.
+
+pub mod chat_template;
+pub mod config;
+pub mod safetensors;
+pub mod tokenizer;
+
+pub use chat_template::{ChatTemplate, Message};
+pub use config::{GenerationConfig, HfConfig};
+pub use safetensors::Weights;
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,16 @@
+//! tune: LoRA fine-tuning for open-weight LLMs.
+//!
+//! Data flows one way: Hugging Face files (`hf`) -> model (`model`, `lora`) -> data (`data`) ->
+//! evaluation and generation (`eval`, `generate`).
+
+pub mod backend;
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod generate;
+pub mod hf;
+pub mod lora;
+pub mod model;
+pub mod rng;
+
+pub use error::{Error, Result};

@@ -6,11 +6,14 @@
 pub mod backend;
 pub mod data;
 pub mod error;
+pub mod fsutil;
 pub mod eval;
 pub mod generate;
 pub mod hf;
 pub mod lora;
 pub mod model;
+pub mod recipe;
 pub mod rng;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -1,7 +1,6 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Context;
 use burn::tensor::backend::Backend;
 use tune::backend::DeviceKind;
 use tune::data::{read_records, string_field, text_ids};
@@ -20,7 +19,7 @@ pub struct Args {
     /// Truncate each record to this many tokens.
     #[arg(long)]
     max_seq_len: Option<usize>,
-    /// A LoRA adapter directory (PEFT layout).
+    /// A LoRA adapter: a PEFT adapter directory or a run directory.
     #[arg(long)]
     adapter: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
@@ -31,7 +30,6 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    super::refuse_adapter(&args.adapter)?;
     let tokenizer = Tokenizer::from_model_dir(&args.model)?;
     let eos = eos_id(&args.model, &tokenizer)?;
     let records = read_records(&args.data)?;
@@ -46,7 +44,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if sequences.is_empty() {
         anyhow::bail!("{}: no records", args.data.display());
     }
-    let report = with_backend!(args.device, evaluate(&args.model, &sequences))?;
+    let report = with_backend!(args.device, evaluate(&args.model, args.adapter.as_deref(), &sequences))?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -61,9 +59,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 fn evaluate<B: Backend>(
     device: &B::Device,
     dir: &std::path::Path,
+    adapter: Option<&std::path::Path>,
     sequences: &[Vec<u32>],
 ) -> anyhow::Result<eval::EvalReport> {
-    let model: Llama<B> = model::load(dir, device).with_context(|| format!("loading {}", dir.display()))?;
+    let model: Llama<B> = super::load_model(dir, adapter, device)?;
     let start = Instant::now();
     let report = eval::evaluate(&model, sequences, device);
     eprintln!(

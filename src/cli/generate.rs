@@ -6,7 +6,7 @@ use burn::tensor::backend::Backend;
 use tune::backend::DeviceKind;
 use tune::generate::{generate, Sampling};
 use tune::hf::{GenerationConfig, Message, Tokenizer};
-use tune::model::{self, Llama, ModelConfig};
+use tune::model::{Llama, ModelConfig};
 use tune::with_backend;
 
 #[derive(clap::Args, Debug)]
@@ -29,7 +29,7 @@ pub struct Args {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// A LoRA adapter directory (PEFT layout).
+    /// A LoRA adapter: a PEFT adapter directory or a run directory.
     #[arg(long)]
     adapter: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
@@ -37,7 +37,6 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    super::refuse_adapter(&args.adapter)?;
     let tokenizer = Tokenizer::from_model_dir(&args.model)?;
     let prompt_ids = if args.raw {
         tokenizer.encode(&args.prompt, true)?
@@ -70,7 +69,7 @@ fn run_on<B: Backend>(
     stop: &[u32],
 ) -> anyhow::Result<()> {
     let start = Instant::now();
-    let model: Llama<B> = model::load(&args.model, device)?;
+    let model: Llama<B> = super::load_model(&args.model, args.adapter.as_deref(), device)?;
     eprintln!("loaded {} in {:.2} s", args.model.display(), start.elapsed().as_secs_f64());
     let sampling = Sampling {
         temperature: args.temperature,

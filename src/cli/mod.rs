@@ -3,6 +3,8 @@
 mod eval;
 mod generate;
 mod inspect;
+mod recipes;
+mod run;
 
 use std::path::PathBuf;
 
@@ -17,6 +19,18 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Train a LoRA adapter from a recipe: tune run RECIPE [key.path=value ...]
+    Run(run::Args),
+    /// Check a recipe, its model and dataset; print the resolved recipe. Trains nothing.
+    Validate {
+        recipe: PathBuf,
+        /// Overrides, as for `tune run`.
+        overrides: Vec<String>,
+    },
+    /// List the built-in recipes.
+    Ls,
+    /// Copy a built-in recipe out: tune cp NAME DEST
+    Cp { name: String, dest: PathBuf },
     /// Generate a completion for a prompt (the model's chat template unless --raw).
     Generate(generate::Args),
     /// Mean next-token cross-entropy of a model on a JSON-lines file of {"text": ...} records.
@@ -30,19 +44,35 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Validate { recipe, overrides } => run::validate(&recipe, &overrides),
+        Command::Ls => recipes::ls(),
+        Command::Cp { name, dest } => recipes::cp(&name, &dest),
         Command::Generate(args) => generate::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Inspect { dir } => inspect::run(&dir),
     }
 }
 
-/// `--adapter` arrives with LoRA training; until then say so instead of ignoring it.
-fn refuse_adapter(adapter: &Option<PathBuf>) -> anyhow::Result<()> {
-    if let Some(dir) = adapter {
-        anyhow::bail!(
-            "--adapter {}: loading LoRA adapters is not supported yet in this version of tune",
-            dir.display()
+/// Loads the base model, with the adapter at `adapter` (an adapter or run directory) attached.
+fn load_model<B: burn::tensor::backend::Backend>(
+    dir: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+    device: &B::Device,
+) -> anyhow::Result<tune::model::Llama<B>> {
+    use anyhow::Context;
+    let mut model = tune::model::load(dir, device).with_context(|| format!("loading {}", dir.display()))?;
+    if let Some(path) = adapter {
+        let adapter_dir = tune::lora::resolve_adapter_dir(path)?;
+        let config = tune::lora::load_peft(&mut model, &adapter_dir, device)
+            .with_context(|| format!("loading adapter {}", adapter_dir.display()))?;
+        eprintln!(
+            "adapter {}: rank {}, alpha {}, on {}",
+            adapter_dir.display(),
+            config.rank,
+            config.alpha,
+            config.target_modules.join(", ")
         );
     }
-    Ok(())
+    Ok(model)
 }

@@ -1,5 +1,8 @@
 //! Datasets: JSON lines (or a JSON array) of records, turned into token ids.
 
+pub mod batch;
+pub mod examples;
+
 use std::path::Path;
 
 use serde_json::Value;

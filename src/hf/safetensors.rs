@@ -100,6 +100,20 @@ impl Weights {
         Ok(weights)
     }
 
+    /// One safetensors file on its own (a PEFT adapter's weights).
+    pub fn open_file(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::Model(format!("{}: file not found", path.display())));
+        }
+        let mut weights = Weights {
+            dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            shards: Vec::new(),
+            index: BTreeMap::new(),
+        };
+        weights.add_shard(path)?;
+        Ok(weights)
+    }
+
     fn add_shard(&mut self, path: &Path) -> Result<()> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only; tune never writes to model files while they are mapped.

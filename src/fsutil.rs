@@ -1,0 +1,57 @@
+//! Writing outputs so that nothing is ever half written: into a temporary sibling first, then
+//! renamed into place (rename is atomic within a filesystem).
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+fn temp_sibling(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Writes a file via a temporary name and a rename.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    let tmp = temp_sibling(path);
+    let result = (|| {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+/// Fills a temporary directory with `fill`, then replaces `dir` with it. On error nothing is
+/// left behind and an existing `dir` is untouched.
+pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let tmp = temp_sibling(dir);
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let done = fill(&tmp).and_then(|_| {
+        // Flush file contents before the rename makes them visible.
+        for entry in std::fs::read_dir(&tmp).map_err(|e| Error::io(&tmp, e))? {
+            let path = entry.map_err(|e| Error::io(&tmp, e))?.path();
+            if path.is_file() {
+                std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| Error::io(&path, e))?;
+            }
+        }
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+    });
+    if done.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    done
+}

@@ -1,0 +1,518 @@
+//! The YAML recipe `tune run` reads. The doc comments on these structs are the recipe reference
+//! (the README's table is written from them); every optional key has the default shown.
+//!
+//! Parsing is strict: unknown keys are errors that name the closest valid key, and every error
+//! names the file, line:column and key path.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::DeviceKind;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub model: ModelSection,
+    #[serde(default)]
+    pub lora: LoraSection,
+    pub dataset: DatasetSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    /// `cpu` (default) or `cuda` (needs a build with `--features cuda`).
+    #[serde(default)]
+    pub device: DeviceKind,
+    pub output: OutputSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Local Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+    pub path: PathBuf,
+    /// Compute dtype of the frozen base weights: `f32` (default) or `bf16`.
+    #[serde(default)]
+    pub dtype: BaseDtype,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSection {
+    /// Rank r of the update B·A. Default 8.
+    pub rank: usize,
+    /// Scale numerator: the update is multiplied by alpha / rank. Default 16.
+    pub alpha: f64,
+    /// Dropout on the adapter's input during training. Default 0.05.
+    pub dropout: f64,
+    /// Projections to adapt: a list of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
+    /// down_proj, or the string `all-linear` (all seven). Default [q_proj, v_proj].
+    pub target_modules: TargetModules,
+    /// Scale by alpha / √rank instead (rsLoRA). Default false.
+    pub use_rslora: bool,
+    /// A PEFT adapter directory to start from instead of a fresh init. Default none.
+    pub init_from: Option<PathBuf>,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        LoraSection {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.05,
+            target_modules: TargetModules::List(vec!["q_proj".into(), "v_proj".into()]),
+            use_rslora: false,
+            init_from: None,
+        }
+    }
+}
+
+/// The projection names LoRA can target.
+pub const PROJECTIONS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    List(Vec<String>),
+    /// Only `all-linear` is accepted.
+    Keyword(String),
+}
+
+impl TargetModules {
+    /// The projection names, in the canonical order.
+    pub fn resolve(&self) -> Result<Vec<String>> {
+        let names: Vec<String> = match self {
+            TargetModules::Keyword(k) if k == "all-linear" => return Ok(PROJECTIONS.iter().map(|s| s.to_string()).collect()),
+            TargetModules::Keyword(k) => {
+                return Err(Error::Unsupported(format!(
+                    "lora.target_modules: `{k}` is not a list of projections or `all-linear`"
+                )))
+            }
+            TargetModules::List(v) => v.clone(),
+        };
+        if names.is_empty() {
+            return Err(Error::Unsupported("lora.target_modules: empty list".into()));
+        }
+        for n in &names {
+            if !PROJECTIONS.contains(&n.as_str()) {
+                return Err(Error::Unsupported(format!(
+                    "lora.target_modules: unknown projection `{n}`{} (expected some of {} or `all-linear`)",
+                    did_you_mean(n, &PROJECTIONS),
+                    PROJECTIONS.join(", ")
+                )));
+            }
+        }
+        Ok(PROJECTIONS.iter().filter(|p| names.iter().any(|n| n == *p)).map(|s| s.to_string()).collect())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSection {
+    /// JSON lines file (or a JSON array file) of records.
+    pub path: PathBuf,
+    /// `text` {"text"}, `alpaca` {"instruction","input"?,"output"} or `chat` {"messages"}.
+    /// Detected from the first record's keys when omitted.
+    #[serde(default)]
+    pub format: Option<DataFormat>,
+    /// Examples are truncated to this many tokens. Default 512.
+    #[serde(default = "default_max_seq_len")]
+    pub max_seq_len: usize,
+    /// alpaca/chat: also compute the loss on the prompt / user turns. Default false.
+    #[serde(default)]
+    pub train_on_input: bool,
+    /// Concatenate examples into rows of max_seq_len (positions restart and attention stays
+    /// within each example). Default false.
+    #[serde(default)]
+    pub packed: bool,
+    /// Shuffle the example order each epoch (seeded by train.seed). Default true.
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+    /// text/alpaca: append the EOS token to each example (never twice). Default true.
+    #[serde(default = "yes")]
+    pub add_eos: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    Text,
+    Alpaca,
+    Chat,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Passes over the dataset. Default 1.
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (overrides epochs). Default none.
+    pub max_steps: Option<usize>,
+    /// Examples (or packed rows) per micro-batch. Default 4.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step. Default 1.
+    pub grad_accum: usize,
+    /// Peak learning rate. Default 2e-4.
+    pub lr: f64,
+    /// Decoupled weight decay (AdamW). Default 0.0.
+    pub weight_decay: f64,
+    /// Adam β1, β2. Default [0.9, 0.999].
+    pub betas: [f64; 2],
+    /// Adam ε. Default 1e-8.
+    pub eps: f64,
+    /// Linear warm-up from 0 to lr over this many steps. Default 0.
+    pub warmup_steps: usize,
+    /// After warm-up: `cosine` (to 0, default), `linear` (to 0) or `constant`.
+    pub schedule: Schedule,
+    /// Clip the global gradient norm to this; null turns clipping off. Default 1.0.
+    pub max_grad_norm: Option<f64>,
+    /// Seeds LoRA init, shuffling and dropout. Default 42.
+    pub seed: u64,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            epochs: 1,
+            max_steps: None,
+            batch_size: 4,
+            grad_accum: 1,
+            lr: 2e-4,
+            weight_decay: 0.0,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            warmup_steps: 0,
+            schedule: Schedule::Cosine,
+            max_grad_norm: Some(1.0),
+            seed: 42,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    /// Run directory: metrics.jsonl, loss.svg, recipe.yaml, adapter/.
+    pub dir: PathBuf,
+    /// Save a checkpoint every this many optimizer steps (0: only at the end). Default 0.
+    #[serde(default)]
+    pub save_every: usize,
+    /// Checkpoints to keep. Default 2.
+    #[serde(default = "default_keep_last")]
+    pub keep_last: usize,
+    /// What to write at the end: `adapter` (default), `merged`, `both` or `none`.
+    #[serde(default)]
+    pub export: ExportKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportKind {
+    #[default]
+    Adapter,
+    Merged,
+    Both,
+    None,
+}
+
+fn default_max_seq_len() -> usize {
+    512
+}
+fn default_keep_last() -> usize {
+    2
+}
+fn yes() -> bool {
+    true
+}
+
+/// Every key path the schema knows, for "did you mean" hints and override checks.
+const KEYS: &[&str] = &[
+    "model", "model.path", "model.dtype",
+    "lora", "lora.rank", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.use_rslora", "lora.init_from",
+    "dataset", "dataset.path", "dataset.format", "dataset.max_seq_len", "dataset.train_on_input", "dataset.packed",
+    "dataset.shuffle", "dataset.add_eos",
+    "train", "train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum", "train.lr", "train.weight_decay",
+    "train.betas", "train.eps", "train.warmup_steps", "train.schedule", "train.max_grad_norm", "train.seed",
+    "device",
+    "output", "output.dir", "output.save_every", "output.keep_last", "output.export",
+];
+
+impl Recipe {
+    /// Reads a recipe file and applies `key.path=value` overrides.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text, path, overrides)
+    }
+
+    pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Recipe> {
+        // Parse the text itself first, so errors carry its line and column.
+        let recipe: Recipe = deserialize(serde_yaml::Deserializer::from_str(text), path, "")?;
+        if overrides.is_empty() {
+            return recipe.resolve_paths();
+        }
+        let mut value: serde_yaml::Value =
+            serde_yaml::from_str(text).map_err(|e| Error::format(path, e.to_string()))?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let recipe: Recipe = deserialize(value, path, " (after command-line overrides)")?;
+        recipe.resolve_paths()
+    }
+
+    /// Expands `~` and makes relative paths absolute against the current directory.
+    fn resolve_paths(mut self) -> Result<Recipe> {
+        self.model.path = resolve(&self.model.path);
+        self.dataset.path = resolve(&self.dataset.path);
+        self.output.dir = resolve(&self.output.dir);
+        self.lora.init_from = self.lora.init_from.as_deref().map(resolve);
+        self.validate()?;
+        Ok(self)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |key: &str, msg: &str| Err(Error::Unsupported(format!("{key}: {msg}")));
+        self.lora.target_modules.resolve()?;
+        if self.lora.rank == 0 {
+            return bad("lora.rank", "must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.lora.dropout) {
+            return bad("lora.dropout", "must be in [0, 1)");
+        }
+        if self.train.batch_size == 0 || self.train.grad_accum == 0 {
+            return bad("train.batch_size / train.grad_accum", "must be at least 1");
+        }
+        if self.train.epochs == 0 && self.train.max_steps.is_none() {
+            return bad("train.epochs", "must be at least 1 (or set train.max_steps)");
+        }
+        if self.train.max_steps == Some(0) {
+            return bad("train.max_steps", "must be at least 1");
+        }
+        if self.dataset.max_seq_len < 2 {
+            return bad("dataset.max_seq_len", "must be at least 2");
+        }
+        if !(self.train.lr > 0.0) {
+            return bad("train.lr", "must be positive");
+        }
+        if self.train.max_grad_norm.is_some_and(|n| !(n > 0.0)) {
+            return bad("train.max_grad_norm", "must be positive, or null to turn clipping off");
+        }
+        Ok(())
+    }
+
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("a recipe always serialises")
+    }
+}
+
+fn deserialize<'de, D: serde::Deserializer<'de>>(de: D, path: &Path, context: &str) -> Result<Recipe>
+where
+    D::Error: std::fmt::Display,
+{
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.inner().to_string();
+        let hint = unknown_field_hint(&inner, &key);
+        // serde_yaml starts its message with the parent path ("train: unknown field ..."); the
+        // full key path is more useful, so it replaces that.
+        let inner = match inner.split_once(": ") {
+            Some((head, tail)) if !head.contains(' ') => tail.to_string(),
+            _ => inner,
+        };
+        let at = if key == "." { String::new() } else { format!("`{key}`: ") };
+        Error::format(path, format!("{at}{inner}{hint}{context}"))
+    })
+}
+
+/// For serde's "unknown field `lr2`, expected one of ..." adds "; did you mean `lr`?", looking
+/// among the siblings of the unknown key (`key` is its full path, e.g. `train.lr2`).
+fn unknown_field_hint(msg: &str, key: &str) -> String {
+    let Some((_, rest)) = msg.split_once("unknown field `") else {
+        return String::new();
+    };
+    let Some(field) = rest.split('`').next() else {
+        return String::new();
+    };
+    let parent = key.strip_suffix(field).unwrap_or("").trim_end_matches('.');
+    let prefix = if parent.is_empty() || parent == "." { String::new() } else { format!("{parent}.") };
+    let candidates: Vec<&str> = KEYS
+        .iter()
+        .filter_map(|k| k.strip_prefix(prefix.as_str()))
+        .filter(|k| !k.contains('.'))
+        .collect();
+    did_you_mean(field, &candidates)
+}
+
+/// "; did you mean `x`?" for the closest candidate within a small edit distance.
+pub fn did_you_mean(word: &str, candidates: &[&str]) -> String {
+    candidates
+        .iter()
+        .map(|c| (edit_distance(word, c), *c))
+        .filter(|(d, c)| *d <= 3.max(c.len() / 3))
+        .min()
+        .map(|(_, c)| format!("; did you mean `{c}`?"))
+        .unwrap_or_default()
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// `train.lr=1e-4`: sets a key path, the value parsed as YAML (`[q_proj,v_proj]`, `null`, ...).
+fn apply_override(root: &mut serde_yaml::Value, spec: &str) -> Result<()> {
+    let (key, raw) = spec.split_once('=').ok_or_else(|| {
+        Error::Unsupported(format!("override `{spec}`: expected key.path=value, e.g. train.lr=1e-4"))
+    })?;
+    let key = key.trim();
+    if !KEYS.contains(&key) {
+        return Err(Error::Unsupported(format!(
+            "override `{spec}`: unknown key `{key}`{}",
+            did_you_mean(key, KEYS)
+        )));
+    }
+    let mut value: serde_yaml::Value = serde_yaml::from_str(raw)
+        .map_err(|e| Error::Unsupported(format!("override `{spec}`: value is not valid YAML: {e}")))?;
+    // YAML 1.2 reads 1e-4 as a string (no dot); the schema's floats want a number.
+    if let serde_yaml::Value::String(s) = &value {
+        if let Ok(f) = s.parse::<f64>() {
+            value = serde_yaml::Value::Number(f.into());
+        }
+    }
+    let mut node = root;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        if !node.is_mapping() {
+            *node = serde_yaml::Value::Mapping(Default::default());
+        }
+        let map = node.as_mapping_mut().expect("made a mapping above");
+        let k = serde_yaml::Value::String(part.to_string());
+        if i + 1 == parts.len() {
+            map.insert(k, value);
+            return Ok(());
+        }
+        node = map.entry(k).or_insert(serde_yaml::Value::Null);
+    }
+    Ok(())
+}
+
+/// `~/x` -> `$HOME/x`; relative -> absolute against the current directory.
+pub fn resolve(p: &Path) -> PathBuf {
+    let p = match p.strip_prefix("~") {
+        Ok(rest) => std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(rest),
+        Err(_) => p.to_path_buf(),
+    };
+    if p.is_absolute() {
+        p
+    } else {
+        std::env::current_dir().map(|d| d.join(&p)).unwrap_or(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "model:\n  path: /m\ndataset:\n  path: /d.jsonl\noutput:\n  dir: /out\n";
+
+    fn parse(text: &str, overrides: &[&str]) -> Result<Recipe> {
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        Recipe::parse(text, Path::new("r.yaml"), &o)
+    }
+
+    #[test]
+    fn defaults_fill_every_optional_key() {
+        let r = parse(MINIMAL, &[]).unwrap();
+        assert_eq!(r.lora, LoraSection::default());
+        assert_eq!(r.train, TrainSection::default());
+        assert_eq!(r.train.betas, [0.9, 0.999]);
+        assert_eq!(r.dataset.max_seq_len, 512);
+        assert!(r.dataset.shuffle && r.dataset.add_eos && !r.dataset.packed);
+        assert_eq!(r.device, DeviceKind::Cpu);
+        assert_eq!(r.output.export, ExportKind::Adapter);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_closest_key() {
+        let text = format!("{MINIMAL}train:\n  lr: 1.0e-4\n  warmup_step: 3\n");
+        let err = parse(&text, &[]).unwrap_err().to_string();
+        assert!(err.starts_with("r.yaml"), "{err}");
+        assert!(err.contains("line 9"), "{err}");
+        assert!(err.contains("unknown field `warmup_step`"), "{err}");
+        assert!(err.contains("did you mean `warmup_steps`?"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let text = format!("{MINIMAL}lora:\n  rank: eight\n");
+        let err = parse(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains("`lora.rank`") && err.contains("line 8"), "{err}");
+        let text = format!("{MINIMAL}train:\n  schedule: cosin\n");
+        let err = parse(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains("`train.schedule`") && err.contains("cosine"), "{err}");
+    }
+
+    #[test]
+    fn overrides_are_typed_by_the_schema() {
+        let r = parse(
+            MINIMAL,
+            &["train.lr=1e-4", "lora.target_modules=[q_proj,v_proj,down_proj]", "train.max_grad_norm=null", "dataset.packed=true"],
+        )
+        .unwrap();
+        assert_eq!(r.train.lr, 1e-4);
+        assert_eq!(r.lora.target_modules.resolve().unwrap(), vec!["q_proj", "v_proj", "down_proj"]);
+        assert_eq!(r.train.max_grad_norm, None);
+        assert!(r.dataset.packed);
+        let r = parse(MINIMAL, &["lora.target_modules=all-linear"]).unwrap();
+        assert_eq!(r.lora.target_modules.resolve().unwrap().len(), 7);
+        let err = parse(MINIMAL, &["train.lrate=1"]).unwrap_err().to_string();
+        assert!(err.contains("did you mean `train.lr`"), "{err}");
+        let err = parse(MINIMAL, &["train.batch_size=big"]).unwrap_err().to_string();
+        assert!(err.contains("train.batch_size") && err.contains("overrides"), "{err}");
+        assert!(parse(MINIMAL, &["train.lr"]).is_err());
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        assert!(parse(MINIMAL, &["lora.target_modules=[q_proj,qproj]"])
+            .unwrap_err()
+            .to_string()
+            .contains("did you mean `q_proj`"));
+        assert!(parse(MINIMAL, &["lora.dropout=1.5"]).is_err());
+        assert!(parse(MINIMAL, &["train.max_grad_norm=0"]).is_err());
+        assert!(parse(MINIMAL, &["lora.rank=0"]).is_err());
+    }
+
+    #[test]
+    fn paths_resolve_home_and_cwd() {
+        let r = parse("model:\n  path: ~/m\ndataset:\n  path: d.jsonl\noutput:\n  dir: out\n", &[]).unwrap();
+        assert!(r.model.path.is_absolute() && r.model.path.ends_with("m"));
+        assert!(!r.model.path.to_string_lossy().contains('~'));
+        assert_eq!(r.dataset.path, std::env::current_dir().unwrap().join("d.jsonl"));
+    }
+}

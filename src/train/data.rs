@@ -1,0 +1,119 @@
+//! The recipe's dataset, tokenized into rows, and the order rows are visited in.
+
+use crate::data::batch::{pack, Batch, Row};
+use crate::data::examples::{build_example, detect_format, ExampleOptions};
+use crate::data::read_records;
+use crate::error::{Error, Result};
+use crate::hf::Tokenizer;
+use crate::recipe::{DataFormat, Recipe};
+use crate::rng::Rng;
+
+pub struct Prepared {
+    pub format: DataFormat,
+    pub rows: Vec<Row>,
+    /// Examples read (before packing).
+    pub examples: usize,
+    pub label_tokens: usize,
+    pub pad_id: u32,
+}
+
+/// Reads, tokenizes, masks and (optionally) packs the recipe's dataset.
+pub fn prepare(recipe: &Recipe, tokenizer: &Tokenizer, config_eos: Option<u32>) -> Result<Prepared> {
+    let d = &recipe.dataset;
+    let records = read_records(&d.path)?;
+    let Some(first) = records.first() else {
+        return Err(Error::format(&d.path, "the dataset is empty"));
+    };
+    let format = match d.format {
+        Some(f) => f,
+        None => detect_format(&d.path, first)?,
+    };
+    let eos = tokenizer.eos_token_id().or(config_eos);
+    let opts = ExampleOptions { max_seq_len: d.max_seq_len, train_on_input: d.train_on_input, add_eos: d.add_eos, eos };
+    let examples = records
+        .iter()
+        .map(|r| build_example(&d.path, r, format, tokenizer, opts))
+        .collect::<Result<Vec<_>>>()?;
+    let rows: Vec<Row> = if d.packed { pack(&examples, d.max_seq_len) } else { examples.iter().map(Row::from_example).collect() };
+    let label_tokens: usize = rows.iter().map(|r| r.weights.iter().filter(|&&w| w > 0.0).count()).sum();
+    if label_tokens == 0 {
+        return Err(Error::format(
+            &d.path,
+            "every label is masked: no token is trained on (are the responses empty, or all cut off by max_seq_len?)",
+        ));
+    }
+    Ok(Prepared { format, rows, examples: examples.len(), label_tokens, pad_id: eos.unwrap_or(0) })
+}
+
+/// The stream of row indices: epoch after epoch, each in file order or shuffled with a seed
+/// derived from the run seed and the epoch number. Step s takes the next batch_size × grad_accum
+/// rows of the stream, wrapping into the next epoch, so any step's rows can be recomputed from
+/// the step number alone.
+#[derive(Debug, Clone)]
+pub struct Order {
+    n: usize,
+    shuffle: bool,
+    seed: u64,
+    cached: Option<(usize, Vec<usize>)>,
+}
+
+impl Order {
+    pub fn new(n: usize, shuffle: bool, seed: u64) -> Self {
+        Order { n, shuffle, seed, cached: None }
+    }
+
+    fn epoch(&mut self, e: usize) -> &[usize] {
+        if self.cached.as_ref().is_none_or(|(ce, _)| *ce != e) {
+            let mut perm: Vec<usize> = (0..self.n).collect();
+            if self.shuffle {
+                Rng::new(self.seed ^ (e as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).shuffle(&mut perm);
+            }
+            self.cached = Some((e, perm));
+        }
+        &self.cached.as_ref().expect("just set").1
+    }
+
+    /// Row index at position k of the stream.
+    pub fn at(&mut self, k: usize) -> usize {
+        let n = self.n;
+        self.epoch(k / n)[k % n]
+    }
+}
+
+/// Micro-batches for optimizer step `step` (0-based).
+pub fn step_batches(prepared: &Prepared, order: &mut Order, step: usize, batch_size: usize, grad_accum: usize) -> Vec<Batch> {
+    let per_step = batch_size * grad_accum;
+    (0..grad_accum)
+        .map(|m| {
+            let rows: Vec<&Row> = (0..batch_size)
+                .map(|i| &prepared.rows[order.at(step * per_step + m * batch_size + i)])
+                .collect();
+            Batch::new(&rows, prepared.pad_id)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unshuffled_order_is_file_order_wrapping() {
+        let mut o = Order::new(3, false, 0);
+        let v: Vec<usize> = (0..7).map(|k| o.at(k)).collect();
+        assert_eq!(v, vec![0, 1, 2, 0, 1, 2, 0]);
+    }
+
+    #[test]
+    fn shuffled_epochs_are_permutations_that_differ_and_repeat_for_a_seed() {
+        let mut o = Order::new(50, true, 7);
+        let e0: Vec<usize> = (0..50).map(|k| o.at(k)).collect();
+        let e1: Vec<usize> = (50..100).map(|k| o.at(k)).collect();
+        let mut sorted = e0.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..50).collect::<Vec<_>>());
+        assert_ne!(e0, e1);
+        let mut again = Order::new(50, true, 7);
+        assert_eq!(e1, (50..100).map(|k| again.at(k)).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,94 @@
+//! What a run leaves for the user to read: `metrics.jsonl` (one line per optimizer step) and
+//! `loss.svg`, a plot of it.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// 1-based optimizer step.
+    pub step: usize,
+    /// Epochs completed, fractional.
+    pub epoch: f64,
+    /// Mean loss over the labelled tokens of the step, at full f32 precision.
+    pub loss: f32,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens fed (not counting padding).
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+}
+
+/// Appends one line and flushes it, so a crash loses at most the line being written.
+pub fn append(path: &Path, m: &StepMetrics) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    let line = serde_json::to_string(m).expect("metrics serialise");
+    writeln!(f, "{line}").and_then(|_| f.flush()).map_err(|e| Error::io(path, e))
+}
+
+pub fn read(path: &Path) -> Result<Vec<StepMetrics>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| Error::format(path, format!("line {}: {e}", i + 1))))
+        .collect()
+}
+
+/// A line plot of loss against step as a standalone SVG.
+pub fn loss_svg(metrics: &[StepMetrics], title: &str) -> String {
+    let (w, h, left, right, top, bottom) = (720.0, 400.0, 60.0, 20.0, 40.0, 40.0);
+    let steps = metrics.last().map_or(1, |m| m.step).max(1) as f64;
+    let (lo, hi) = metrics.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), m| {
+        (lo.min(m.loss as f64), hi.max(m.loss as f64))
+    });
+    let (lo, hi) = if lo.is_finite() && hi > lo { (lo, hi) } else { (0.0, lo.max(1.0)) };
+    let x = |s: f64| left + (s / steps) * (w - left - right);
+    let y = |l: f64| top + (hi - l) / (hi - lo) * (h - top - bottom);
+    let points: Vec<String> = metrics.iter().map(|m| format!("{:.1},{:.1}", x(m.step as f64), y(m.loss as f64))).collect();
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{left}\" y=\"24\" font-size=\"14\">{}</text>\n\
+         <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>\n",
+        escape(title),
+        h - bottom,
+        w - right,
+        h - bottom,
+        h - bottom
+    );
+    for i in 0..=4 {
+        let l = lo + (hi - lo) * i as f64 / 4.0;
+        svg += &format!(
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{l:.3}</text>\n",
+            left - 6.0,
+            y(l) + 4.0
+        );
+    }
+    svg += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">optimizer step (1–{})</text>\n",
+        (left + w - right) / 2.0,
+        h - 10.0,
+        steps
+    );
+    svg += &format!(
+        "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n</svg>\n",
+        points.join(" ")
+    );
+    svg
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}

@@ -4,6 +4,7 @@
 //! evaluation and generation (`eval`, `generate`).
 
 pub mod backend;
+pub mod bench;
 pub mod data;
 pub mod error;
 pub mod fsutil;

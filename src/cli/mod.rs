@@ -1,5 +1,6 @@
 //! The `tune` command line: one function per verb. anyhow lives here and in main.rs only.
 
+mod bench;
 mod eval;
 mod generate;
 mod inspect;
@@ -31,6 +32,8 @@ pub enum Command {
     Ls,
     /// Copy a built-in recipe out: tune cp NAME DEST
     Cp { name: String, dest: PathBuf },
+    /// Measure the training step: tokens/s, median step time, peak memory.
+    Bench(bench::Args),
     /// Generate a completion for a prompt (the model's chat template unless --raw).
     Generate(generate::Args),
     /// Mean next-token cross-entropy of a model on a JSON-lines file of {"text": ...} records.
@@ -48,6 +51,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Validate { recipe, overrides } => run::validate(&recipe, &overrides),
         Command::Ls => recipes::ls(),
         Command::Cp { name, dest } => recipes::cp(&name, &dest),
+        Command::Bench(args) => bench::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Inspect { dir } => inspect::run(&dir),

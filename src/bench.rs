@@ -1,0 +1,116 @@
+//! `tune bench`: tokens/s and peak memory of the training step `tune run` uses, on random
+//! token ids, with LoRA on all seven projections and AdamW.
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use serde::Serialize;
+
+use crate::data::batch::{Batch, Row};
+use crate::data::examples::Example;
+use crate::error::Result;
+use crate::lora::{self, LoraConfig};
+use crate::model::{self, Llama};
+use crate::recipe::PROJECTIONS;
+use crate::rng::Rng;
+use crate::train::optimizer::{AdamW, AdamWConfig};
+use crate::train::{lora_params, train_step};
+
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub seq: usize,
+    pub batch: usize,
+    pub rank: usize,
+    pub steps: usize,
+    pub warmup: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub backend: String,
+    pub seq: usize,
+    pub batch: usize,
+    pub rank: usize,
+    pub steps: usize,
+    pub tokens_per_s: f64,
+    pub step_s_median: f64,
+    pub peak_rss_mib: f64,
+    pub load_s: f64,
+    pub trainable_params: usize,
+}
+
+pub fn run<B: Backend>(device: &B::Device, model_dir: &Path, c: &BenchConfig) -> Result<BenchReport> {
+    let start = Instant::now();
+    let mut model: Llama<Autodiff<B>> = model::load(model_dir, device)?;
+    let load_s = start.elapsed().as_secs_f64();
+    let lora = LoraConfig {
+        rank: c.rank,
+        alpha: 2.0 * c.rank as f64,
+        dropout: 0.0,
+        target_modules: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+        use_rslora: false,
+    };
+    lora::inject(&mut model, &lora, 0, device);
+    for p in model.projections_mut() {
+        if let Some(l) = p.lora.as_mut() {
+            l.a = l.a.clone().require_grad();
+        }
+    }
+    // B starts at zero in a fresh adapter; make it non-zero so every gradient path does work.
+    for p in model.projections_mut() {
+        if let Some(l) = p.lora.as_mut() {
+            l.b = (l.b.clone() + 1e-3).require_grad();
+        }
+    }
+    let trainable = lora::trainable_parameters(&model);
+    let inner: Vec<_> = lora_params(&model).into_iter().map(|p| p.inner()).collect();
+    let mut opt = AdamW::new(AdamWConfig::default(), &inner);
+    drop(inner);
+    let mut rng = Rng::new(1);
+    let vocab = model.config.vocab_size;
+    let mut times = Vec::new();
+    for step in 0..c.warmup + c.steps {
+        let rows: Vec<Row> = (0..c.batch)
+            .map(|_| {
+                let ids: Vec<u32> = (0..c.seq).map(|_| rng.below(vocab) as u32).collect();
+                Row::from_example(&Example { trained: vec![true; ids.len()], ids })
+            })
+            .collect();
+        let batch = Batch::new(&rows.iter().collect::<Vec<_>>(), 0);
+        let t = Instant::now();
+        train_step(&mut model, &mut opt, std::slice::from_ref(&batch), 1e-4, Some(1.0), step as u64, device);
+        if step >= c.warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let total: f64 = times.iter().sum();
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(BenchReport {
+        backend: std::any::type_name::<B>().rsplit("::").next().unwrap_or("").to_string(),
+        seq: c.seq,
+        batch: c.batch,
+        rank: c.rank,
+        steps: c.steps,
+        tokens_per_s: (c.seq * c.batch * c.steps) as f64 / total,
+        step_s_median: sorted[sorted.len() / 2],
+        peak_rss_mib: peak_rss_mib(),
+        load_s,
+        trainable_params: trainable,
+    })
+}
+
+/// Peak resident set size of this process (VmHWM), in MiB; 0 where /proc is unavailable.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}

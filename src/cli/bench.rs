@@ -1,0 +1,61 @@
+use std::path::PathBuf;
+
+use tune::backend::DeviceKind;
+use tune::bench::{self, BenchConfig};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A Hugging Face model directory (default: SmolLM2-135M-Instruct from scripts/fetch-smollm2.sh).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// Timed steps, after 2 warm-up steps.
+    #[arg(long, default_value_t = 6)]
+    steps: usize,
+    #[arg(long, default_value = "cpu")]
+    device: DeviceKind,
+    /// Print one JSON line.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let model = args.model.clone().unwrap_or_else(|| {
+        let home = std::env::var("HOME").unwrap_or_default();
+        let models = std::env::var("TUNE_MODELS").unwrap_or_else(|_| format!("{home}/.cache/tune/models"));
+        PathBuf::from(models).join("smollm2-135m-instruct")
+    });
+    let config = BenchConfig { seq: args.seq, batch: args.batch, rank: args.rank, steps: args.steps, warmup: 2 };
+    let report = tune::with_backend!(args.device, bench_on(&model, &config))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("| model | backend | seq | batch | rank | tokens/s | median step s | peak RSS MiB |");
+        println!("|---|---|---|---|---|---|---|---|");
+        println!(
+            "| {} | {} | {} | {} | {} | {:.1} | {:.3} | {:.0} |",
+            model.file_name().unwrap_or_default().to_string_lossy(),
+            report.backend,
+            report.seq,
+            report.batch,
+            report.rank,
+            report.tokens_per_s,
+            report.step_s_median,
+            report.peak_rss_mib
+        );
+    }
+    Ok(())
+}
+
+fn bench_on<B: burn::tensor::backend::Backend>(
+    device: &B::Device,
+    model: &std::path::Path,
+    config: &BenchConfig,
+) -> tune::Result<bench::BenchReport> {
+    bench::run::<B>(device, model, config)
+}

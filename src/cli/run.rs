@@ -1,5 +1,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use tune::recipe::Recipe;
@@ -13,20 +15,46 @@ pub struct Args {
     /// Overrides, typed by the schema: train.lr=1e-4 lora.target_modules=[q_proj,v_proj] ...
     overrides: Vec<String>,
     /// Replace a previous run in output.dir.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     overwrite: bool,
+    /// Continue from the latest complete checkpoint in output.dir, or from the checkpoint given.
+    #[arg(long, num_args = 0..=1, value_name = "CHECKPOINT")]
+    resume: Option<Option<PathBuf>>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let recipe = Recipe::load(&args.recipe, &args.overrides)?;
+    let start = match (&args.resume, args.overwrite) {
+        (Some(path), _) => train::Start::Resume(path.as_deref().map(tune::recipe::resolve)),
+        (None, true) => train::Start::Overwrite,
+        (None, false) => train::Start::Fresh,
+    };
     let mut progress = Progress::new();
+    // First Ctrl-C: finish the current step, checkpoint, exit 130. Second: exit at once.
+    let stop = progress.stop.clone();
+    ctrlc::set_handler(move || {
+        if stop.swap(true, Ordering::SeqCst) {
+            eprintln!("\ninterrupted again: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to quit at once)");
+    })?;
     let summary = match recipe.device {
-        tune::backend::DeviceKind::Cpu => train::train::<tune::backend::Cpu>(&recipe, args.overwrite, &mut progress)?,
+        tune::backend::DeviceKind::Cpu => train::train::<tune::backend::Cpu>(&recipe, start, &mut progress)?,
         #[cfg(feature = "cuda")]
-        tune::backend::DeviceKind::Cuda => train::train::<tune::backend::Cuda>(&recipe, args.overwrite, &mut progress)?,
+        tune::backend::DeviceKind::Cuda => train::train::<tune::backend::Cuda>(&recipe, start, &mut progress)?,
         #[cfg(not(feature = "cuda"))]
         tune::backend::DeviceKind::Cuda => unreachable!("setup refuses cuda without the feature"),
     };
+    if let Some(checkpoint) = summary.interrupted {
+        let mut cmd = format!("tune run {}", args.recipe.display());
+        for o in &args.overrides {
+            cmd += &format!(" {o}");
+        }
+        eprintln!("stopped after step {}; checkpoint {}", summary.steps, checkpoint.display());
+        eprintln!("resume with: {cmd} --resume");
+        std::process::exit(130);
+    }
     let dir = recipe.output.dir.display();
     eprintln!(
         "done: {} steps, final loss {:.4}, {} tokens in {:.1} s ({:.1} tokens/s)",
@@ -78,19 +106,33 @@ pub fn validate(recipe_path: &Path, overrides: &[String]) -> anyhow::Result<()> 
 struct Progress {
     bar: Option<ProgressBar>,
     total: usize,
+    stop: Arc<AtomicBool>,
 }
 
 impl Progress {
     fn new() -> Self {
-        Progress { bar: None, total: 0 }
+        Progress { bar: None, total: 0, stop: Arc::new(AtomicBool::new(false)) }
     }
 }
 
 impl Observer for Progress {
-    fn start(&mut self, total: usize) {
+    fn should_stop(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn checkpoint(&mut self, dir: &Path) {
+        let line = format!("checkpoint {}", dir.display());
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn start(&mut self, first: usize, total: usize) {
         self.total = total;
         if std::io::stderr().is_terminal() {
             let bar = ProgressBar::new(total as u64);
+            bar.set_position(first as u64);
             bar.set_style(
                 ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
                     .expect("valid template"),

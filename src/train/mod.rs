@@ -19,6 +19,7 @@ use crate::eval::token_nll;
 use crate::hf::Tokenizer;
 use crate::lora::{self, LoraConfig};
 use crate::model::layers::token_tensor;
+use crate::checkpoint;
 use crate::model::{self, AttentionMask, Llama, ModelConfig};
 use crate::recipe::Recipe;
 use data::{prepare, step_batches, Order, Prepared};
@@ -188,10 +189,16 @@ impl RunPaths {
     }
 }
 
-/// Progress reporting, kept out of the loop so tests and the CLI can differ.
+/// Progress reporting and stop requests (Ctrl-C), kept out of the loop so tests and the CLI
+/// can differ.
 pub trait Observer {
-    fn start(&mut self, _total_steps: usize) {}
+    fn start(&mut self, _first_step: usize, _total_steps: usize) {}
     fn step(&mut self, _m: &StepMetrics) {}
+    fn checkpoint(&mut self, _dir: &Path) {}
+    /// Checked after every optimizer step: true finishes that step, saves and returns.
+    fn should_stop(&self) -> bool {
+        false
+    }
     fn finish(&mut self) {}
 }
 
@@ -202,25 +209,71 @@ pub struct Summary {
     pub final_loss: f32,
     pub tokens: usize,
     pub elapsed_s: f64,
+    /// Set when a stop request ended the run early: the checkpoint to resume from.
+    pub interrupted: Option<PathBuf>,
+}
+
+/// How `tune run` treats an existing run directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// Refuse a directory that already holds a run.
+    Fresh,
+    /// Delete what a previous run left, then start fresh.
+    Overwrite,
+    /// Continue from the latest complete checkpoint (None) or the given one.
+    Resume(Option<PathBuf>),
+}
+
+/// Recipe keys that may differ between the run that wrote a checkpoint and the one resuming it;
+/// any other difference changes the run (model, LoRA, data, batches, schedule, seed) and is
+/// refused.
+pub const RESUMABLE_CHANGES: &[&str] = &["device", "output.dir", "output.save_every", "output.keep_last", "output.export"];
+
+/// The keys whose values differ between two recipes, except those that may change on resume.
+pub fn breaking_changes(old: &Recipe, new: &Recipe) -> Vec<String> {
+    let flat = |r: &Recipe| {
+        let mut out = std::collections::BTreeMap::new();
+        flatten("", &serde_yaml::to_value(r).expect("recipes serialise"), &mut out);
+        out
+    };
+    let (a, b) = (flat(old), flat(new));
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .filter(|k| !RESUMABLE_CHANGES.iter().any(|r| k == r || k.starts_with(&format!("{r}."))))
+        .cloned()
+        .collect()
+}
+
+fn flatten(prefix: &str, v: &serde_yaml::Value, out: &mut std::collections::BTreeMap<String, String>) {
+    match v {
+        serde_yaml::Value::Mapping(m) => {
+            for (k, v) in m {
+                let k = k.as_str().unwrap_or_default();
+                let key = if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
+                flatten(&key, v, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), serde_yaml::to_string(other).unwrap_or_default());
+        }
+    }
 }
 
 /// The training loop.
-pub fn train<B: Backend>(recipe: &Recipe, overwrite: bool, observer: &mut dyn Observer) -> Result<Summary>
+pub fn train<B: Backend>(recipe: &Recipe, start: Start, observer: &mut dyn Observer) -> Result<Summary>
 where
     B::Device: Default,
 {
     let device = B::Device::default();
     let mut setup = setup(recipe)?;
     let paths = RunPaths::new(&recipe.output.dir);
-    if paths.metrics.exists() && !overwrite {
-        return Err(Error::Unsupported(format!(
-            "{} already holds a run (metrics.jsonl); pass --overwrite to replace it, or choose another output.dir",
-            paths.dir.display()
-        )));
-    }
+    let recipe_yaml = recipe.to_yaml();
+    let dataset_hash = checkpoint::file_fingerprint(&recipe.dataset.path)?;
+
+    // 0. The run directory: fresh, overwritten, or resumed from a checkpoint.
+    let resume_from = prepare_run_dir(&paths, &start)?;
     std::fs::create_dir_all(&paths.dir).map_err(|e| Error::io(&paths.dir, e))?;
-    let _ = std::fs::remove_file(&paths.metrics);
-    crate::fsutil::write_atomically(&paths.recipe, recipe.to_yaml().as_bytes())?;
 
     // 1. The frozen base model with LoRA adapters, and AdamW over the adapters only.
     let mut model: Llama<Autodiff<B>> = model_with_lora(recipe, &mut setup, &device)?;
@@ -229,16 +282,44 @@ where
     let inner: Vec<_> = lora_params(&model).into_iter().map(|p| p.inner()).collect();
     let mut opt = AdamW::new(adamw, &inner);
     drop(inner);
+    let (first_step, elapsed_before, mut history) = match &resume_from {
+        None => {
+            crate::fsutil::write_atomically(&paths.recipe, recipe_yaml.as_bytes())?;
+            let _ = std::fs::remove_file(&paths.metrics);
+            (0, 0.0, Vec::new())
+        }
+        Some(found) => resume(recipe, &dataset_hash, found, &mut model, &mut opt, &paths, &device)?,
+    };
 
     // 2. Steps: batch_size × grad_accum rows each, in seeded order, lr from the schedule.
     let mut order = Order::new(setup.data.rows.len(), recipe.dataset.shuffle, t.seed);
     let total = setup.total_steps;
     let per_step = t.batch_size * t.grad_accum;
     let started = Instant::now();
-    let mut history = Vec::with_capacity(total);
     let mut tokens_seen = 0;
-    observer.start(total);
-    for step in 0..total {
+    let base = recipe.model.path.to_string_lossy().into_owned();
+    let save = |model: &Llama<Autodiff<B>>, opt: &AdamW<B>, step: usize, elapsed_s: f64| -> Result<PathBuf> {
+        let state = checkpoint::TrainerState {
+            format_version: checkpoint::FORMAT_VERSION,
+            tune_version: env!("CARGO_PKG_VERSION").to_string(),
+            step,
+            total_steps: total,
+            epoch: (step * per_step) as f64 / setup.data.rows.len() as f64,
+            stream_position: step * per_step,
+            seed: t.seed,
+            adam_step: opt.step,
+            elapsed_s,
+            recipe_hash: checkpoint::fingerprint(recipe_yaml.as_bytes()),
+            dataset_hash: dataset_hash.clone(),
+        };
+        let dir = checkpoint::save(&paths.dir, model, &setup.lora, &base, opt, &state, &recipe_yaml)?;
+        // Older checkpoints go only once the new one is complete.
+        checkpoint::prune(&paths.dir, recipe.output.keep_last)?;
+        Ok(dir)
+    };
+    observer.start(first_step, total);
+    let mut interrupted = None;
+    for step in first_step..total {
         let step_start = Instant::now();
         let batches = step_batches(&setup.data, &mut order, step, t.batch_size, t.grad_accum);
         let lr = schedule::lr_at(step, total, t.warmup_steps, t.lr, t.schedule);
@@ -252,6 +333,7 @@ where
             )));
         }
         tokens_seen += stats.tokens;
+        let elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
         let m = StepMetrics {
             step: step + 1,
             epoch: ((step + 1) * per_step) as f64 / setup.data.rows.len() as f64,
@@ -260,23 +342,119 @@ where
             grad_norm: stats.grad_norm,
             tokens: stats.tokens,
             tokens_per_s: stats.tokens as f64 / step_start.elapsed().as_secs_f64(),
-            elapsed_s: started.elapsed().as_secs_f64(),
+            elapsed_s,
         };
         metrics::append(&paths.metrics, &m)?;
         observer.step(&m);
         history.push(m);
+        let done = step + 1;
+        let periodic = recipe.output.save_every > 0 && done % recipe.output.save_every == 0;
+        if done == total || periodic || observer.should_stop() {
+            let dir = save(&model, &opt, done, elapsed_s)?;
+            observer.checkpoint(&dir);
+            if done < total && observer.should_stop() {
+                interrupted = Some(dir);
+                break;
+            }
+        }
     }
     observer.finish();
 
     // 3. What the run leaves: the adapter in PEFT layout and the loss curve.
-    let base = recipe.model.path.to_string_lossy().into_owned();
-    lora::save_peft(&model, &setup.lora, &base, &paths.adapter)?;
     let title = format!("tune run — {}", recipe.model.path.file_name().unwrap_or_default().to_string_lossy());
     crate::fsutil::write_atomically(&paths.plot, metrics::loss_svg(&history, &title).as_bytes())?;
+    if interrupted.is_none() {
+        lora::save_peft(&model, &setup.lora, &base, &paths.adapter)?;
+    }
     Ok(Summary {
-        steps: total,
+        steps: history.last().map_or(0, |m| m.step),
         final_loss: history.last().map_or(f32::NAN, |m| m.loss),
         tokens: tokens_seen,
         elapsed_s: started.elapsed().as_secs_f64(),
+        interrupted,
     })
+}
+
+/// Applies the `Start` policy to the run directory; returns the checkpoint to resume from.
+fn prepare_run_dir(paths: &RunPaths, start: &Start) -> Result<Option<checkpoint::Found>> {
+    let has_run = paths.metrics.exists() || checkpoint::any(&paths.dir);
+    match start {
+        Start::Fresh if has_run => Err(Error::Unsupported(format!(
+            "{} already holds a run; continue it with `tune run RECIPE --resume`, or replace it with --overwrite",
+            paths.dir.display()
+        ))),
+        Start::Fresh => Ok(None),
+        Start::Overwrite => {
+            for p in [&paths.metrics, &paths.plot, &paths.recipe] {
+                let _ = std::fs::remove_file(p);
+            }
+            for d in [checkpoint::checkpoints_dir(&paths.dir), paths.adapter.clone()] {
+                if d.exists() {
+                    std::fs::remove_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+                }
+            }
+            Ok(None)
+        }
+        Start::Resume(Some(dir)) => checkpoint::open(dir).map(Some),
+        Start::Resume(None) => match checkpoint::list(&paths.dir).pop() {
+            Some(found) => Ok(Some(found)),
+            None => Err(Error::Model(format!(
+                "{}: no complete checkpoint to resume from",
+                checkpoint::checkpoints_dir(&paths.dir).display()
+            ))),
+        },
+    }
+}
+
+/// Loads a checkpoint's adapter and optimizer state after checking the recipe and dataset are
+/// the ones it was written with; trims metrics.jsonl to the checkpoint's step.
+#[allow(clippy::type_complexity)]
+fn resume<B: Backend>(
+    recipe: &Recipe,
+    dataset_hash: &str,
+    found: &checkpoint::Found,
+    model: &mut Llama<Autodiff<B>>,
+    opt: &mut AdamW<B>,
+    paths: &RunPaths,
+    device: &B::Device,
+) -> Result<(usize, f64, Vec<StepMetrics>)> {
+    let saved = Recipe::load(&found.dir.join("recipe.yaml"), &[])?;
+    let changed = breaking_changes(&saved, recipe);
+    if !changed.is_empty() {
+        return Err(Error::Unsupported(format!(
+            "cannot resume {}: the recipe changed in keys that change the run: {} (only {} may change)",
+            found.dir.display(),
+            changed.join(", "),
+            RESUMABLE_CHANGES.join(", ")
+        )));
+    }
+    if found.state.dataset_hash != dataset_hash {
+        return Err(Error::Unsupported(format!(
+            "cannot resume {}: the content of dataset.path ({}) changed since the checkpoint",
+            found.dir.display(),
+            recipe.dataset.path.display()
+        )));
+    }
+    lora::load_peft(model, &found.dir.join("adapter"), device)?;
+    let params: Vec<_> = lora_params(model).into_iter().map(Tensor::require_grad).collect();
+    set_lora_params(model, params);
+    checkpoint::load_optimizer(&found.dir, model, opt, found.state.adam_step, device)?;
+    // Steps after the checkpoint (written before a crash) are dropped: they will run again.
+    let step = found.state.step;
+    let history: Vec<StepMetrics> = if paths.metrics.exists() {
+        metrics::read(&paths.metrics)?.into_iter().filter(|m| m.step <= step).collect()
+    } else {
+        Vec::new()
+    };
+    if history.len() != step {
+        return Err(Error::Model(format!(
+            "{}: has {} of the {step} steps before the checkpoint; cannot continue it exactly",
+            paths.metrics.display(),
+            history.len()
+        )));
+    }
+    let text: String = history.iter().map(|m| serde_json::to_string(m).expect("json") + "\n").collect();
+    crate::fsutil::write_atomically(&paths.metrics, text.as_bytes())?;
+    eprintln!("resuming from {} (step {step} of {})", found.dir.display(), found.state.total_steps);
+    Ok((step, found.state.elapsed_s, history))
 }

@@ -1,0 +1,207 @@
+//! Step checkpoints: `output.dir/checkpoints/step_NNNNNN/` holds
+//!
+//! - `adapter/`               the adapter in PEFT layout (f32), loadable on its own
+//! - `optimizer.safetensors`  AdamW's moments, `exp_avg.<module>.lora_A` etc., in tune's layout
+//!                            ([in, r] for lora_A, [r, out] for lora_B)
+//! - `trainer_state.json`     step, epoch, position in the example stream, seed, hashes of the
+//!                            recipe and the dataset file, tune version, format version
+//! - `recipe.yaml`            the recipe the run was started with
+//! - `.complete`              written last
+//!
+//! Everything is written into a temporary directory, flushed, and renamed into place, so a crash
+//! never leaves a checkpoint that looks complete. Nothing in the training state is hidden in an
+//! RNG: shuffle order and dropout masks are derived from (seed, epoch, step), so the state above
+//! is enough to continue bit for bit.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{read_json, Error, Result};
+use crate::hf::Weights;
+use crate::lora::{self, LoraConfig};
+use crate::model::Llama;
+use crate::train::optimizer::AdamW;
+
+pub const FORMAT_VERSION: u32 = 1;
+const COMPLETE: &str = ".complete";
+const OPTIMIZER: &str = "optimizer.safetensors";
+const STATE: &str = "trainer_state.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub format_version: u32,
+    pub tune_version: String,
+    /// Optimizer steps completed.
+    pub step: usize,
+    pub total_steps: usize,
+    /// Epochs completed, fractional.
+    pub epoch: f64,
+    /// Rows of the (seeded, epoch-by-epoch) example stream consumed so far.
+    pub stream_position: usize,
+    pub seed: u64,
+    /// AdamW's step count t.
+    pub adam_step: u64,
+    /// Seconds of training before this checkpoint, so elapsed_s continues across a resume.
+    pub elapsed_s: f64,
+    pub recipe_hash: String,
+    pub dataset_hash: String,
+}
+
+/// FNV-1a, 64 bit: a content fingerprint (not a security measure).
+pub fn fingerprint(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+pub fn file_fingerprint(path: &Path) -> Result<String> {
+    Ok(fingerprint(&std::fs::read(path).map_err(|e| Error::io(path, e))?))
+}
+
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+fn step_dir(run_dir: &Path, step: usize) -> PathBuf {
+    checkpoints_dir(run_dir).join(format!("step_{step:06}"))
+}
+
+/// Writes a checkpoint of the current training state.
+pub fn save<B: Backend, O: Backend>(
+    run_dir: &Path,
+    model: &Llama<B>,
+    lora_config: &LoraConfig,
+    base_model: &str,
+    opt: &AdamW<O>,
+    state: &TrainerState,
+    recipe_yaml: &str,
+) -> Result<PathBuf> {
+    let dir = step_dir(run_dir, state.step);
+    let names = param_names(model);
+    crate::fsutil::write_dir_atomically(&dir, |tmp| {
+        lora::save_peft(model, lora_config, base_model, &tmp.join("adapter"))?;
+        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (name, (m, v)) in names.iter().zip(opt.exp_avg.iter().zip(&opt.exp_avg_sq)) {
+            for (prefix, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
+                let data = t.to_data();
+                let bytes: Vec<u8> = data.iter::<f32>().flat_map(|x| x.to_le_bytes()).collect();
+                tensors.push((format!("{prefix}.{name}"), t.dims().to_vec(), bytes));
+            }
+        }
+        let views: Vec<(&str, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .map(|(n, s, b)| {
+                (n.as_str(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).expect("consistent"))
+            })
+            .collect();
+        let path = tmp.join(OPTIMIZER);
+        safetensors::serialize_to_file(views, &None, &path).map_err(|e| Error::format(&path, e.to_string()))?;
+        let write = |name: &str, text: String| {
+            let path = tmp.join(name);
+            std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+        };
+        write(STATE, serde_json::to_string_pretty(state).expect("json"))?;
+        write("recipe.yaml", recipe_yaml.to_string())?;
+        write(COMPLETE, String::new())
+    })?;
+    Ok(dir)
+}
+
+/// `<module>.lora_A`, `<module>.lora_B` for each adapter, in the trainer's parameter order.
+fn param_names<B: Backend>(model: &Llama<B>) -> Vec<String> {
+    model
+        .projections()
+        .iter()
+        .filter(|p| p.lora.is_some())
+        .flat_map(|p| [format!("{}.lora_A", p.name), format!("{}.lora_B", p.name)])
+        .collect()
+}
+
+/// A checkpoint found on disk.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub dir: PathBuf,
+    pub state: TrainerState,
+}
+
+/// Reads a checkpoint directory, checking that it is complete.
+pub fn open(dir: &Path) -> Result<Found> {
+    if !dir.join(COMPLETE).is_file() {
+        return Err(Error::Model(format!("{}: incomplete checkpoint (no {COMPLETE} marker)", dir.display())));
+    }
+    for f in [STATE, OPTIMIZER, "recipe.yaml", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"] {
+        if !dir.join(f).is_file() {
+            return Err(Error::Model(format!("{}: damaged checkpoint: {f} is missing", dir.display())));
+        }
+    }
+    let state: TrainerState = read_json(&dir.join(STATE))?;
+    if state.format_version != FORMAT_VERSION {
+        return Err(Error::Unsupported(format!(
+            "{}: checkpoint format {} (this tune reads {FORMAT_VERSION})",
+            dir.display(),
+            state.format_version
+        )));
+    }
+    Ok(Found { dir: dir.to_path_buf(), state })
+}
+
+/// Complete checkpoints of a run, oldest first. Damaged or partial ones are skipped with a
+/// warning on stderr.
+pub fn list(run_dir: &Path) -> Vec<Found> {
+    let Ok(entries) = std::fs::read_dir(checkpoints_dir(run_dir)) else {
+        return Vec::new();
+    };
+    let mut found: Vec<Found> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step_")))
+        .filter_map(|p| match open(&p) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("warning: skipping {e}");
+                None
+            }
+        })
+        .collect();
+    found.sort_by_key(|f| f.state.step);
+    found
+}
+
+/// Whether the run directory holds any checkpoint directory at all (complete or not).
+pub fn any(run_dir: &Path) -> bool {
+    std::fs::read_dir(checkpoints_dir(run_dir)).is_ok_and(|mut d| d.next().is_some())
+}
+
+/// Removes the oldest complete checkpoints beyond `keep_last` (called after a new one is written).
+pub fn prune(run_dir: &Path, keep_last: usize) -> Result<()> {
+    let found = list(run_dir);
+    if keep_last == 0 || found.len() <= keep_last {
+        return Ok(());
+    }
+    for f in &found[..found.len() - keep_last] {
+        std::fs::remove_dir_all(&f.dir).map_err(|e| Error::io(&f.dir, e))?;
+    }
+    Ok(())
+}
+
+/// Restores AdamW's moments and step count from a checkpoint into `opt` (same parameter order).
+pub fn load_optimizer<B: Backend, O: Backend>(dir: &Path, model: &Llama<B>, opt: &mut AdamW<O>, adam_step: u64, device: &O::Device) -> Result<()> {
+    let weights = Weights::open_file(&dir.join(OPTIMIZER))?;
+    for (i, name) in param_names(model).iter().enumerate() {
+        let dims = opt.exp_avg[i].dims();
+        let read = |prefix: &str| -> Result<Tensor<O, 2>> {
+            let data = weights.read_f32(&format!("{prefix}.{name}"), &dims)?;
+            Ok(Tensor::from_data(TensorData::new(data, dims), device))
+        };
+        opt.exp_avg[i] = read("exp_avg")?;
+        opt.exp_avg_sq[i] = read("exp_avg_sq")?;
+    }
+    opt.step = adam_step;
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! LoRA against PEFT on the tiny checkpoints (references from tests/fixtures/make_fixtures.py):
+//! the loss and every lora_A/lora_B gradient of one masked batch, and 5 steps of
+//! torch.optim.AdamW (lr 1e-2, weight decay 0.01, global-norm clipping at 1.0).
+//! Tolerance: 1e-4 relative (loss: to the loss; gradients and weights: to the tensor's max |value|).
+
+mod common;
+
+use burn::backend::Autodiff;
+use burn::tensor::Tensor;
+use common::*;
+use tune::data::batch::{Batch, Row};
+use tune::data::examples::Example;
+use tune::lora;
+use tune::model::{self, Llama};
+use tune::train::optimizer::{AdamW, AdamWConfig};
+use tune::train::{batch_loss, lora_params, train_step};
+
+type AB = Autodiff<B>;
+const TOL: f64 = 1e-4;
+
+fn model_with_adapter(name: &str, variant: &str) -> Llama<AB> {
+    let device = Default::default();
+    let mut m: Llama<AB> = model::load(&tiny(name), &device).unwrap();
+    lora::load_peft(&mut m, &tiny(name).join(variant).join("adapter"), &device).unwrap();
+    for p in m.projections_mut() {
+        if let Some(l) = p.lora.as_mut() {
+            l.a = l.a.clone().require_grad();
+            l.b = l.b.clone().require_grad();
+        }
+    }
+    m
+}
+
+/// The reference batch: labels of -100 are prompt tokens (not trained on).
+fn reference_batch(reference: &std::collections::HashMap<String, RefTensor>) -> Batch {
+    let ids = reference["input_ids"].ids();
+    let labels = &reference["labels"].values;
+    let seq = reference["input_ids"].shape[1];
+    let rows: Vec<Row> = ids
+        .chunks(seq)
+        .zip(labels.chunks(seq))
+        .map(|(ids, labels)| {
+            Row::from_example(&Example { ids: ids.to_vec(), trained: labels.iter().map(|&l| l != -100.0).collect() })
+        })
+        .collect();
+    Batch::new(&rows.iter().collect::<Vec<_>>(), 0)
+}
+
+/// Our tensors are stored transposed ([in, r] and [r, out]); PEFT's are [r, in] and [out, r].
+fn peft_layout(t: Tensor<B, 2>) -> Vec<f32> {
+    t.transpose().into_data().iter::<f32>().collect()
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    let (d, s) = max_abs_diff(a, b);
+    d / s.max(1e-12)
+}
+
+fn check_loss_and_grads(name: &str, variant: &str) {
+    let reference = read_reference(&tiny(name).join(variant).join("reference.safetensors"));
+    let model = model_with_adapter(name, variant);
+    let device = Default::default();
+    let batch = reference_batch(&reference);
+    let loss = batch_loss(&model, &batch, batch.label_count(), &device);
+    let value: f32 = loss.clone().into_scalar();
+    let ref_loss = reference["loss"].scalar();
+    let loss_err = (value as f64 - ref_loss).abs() / ref_loss;
+    assert!(loss_err <= TOL, "{name}/{variant}: loss {value} vs PEFT {ref_loss} (rel {loss_err:.2e})");
+    let grads = loss.backward();
+    let mut worst = 0f64;
+    let mut checked = 0;
+    for p in model.projections() {
+        let Some(l) = &p.lora else { continue };
+        for (which, t) in [("lora_A", &l.a), ("lora_B", &l.b)] {
+            let key = format!("grad.{}", lora::peft_key(&p.name, which));
+            let ours = peft_layout(t.grad(&grads).expect("adapter tensors have gradients"));
+            let err = rel(&ours, &reference[&key].f32s());
+            worst = worst.max(err);
+            assert!(err <= TOL, "{name}/{variant}: {key} relative error {err:.2e}");
+            checked += 1;
+        }
+    }
+    let expected = reference.keys().filter(|k| k.starts_with("grad.")).count();
+    assert_eq!(checked, expected, "{name}/{variant}: every PEFT gradient is compared");
+    eprintln!("{name:14}{variant:14} loss rel err {loss_err:.2e}, worst grad rel err {worst:.2e} over {checked} tensors");
+}
+
+#[test]
+fn loss_and_gradients_match_peft() {
+    for name in TINY {
+        check_loss_and_grads(name, "lora");
+    }
+    check_loss_and_grads("llama-tied", "lora-rslora");
+}
+
+#[test]
+fn five_adamw_steps_match_torch() {
+    let device = Default::default();
+    for name in TINY {
+        let reference = read_reference(&tiny(name).join("lora").join("reference.safetensors"));
+        let mut model = model_with_adapter(name, "lora");
+        let batch = reference_batch(&reference);
+        let config = AdamWConfig { betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.01 };
+        let inner: Vec<_> = lora_params(&model).into_iter().map(|p| p.inner()).collect();
+        let mut opt = AdamW::new(config, &inner);
+        let ref_losses = reference["adam_losses"].values.clone();
+        let ref_norms = reference["adam_grad_norms"].values.clone();
+        for step in 0..5 {
+            let stats = train_step(&mut model, &mut opt, std::slice::from_ref(&batch), 1e-2, Some(1.0), 0, &device);
+            let loss_err = (stats.loss as f64 - ref_losses[step]).abs() / ref_losses[step];
+            let norm_err = (stats.grad_norm - ref_norms[step]).abs() / ref_norms[step];
+            assert!(loss_err <= TOL, "{name} step {}: loss {} vs torch {} (rel {loss_err:.2e})", step + 1, stats.loss, ref_losses[step]);
+            assert!(norm_err <= TOL, "{name} step {}: grad norm {} vs torch {}", step + 1, stats.grad_norm, ref_norms[step]);
+        }
+        // The losses must move, or this test would pass with a no-op optimizer.
+        assert!((ref_losses[4] - ref_losses[0]).abs() > 1e-3, "{name}: reference losses barely change");
+        for p in model.projections() {
+            let Some(l) = &p.lora else { continue };
+            for (which, t) in [("lora_A", &l.a), ("lora_B", &l.b)] {
+                let key = format!("final.{}", lora::peft_key(&p.name, which));
+                let err = rel(&peft_layout(t.clone().inner()), &reference[&key].f32s());
+                assert!(err <= TOL, "{name}: {key} after 5 steps, relative error {err:.2e}");
+            }
+        }
+    }
+}

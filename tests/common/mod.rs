@@ -76,3 +76,65 @@ pub fn smollm2_dir() -> PathBuf {
     let models = std::env::var("TUNE_MODELS").unwrap_or_else(|_| format!("{home}/.cache/tune/models"));
     PathBuf::from(models).join("smollm2-135m-instruct")
 }
+
+/// Writes a tiny random Llama (hidden 32, 2 layers, GQA, vocab 32) with the hand-written test
+/// tokenizer of tests/fixtures/tokenizer into `dir`, for tests that run `tune` end to end fast.
+pub fn write_tiny_model(dir: &Path, seed: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = serde_json::json!({
+        "model_type": "llama", "vocab_size": 32, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu"
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let mut rng = tune::rng::Rng::new(seed);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, ones: bool, rng: &mut tune::rng::Rng| {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|_| if ones { 1.0 } else { ((rng.next_f64() * 2.0 - 1.0) * 0.3) as f32 })
+            .collect();
+        tensors.push((name, shape, data.iter().flat_map(|x| x.to_le_bytes()).collect()));
+    };
+    add("model.embed_tokens.weight".into(), vec![32, 32], false, &mut rng);
+    add("model.norm.weight".into(), vec![32], true, &mut rng);
+    for l in 0..2 {
+        let p = format!("model.layers.{l}");
+        for (n, shape) in [
+            ("self_attn.q_proj", vec![32, 32]),
+            ("self_attn.k_proj", vec![16, 32]),
+            ("self_attn.v_proj", vec![16, 32]),
+            ("self_attn.o_proj", vec![32, 32]),
+            ("mlp.gate_proj", vec![64, 32]),
+            ("mlp.up_proj", vec![64, 32]),
+            ("mlp.down_proj", vec![32, 64]),
+        ] {
+            add(format!("{p}.{n}.weight"), shape, false, &mut rng);
+        }
+        add(format!("{p}.input_layernorm.weight"), vec![32], true, &mut rng);
+        add(format!("{p}.post_attention_layernorm.weight"), vec![32], true, &mut rng);
+    }
+    let views: Vec<(&str, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| (n.as_str(), safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, &None, &dir.join("model.safetensors")).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixtures().join("tokenizer").join(f), dir.join(f)).unwrap();
+    }
+}
+
+/// `n` seeded text records over the test tokenizer's alphabet, as JSON lines.
+pub fn write_text_dataset(path: &Path, n: usize, seed: u64) {
+    let words = ["hello", "world", "hold", "lord", "herd", "roll", "wheel", "door", "red", "owl"];
+    let mut rng = tune::rng::Rng::new(seed);
+    let lines: Vec<String> = (0..n)
+        .map(|_| {
+            let k = 2 + rng.below(6);
+            let text: Vec<&str> = (0..k).map(|_| words[rng.below(words.len())]).collect();
+            serde_json::json!({ "text": text.join(" ") }).to_string()
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}

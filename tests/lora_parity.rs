@@ -1,7 +1,8 @@
 //! LoRA against PEFT on the tiny checkpoints (references from tests/fixtures/make_fixtures.py):
 //! the loss and every lora_A/lora_B gradient of one masked batch, and 5 steps of
 //! torch.optim.AdamW (lr 1e-2, weight decay 0.01, global-norm clipping at 1.0).
-//! Tolerance: 1e-4 relative (loss: to the loss; gradients and weights: to the tensor's max |value|).
+//! Tolerance: 1e-4 relative (loss and grad norm: to the value; gradients: to the tensor's max
+//! |value|); adapter weights after 5 steps: ‖Δ‖/‖w‖ ≤ 1e-3 (see below).
 
 mod common;
 
@@ -49,6 +50,12 @@ fn reference_batch(reference: &std::collections::HashMap<String, RefTensor>) -> 
 /// Our tensors are stored transposed ([in, r] and [r, out]); PEFT's are [r, in] and [out, r].
 fn peft_layout(t: Tensor<B, 2>) -> Vec<f32> {
     t.transpose().into_data().iter::<f32>().collect()
+}
+
+fn frobenius_rel(a: &[f32], b: &[f32]) -> f64 {
+    let d: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (d / n).sqrt()
 }
 
 fn rel(a: &[f32], b: &[f32]) -> f64 {
@@ -118,8 +125,13 @@ fn five_adamw_steps_match_torch() {
             let Some(l) = &p.lora else { continue };
             for (which, t) in [("lora_A", &l.a), ("lora_B", &l.b)] {
                 let key = format!("final.{}", lora::peft_key(&p.name, which));
-                let err = rel(&peft_layout(t.clone().inner()), &reference[&key].f32s());
-                assert!(err <= TOL, "{name}: {key} after 5 steps, relative error {err:.2e}");
+                // Adam's first update is lr·g/(|g| + 1e-8): for a gradient element near 1e-8
+                // (mistral's layers.1 down_proj lora_A has one of 1.3e-8) f32 rounding noise of
+                // that size changes the element's step by a good fraction of lr. So the weights
+                // are compared as a whole, to 1e-3; the losses above hold to 1e-4.
+                let (ours, want) = (peft_layout(t.clone().inner()), reference[&key].f32s());
+                let err = frobenius_rel(&ours, &want);
+                assert!(err <= 1e-3, "{name}: {key} after 5 steps, ‖Δ‖/‖w‖ = {err:.2e}");
             }
         }
     }

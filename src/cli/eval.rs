@@ -30,6 +30,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // The model directory first: its errors say more than a missing tokenizer would.
+    tune::model::ModelConfig::from_model_dir(&args.model)?;
     let tokenizer = Tokenizer::from_model_dir(&args.model)?;
     let eos = eos_id(&args.model, &tokenizer)?;
     let records = read_records(&args.data)?;

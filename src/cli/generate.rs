@@ -37,6 +37,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // The model directory first: its errors say more than a missing tokenizer would.
+    tune::model::ModelConfig::from_model_dir(&args.model)?;
     let tokenizer = Tokenizer::from_model_dir(&args.model)?;
     let prompt_ids = if args.raw {
         tokenizer.encode(&args.prompt, true)?

@@ -54,11 +54,29 @@ impl<B: Backend> Projection<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let y = linear(x.clone(), self.weight.clone(), self.bias.clone());
+        let y = linear_in_weight_dtype(x.clone(), self.weight.clone(), self.bias.clone());
         match &self.lora {
             Some(lora) => y + lora.forward(x),
             None => y,
         }
+    }
+}
+
+/// `x·w + b` computed in w's dtype (bf16 for a bf16 base) and returned in x's, so a frozen base
+/// stored in bf16 never needs an f32 copy of itself.
+pub fn linear_in_weight_dtype<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    w: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
+    let (xd, wd) = (x.dtype(), w.dtype());
+    if xd == wd {
+        return linear(x, w, bias);
+    }
+    let y = linear(x.cast(wd), w, None).cast(xd);
+    match bias {
+        Some(b) => y + b.unsqueeze::<D>(),
+        None => y,
     }
 }
 

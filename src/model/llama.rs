@@ -8,7 +8,7 @@
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::embedding;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{DType, Int, Tensor};
 
 use super::layers::{apply_rope, repeat_kv, scaled_dot_product_attention, AttentionMask, Projection, RmsNorm, Rope};
 use super::loader::Loader;
@@ -238,6 +238,10 @@ impl<B: Backend> Llama<B> {
         let device = input_ids.device();
         let rope = self.rope.tables::<B>(positions, b, &device);
         let mut x = embedding(self.embed_tokens.clone(), input_ids);
+        if x.dtype() != DType::F32 {
+            // A bf16 base keeps the residual stream in f32.
+            x = x.cast(DType::F32);
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = layer.forward(x, &rope, mask, slot);
@@ -251,7 +255,7 @@ impl<B: Backend> Llama<B> {
             Some(w) => w.clone(),
             None => self.embed_tokens.clone().transpose(),
         };
-        burn::tensor::module::linear(hidden, w, None)
+        super::layers::linear_in_weight_dtype(hidden, w, None)
     }
 
     /// Every projection, in a fixed order (layer by layer, q k v o gate up down).

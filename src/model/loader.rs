@@ -5,7 +5,7 @@ use std::cell::RefCell;
 use std::collections::BTreeSet;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 
 use super::layers::Projection;
 use crate::error::{Error, Result};
@@ -14,6 +14,9 @@ use crate::hf::Weights;
 pub struct Loader<'a, B: Backend> {
     weights: &'a Weights,
     device: B::Device,
+    /// Storage dtype of the large frozen matrices (projections, embeddings, lm_head); norms and
+    /// biases stay f32.
+    matrix_dtype: FloatDType,
     used: RefCell<BTreeSet<String>>,
 }
 
@@ -22,8 +25,19 @@ impl<'a, B: Backend> Loader<'a, B> {
         Loader {
             weights,
             device,
+            matrix_dtype: FloatDType::F32,
             used: RefCell::new(BTreeSet::new()),
         }
+    }
+
+    /// Stores the frozen matrices in `dtype` (bf16 halves their memory; compute casts at use).
+    pub fn with_matrix_dtype(mut self, dtype: FloatDType) -> Self {
+        self.matrix_dtype = dtype;
+        self
+    }
+
+    fn matrix_tensor(&self, data: Vec<f32>, shape: [usize; 2]) -> Tensor<B, 2> {
+        Tensor::from_data(TensorData::new(data, shape), (&self.device, DType::from(self.matrix_dtype)))
     }
 
     fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
@@ -39,7 +53,7 @@ impl<'a, B: Backend> Loader<'a, B> {
     /// A matrix stored as HF stores it, [rows, cols].
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor<B, 2>> {
         let data = self.read(name, &[rows, cols])?;
-        Ok(Tensor::from_data(TensorData::new(data, [rows, cols]), &self.device))
+        Ok(self.matrix_tensor(data, [rows, cols]))
     }
 
     /// An `nn.Linear(in, out)` at module path `name`: HF's `[out, in]` weight is transposed
@@ -53,7 +67,7 @@ impl<'a, B: Backend> Loader<'a, B> {
             }
         }
         drop(w);
-        let weight = Tensor::from_data(TensorData::new(t, [in_features, out_features]), &self.device);
+        let weight = self.matrix_tensor(t, [in_features, out_features]);
         let bias = if bias {
             Some(self.vector(&format!("{name}.bias"), out_features)?)
         } else {

@@ -241,9 +241,14 @@ fn rope_scaling(hf: &HfConfig) -> Result<RopeScaling> {
 /// Loads a model directory onto `device`: config, then weights, then the check that every
 /// tensor in the files was used.
 pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<Llama<B>> {
+    load_with_dtype(dir, device, burn::tensor::FloatDType::F32)
+}
+
+/// As [`load`], with the frozen matrices stored in `dtype` (f32 or bf16).
+pub fn load_with_dtype<B: Backend>(dir: &Path, device: &B::Device, dtype: burn::tensor::FloatDType) -> Result<Llama<B>> {
     let config = ModelConfig::from_model_dir(dir)?;
     let weights = Weights::open(dir)?;
-    let loader = Loader::new(&weights, device.clone());
+    let loader = Loader::new(&weights, device.clone()).with_matrix_dtype(dtype);
     let model = Llama::load(config, &loader)?;
     loader.finish()?;
     Ok(model)

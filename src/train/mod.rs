@@ -149,7 +149,11 @@ pub fn setup(recipe: &Recipe) -> Result<Setup> {
 /// Loads the base model on the autodiff backend with LoRA attached: fresh, or from
 /// `lora.init_from`. Only the adapters require gradients.
 pub fn model_with_lora<B: AutodiffBackend>(recipe: &Recipe, setup: &mut Setup, device: &B::Device) -> Result<Llama<B>> {
-    let mut model: Llama<B> = model::load(&recipe.model.path, device)?;
+    let dtype = match recipe.model.dtype {
+        crate::recipe::BaseDtype::F32 => burn::tensor::FloatDType::F32,
+        crate::recipe::BaseDtype::Bf16 => burn::tensor::FloatDType::BF16,
+    };
+    let mut model: Llama<B> = model::load_with_dtype(&recipe.model.path, device, dtype)?;
     match &recipe.lora.init_from {
         Some(dir) => {
             let loaded = lora::load_peft(&mut model, dir, device)?;

@@ -1,12 +1,12 @@
 //! Step checkpoints: `output.dir/checkpoints/step_NNNNNN/` holds
 //!
-//! - `adapter/`               the adapter in PEFT layout (f32), loadable on its own
-//! - `optimizer.safetensors`  AdamW's moments, `exp_avg.<module>.lora_A` etc., in tune's layout
-//!                            ([in, r] for lora_A, [r, out] for lora_B)
-//! - `trainer_state.json`     step, epoch, position in the example stream, seed, hashes of the
-//!                            recipe and the dataset file, tune version, format version
-//! - `recipe.yaml`            the recipe the run was started with
-//! - `.complete`              written last
+//! - `adapter/`: the adapter in PEFT layout (f32), loadable on its own
+//! - `optimizer.safetensors`: AdamW's moments, `exp_avg.<module>.lora_A` etc., in tune's layout
+//!   ([in, r] for lora_A, [r, out] for lora_B)
+//! - `trainer_state.json`: step, epoch, position in the example stream, seed, hashes of the
+//!   recipe and the dataset file, tune version, format version
+//! - `recipe.yaml`: the recipe the run was started with
+//! - `.complete`: written last
 //!
 //! Everything is written into a temporary directory, flushed, and renamed into place, so a crash
 //! never leaves a checkpoint that looks complete. Nothing in the training state is hidden in an

@@ -306,10 +306,10 @@ impl Recipe {
         if self.dataset.max_seq_len < 2 {
             return bad("dataset.max_seq_len", "must be at least 2");
         }
-        if !(self.train.lr > 0.0) {
+        if self.train.lr.is_nan() || self.train.lr <= 0.0 {
             return bad("train.lr", "must be positive");
         }
-        if self.train.max_grad_norm.is_some_and(|n| !(n > 0.0)) {
+        if self.train.max_grad_norm.is_some_and(|n| n.is_nan() || n <= 0.0) {
             return bad("train.max_grad_norm", "must be positive, or null to turn clipping off");
         }
         Ok(())

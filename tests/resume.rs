@@ -125,7 +125,7 @@ fn sigkill_then_resume_is_bit_identical_and_logs_each_step_once() {
     let found = tune::checkpoint::list(&run);
     assert!(found.len() <= 2, "keep_last: 2");
     let resume_step = found.last().expect("a periodic checkpoint exists").state.step;
-    assert!(resume_step <= logged && resume_step % 25 == 0);
+    assert!(resume_step <= logged && resume_step.is_multiple_of(25));
 
     let out = run_to_end(&s.recipe, &["--resume"]);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -80,33 +80,32 @@ fn run_on<B: Backend>(
     };
     let start = Instant::now();
     let mut out = std::io::stdout().lock();
-    let mut ids: Vec<u32> = Vec::new();
-    let mut printed = 0usize;
+    let mut stream = tokenizer.decode_stream(true);
+    let mut count = 0usize;
     let mut first_token = None;
-    let mut write_err = None;
+    let mut failure: Option<anyhow::Error> = None;
     generate(&model, prompt_ids, args.max_new_tokens, sampling, stop, device, |id| {
         first_token.get_or_insert_with(|| start.elapsed());
-        if stop.contains(&id) {
+        count += 1;
+        if stop.contains(&id) || failure.is_some() {
             return;
         }
-        ids.push(id);
-        // Decode everything so far and print what is new; hold back a partial UTF-8 character.
-        if let Ok(text) = tokenizer.decode(&ids, true) {
-            if text.len() > printed && !text.ends_with('\u{FFFD}') && text.is_char_boundary(printed) {
-                if let Err(e) = out.write_all(text[printed..].as_bytes()).and_then(|_| out.flush()) {
-                    write_err.get_or_insert(e);
-                }
-                printed = text.len();
-            }
+        // Print text as soon as it is complete (a character may span several tokens).
+        let printed = stream.step(id).map_err(anyhow::Error::from).and_then(|text| match text {
+            Some(t) => out.write_all(t.as_bytes()).and_then(|_| out.flush()).map_err(Into::into),
+            None => Ok(()),
+        });
+        if let Err(e) = printed {
+            failure = Some(e);
         }
     });
     writeln!(out)?;
-    if let Some(e) = write_err {
-        return Err(e.into());
+    if let Some(e) = failure {
+        return Err(e);
     }
     let total = start.elapsed().as_secs_f64();
     let prefill = first_token.map_or(0.0, |d| d.as_secs_f64());
-    let n = ids.len() + usize::from(ids.len() < args.max_new_tokens);
+    let n = count;
     eprintln!(
         "{} prompt tokens in {:.2} s, {} new tokens in {:.2} s ({:.1} tokens/s)",
         prompt_ids.len(),

@@ -150,7 +150,7 @@ impl Observer for Progress {
             }
             None => {
                 let every = (self.total / 50).max(1);
-                if m.step % every == 0 || m.step == self.total || m.step == 1 {
+                if m.step.is_multiple_of(every) || m.step == self.total || m.step == 1 {
                     eprintln!("step {}/{} {msg} grad_norm {:.3} elapsed {:.1}s", m.step, self.total, m.grad_norm, m.elapsed_s);
                 }
             }

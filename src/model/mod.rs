@@ -140,14 +140,14 @@ impl ModelConfig {
     pub fn common(hf: &HfConfig, family: Family, names: &'static WeightNames) -> Result<Self> {
         let heads = hf.num_attention_heads;
         let kv_heads = hf.num_key_value_heads.unwrap_or(heads);
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(hf.err(format!(
                 "num_attention_heads ({heads}) must be a positive multiple of num_key_value_heads ({kv_heads})"
             )));
         }
         let head_dim = match hf.head_dim {
             Some(d) => d,
-            None if hf.hidden_size % heads == 0 => hf.hidden_size / heads,
+            None if hf.hidden_size.is_multiple_of(heads) => hf.hidden_size / heads,
             None => {
                 return Err(hf.err(format!(
                     "hidden_size ({}) is not divisible by num_attention_heads ({heads}) and no head_dim is given",

@@ -174,18 +174,22 @@ pub fn peft_key(module: &str, which: &str) -> String {
     format!("base_model.model.{module}.{which}.weight")
 }
 
-/// The adapter directory behind `path`: a PEFT adapter directory itself, or a run directory
-/// holding one in `adapter/`.
+/// The adapter directory behind `path`: a PEFT adapter directory itself, a checkpoint or
+/// finished run directory (its `adapter/`), or a run that has only checkpoints (the latest
+/// complete one's adapter).
 pub fn resolve_adapter_dir(path: &Path) -> Result<std::path::PathBuf> {
     if path.join(ADAPTER_CONFIG).is_file() {
         return Ok(path.to_path_buf());
     }
-    let in_run = path.join("adapter");
-    if in_run.join(ADAPTER_CONFIG).is_file() {
-        return Ok(in_run);
+    let inside = path.join("adapter");
+    if inside.join(ADAPTER_CONFIG).is_file() {
+        return Ok(inside);
+    }
+    if let Some(latest) = crate::checkpoint::list(path).pop() {
+        return Ok(latest.dir.join("adapter"));
     }
     Err(Error::Model(format!(
-        "{}: not an adapter (no {ADAPTER_CONFIG}) nor a run directory with adapter/{ADAPTER_CONFIG}",
+        "{}: not an adapter (no {ADAPTER_CONFIG}), nor a run or checkpoint directory holding one",
         path.display()
     )))
 }

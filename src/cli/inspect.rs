@@ -6,7 +6,9 @@ use tune::model::ModelConfig;
 pub fn run(dir: &Path) -> anyhow::Result<()> {
     let c = ModelConfig::from_model_dir(dir)?;
     let weights = Weights::open(dir)?;
-    let tokenizer = Tokenizer::from_model_dir(dir).ok();
+    let has_tokenizer = dir.join("tokenizer.json").is_file();
+    // A tokenizer that is present but broken is an error worth seeing, not "no tokenizer".
+    let tokenizer = if has_tokenizer { Some(Tokenizer::from_model_dir(dir)?) } else { None };
     let params = weights.num_elements() - if c.tie_word_embeddings && weights.contains("lm_head.weight") {
         c.vocab_size * c.hidden_size
     } else {

@@ -94,7 +94,7 @@ impl<'a, B: Backend> Loader<'a, B> {
                 path: self.weights.path_of(first),
                 name: first.to_string(),
                 msg: format!(
-                    "unexpected tensor ({} unused in all{}); the checkpoint does not match its config.json model_type",
+                    "unexpected tensor ({} unused in all{}); the checkpoint does not match its config.json (model_type or sizes)",
                     unexpected.len(),
                     if unexpected.len() > 1 {
                         format!(", e.g. also `{}`", unexpected[1])

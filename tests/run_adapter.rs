@@ -1,0 +1,64 @@
+//! The adapter `tune run` writes loads in PEFT and gives the same eval loss there as in tune.
+//! tests/fixtures/tiny-run/ holds a tiny run (recipe, data, the adapter it wrote) and PEFT's
+//! verdict on it (peft_eval.json, from tests/fixtures/reference.py --peft-check).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use tune::data::{read_records, string_field, text_ids};
+use tune::hf::Tokenizer;
+use tune::model::{self, Llama};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn peft_loads_the_run_adapter_and_agrees_on_eval_loss() {
+    let run = fixtures().join("tiny-run");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("peft_eval.json")).unwrap()).unwrap();
+    assert_eq!(report["missing_keys"].as_array().unwrap().len(), 0, "{report}");
+    assert_eq!(report["unexpected_keys"].as_array().unwrap().len(), 0, "{report}");
+    assert_eq!(report["lora_tensors"].as_u64(), Some(2 * 7 * 2), "lora_A and lora_B for 7 projections × 2 layers");
+
+    let base = tiny("llama-tied");
+    let device = Default::default();
+    let mut m: Llama<B> = model::load(&base, &device).unwrap();
+    tune::lora::load_peft(&mut m, &tune::lora::resolve_adapter_dir(&run.join("run")).unwrap(), &device).unwrap();
+    let tok = Tokenizer::from_model_dir(&base).unwrap();
+    let data = run.join("data.jsonl");
+    let sequences: Vec<Vec<u32>> = read_records(&data)
+        .unwrap()
+        .iter()
+        .map(|r| text_ids(&tok, string_field(&data, r, "text").unwrap(), tok.eos_token_id()).unwrap())
+        .collect();
+    let ours = tune::eval::evaluate(&m, &sequences, &device);
+    let peft = report["loss"].as_f64().unwrap();
+    assert_eq!(ours.tokens as u64, report["tokens"].as_u64().unwrap());
+    let rel = (ours.loss - peft).abs() / peft;
+    assert!(rel <= 1e-6, "tune eval --adapter {} vs PEFT {peft} (rel {rel:.2e})", ours.loss);
+}
+
+/// Running the recipe again writes the adapter that was committed (and checked by PEFT).
+#[test]
+fn the_run_is_reproducible() {
+    let out = std::env::temp_dir().join(format!("tune-tiny-run-{}", std::process::id()));
+    let status = Command::new(env!("CARGO_BIN_EXE_tune"))
+        .current_dir(root())
+        .args(["run", "tests/fixtures/tiny-run/recipe.yaml", &format!("output.dir={}", out.display())])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let committed = read_reference(&fixtures().join("tiny-run/run/adapter/adapter_model.safetensors"));
+    let fresh = read_reference(&out.join("adapter/adapter_model.safetensors"));
+    assert_eq!(committed.len(), fresh.len());
+    for (k, v) in &committed {
+        let (d, s) = max_abs_diff(&fresh[k].f32s(), &v.f32s());
+        assert!(d <= 1e-6 * s.max(1.0), "{k}: differs by {d}");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}

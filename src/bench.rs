@@ -25,6 +25,8 @@ pub struct BenchConfig {
     pub rank: usize,
     pub steps: usize,
     pub warmup: usize,
+    /// Storage dtype of the frozen base (f32 or bf16).
+    pub dtype: burn::tensor::FloatDType,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -34,6 +36,7 @@ pub struct BenchReport {
     pub batch: usize,
     pub rank: usize,
     pub steps: usize,
+    pub dtype: String,
     pub tokens_per_s: f64,
     pub step_s_median: f64,
     pub peak_rss_mib: f64,
@@ -43,7 +46,7 @@ pub struct BenchReport {
 
 pub fn run<B: Backend>(device: &B::Device, model_dir: &Path, c: &BenchConfig) -> Result<BenchReport> {
     let start = Instant::now();
-    let mut model: Llama<Autodiff<B>> = model::load(model_dir, device)?;
+    let mut model: Llama<Autodiff<B>> = model::load_with_dtype(model_dir, device, c.dtype)?;
     let load_s = start.elapsed().as_secs_f64();
     let lora = LoraConfig {
         rank: c.rank,
@@ -94,6 +97,7 @@ pub fn run<B: Backend>(device: &B::Device, model_dir: &Path, c: &BenchConfig) ->
         batch: c.batch,
         rank: c.rank,
         steps: c.steps,
+        dtype: format!("{:?}", c.dtype).to_lowercase(),
         tokens_per_s: (c.seq * c.batch * c.steps) as f64 / total,
         step_s_median: sorted[sorted.len() / 2],
         peak_rss_mib: peak_rss_mib(),

@@ -173,6 +173,25 @@ pub fn list(run_dir: &Path) -> Vec<Found> {
     found
 }
 
+/// Total size of the files under a directory.
+pub fn size_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| {
+                    let p = e.path();
+                    if p.is_dir() {
+                        size_bytes(&p)
+                    } else {
+                        e.metadata().map_or(0, |m| m.len())
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// Whether the run directory holds any checkpoint directory at all (complete or not).
 pub fn any(run_dir: &Path) -> bool {
     std::fs::read_dir(checkpoints_dir(run_dir)).is_ok_and(|mut d| d.next().is_some())

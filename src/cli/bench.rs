@@ -19,6 +19,9 @@ pub struct Args {
     steps: usize,
     #[arg(long, default_value = "cpu")]
     device: DeviceKind,
+    /// Storage dtype of the frozen base: f32 or bf16.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    dtype: String,
     /// Print one JSON line.
     #[arg(long)]
     json: bool,
@@ -30,17 +33,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let models = std::env::var("TUNE_MODELS").unwrap_or_else(|_| format!("{home}/.cache/tune/models"));
         PathBuf::from(models).join("smollm2-135m-instruct")
     });
-    let config = BenchConfig { seq: args.seq, batch: args.batch, rank: args.rank, steps: args.steps, warmup: 2 };
+    let dtype = if args.dtype == "bf16" { burn::tensor::FloatDType::BF16 } else { burn::tensor::FloatDType::F32 };
+    let config = BenchConfig { seq: args.seq, batch: args.batch, rank: args.rank, steps: args.steps, warmup: 2, dtype };
     let report = tune::with_backend!(args.device, bench_on(&model, &config))?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        println!("| model | backend | seq | batch | rank | tokens/s | median step s | peak RSS MiB |");
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("| model | backend | dtype | seq | batch | rank | tokens/s | median step s | peak RSS MiB |");
+        println!("|---|---|---|---|---|---|---|---|---|");
         println!(
-            "| {} | {} | {} | {} | {} | {:.1} | {:.3} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {:.0} |",
             model.file_name().unwrap_or_default().to_string_lossy(),
             report.backend,
+            report.dtype,
             report.seq,
             report.batch,
             report.rank,

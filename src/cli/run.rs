@@ -120,8 +120,8 @@ impl Observer for Progress {
         self.stop.load(Ordering::SeqCst)
     }
 
-    fn checkpoint(&mut self, dir: &Path) {
-        let line = format!("checkpoint {}", dir.display());
+    fn checkpoint(&mut self, dir: &Path, bytes: u64, seconds: f64) {
+        let line = format!("checkpoint {} ({:.1} MB, {seconds:.2} s)", dir.display(), bytes as f64 / 1e6);
         match &self.bar {
             Some(bar) => bar.println(line),
             None => eprintln!("{line}"),

@@ -368,7 +368,8 @@ mod tests {
         let q = Tensor::<B, 4>::random([2, 2, 5, 8], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
         let k = Tensor::<B, 4>::random([2, 2, 5, 8], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
         let v = Tensor::<B, 4>::random([2, 2, 5, 8], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
-        let causal = Tensor::<B, 2, Bool>::triu_mask([5, 5], 1, &device).unsqueeze::<4>().expand([2, 2, 5, 5]);
+        // burn's tril_mask is true above the diagonal: the positions a causal query must not see.
+        let causal = Tensor::<B, 2, Bool>::tril_mask([5, 5], 0, &device).unsqueeze::<4>().expand([2, 2, 5, 5]);
         let fused = scaled_dot_product_attention(q.clone(), k.clone(), v.clone(), &AttentionMask::Causal);
         let reference = attention_reference(q.clone(), k.clone(), v.clone(), causal);
         let d: f32 = (fused - reference).abs().max().into_scalar();

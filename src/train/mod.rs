@@ -198,7 +198,7 @@ impl RunPaths {
 pub trait Observer {
     fn start(&mut self, _first_step: usize, _total_steps: usize) {}
     fn step(&mut self, _m: &StepMetrics) {}
-    fn checkpoint(&mut self, _dir: &Path) {}
+    fn checkpoint(&mut self, _dir: &Path, _bytes: u64, _seconds: f64) {}
     /// Checked after every optimizer step: true finishes that step, saves and returns.
     fn should_stop(&self) -> bool {
         false
@@ -354,8 +354,9 @@ where
         let done = step + 1;
         let periodic = recipe.output.save_every > 0 && done % recipe.output.save_every == 0;
         if done == total || periodic || observer.should_stop() {
+            let saving = Instant::now();
             let dir = save(&model, &opt, done, elapsed_s)?;
-            observer.checkpoint(&dir);
+            observer.checkpoint(&dir, checkpoint::size_bytes(&dir), saving.elapsed().as_secs_f64());
             if done < total && observer.should_stop() {
                 interrupted = Some(dir);
                 break;

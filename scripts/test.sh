@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tune/cargo-target}"
 TUNE_SMOLLM2="${TUNE_SMOLLM2:-$(bash scripts/fetch-smollm2.sh)}"
 export TUNE_SMOLLM2
+export TUNE_REQUIRE_SMOLLM2=1
 echo "== tests (SmolLM2 at $TUNE_SMOLLM2)"
-cargo test --release --locked
+cargo test --release --locked --no-fail-fast
 echo "== clippy"
 cargo clippy --release --locked --all-targets -- -D warnings
 echo "== cuda build (compile only; no GPU needed)"

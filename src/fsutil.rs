@@ -33,6 +33,9 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 /// left behind and an existing `dir` is untouched.
 pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if let Some(file) = parent.ancestors().find(|a| a.is_file()) {
+        return Err(Error::Unsupported(format!("cannot write {}: {} is a file, not a directory", dir.display(), file.display())));
+    }
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let tmp = temp_sibling(dir);
     let _ = std::fs::remove_dir_all(&tmp);

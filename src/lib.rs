@@ -10,6 +10,7 @@ pub mod data;
 pub mod error;
 pub mod fsutil;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod hf;
 pub mod lora;

@@ -194,10 +194,10 @@ pub fn resolve_adapter_dir(path: &Path) -> Result<std::path::PathBuf> {
     )))
 }
 
-/// Reads a PEFT adapter directory and attaches it to the model. Refuses what tune would get
-/// wrong silently (DoRA, biases, per-module ranks, fan_in_fan_out) and any tensor that does not
-/// fit the model, naming it.
-pub fn load_peft<B: Backend>(model: &mut Llama<B>, dir: &Path, device: &B::Device) -> Result<LoraConfig> {
+/// Reads and checks `adapter_config.json`. Refuses what tune would get wrong silently (DoRA,
+/// biases, per-module ranks, fan_in_fan_out, modules_to_save). The returned LoraConfig's
+/// target_modules is empty: the tensors, not the config, say which projections are adapted.
+pub fn read_adapter_config(dir: &Path) -> Result<(AdapterConfig, LoraConfig)> {
     let config_path = dir.join(ADAPTER_CONFIG);
     if !config_path.is_file() {
         return Err(Error::Model(format!(
@@ -225,6 +225,9 @@ pub fn load_peft<B: Backend>(model: &mut Llama<B>, dir: &Path, device: &B::Devic
     if c.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
         return refuse("modules_to_save");
     }
+    if c.r == 0 {
+        return Err(Error::format(&config_path, "`r` must be at least 1"));
+    }
     let config = LoraConfig {
         rank: c.r,
         alpha: c.lora_alpha,
@@ -232,6 +235,28 @@ pub fn load_peft<B: Backend>(model: &mut Llama<B>, dir: &Path, device: &B::Devic
         target_modules: Vec::new(),
         use_rslora: c.use_rslora,
     };
+    Ok((c, config))
+}
+
+/// Splits a PEFT tensor name into (module path, "lora_A" | "lora_B"), accepting the variant with
+/// PEFT's adapter name (`.lora_A.default.weight`) that some writers keep.
+pub fn split_peft_key(key: &str) -> Option<(&str, &str)> {
+    let rest = key.strip_prefix("base_model.model.")?;
+    let rest = rest.strip_suffix(".weight")?;
+    let rest = rest.strip_suffix(".default").unwrap_or(rest);
+    for which in ["lora_A", "lora_B"] {
+        if let Some(module) = rest.strip_suffix(which).and_then(|m| m.strip_suffix('.')) {
+            return Some((module, which));
+        }
+    }
+    None
+}
+
+/// Reads a PEFT adapter directory and attaches it to the model. Refuses what tune would get
+/// wrong silently (see `read_adapter_config`) and any tensor that does not fit the model,
+/// naming it.
+pub fn load_peft<B: Backend>(model: &mut Llama<B>, dir: &Path, device: &B::Device) -> Result<LoraConfig> {
+    let (c, config) = read_adapter_config(dir)?;
     let weights = Weights::open_file(&dir.join(ADAPTER_WEIGHTS))?;
     let mut used = std::collections::BTreeSet::new();
     let mut targets = std::collections::BTreeSet::new();
@@ -337,7 +362,7 @@ pub fn save_peft<B: Backend>(model: &Llama<B>, config: &LoraConfig, base_model: 
     })
 }
 
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 

@@ -216,9 +216,15 @@ pub struct OutputSection {
     /// Checkpoints to keep. Default 2.
     #[serde(default = "default_keep_last")]
     pub keep_last: usize,
-    /// What to write at the end: `adapter` (default), `merged`, `both` or `none`.
+    /// What to export at the end of the run, besides the f32 `adapter/` every run leaves:
+    /// `adapter` (default: `export/adapter/`, the portable PEFT profile with a model card),
+    /// `merged` (`export/merged/`, full Hugging Face weights), `both` or `none`.
+    /// Same as `tune export` afterwards.
     #[serde(default)]
     pub export: ExportKind,
+    /// Storage dtype of the exported tensors: `bf16` (default), `f16` or `f32`.
+    #[serde(default)]
+    pub export_dtype: crate::export::OutDtype,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -250,7 +256,7 @@ const KEYS: &[&str] = &[
     "train", "train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum", "train.lr", "train.weight_decay",
     "train.betas", "train.eps", "train.warmup_steps", "train.schedule", "train.max_grad_norm", "train.seed",
     "device",
-    "output", "output.dir", "output.save_every", "output.keep_last", "output.export",
+    "output", "output.dir", "output.save_every", "output.keep_last", "output.export", "output.export_dtype",
 ];
 
 impl Recipe {

@@ -1,4 +1,4 @@
-//! LoRA against PEFT on the tiny checkpoints (references from tests/fixtures/make_fixtures.py):
+//! LoRA against PEFT on the tiny checkpoints (references from tests/fixtures/reference.py):
 //! the loss and every lora_A/lora_B gradient of one masked batch, and 5 steps of
 //! torch.optim.AdamW (lr 1e-2, weight decay 0.01, global-norm clipping at 1.0).
 //! Tolerance: 1e-4 relative (loss and grad norm: to the value; gradients: to the tensor's max

@@ -1,5 +1,5 @@
 //! Logits and loss of every family against transformers, on tiny random checkpoints written by
-//! tests/fixtures/make_fixtures.py.
+//! tests/fixtures/reference.py.
 //!
 //! Tolerance (f32): max |Δlogit| ≤ 1e-4 · max |logit| and |Δloss| ≤ 1e-4 · loss. The weights are
 //! drawn wide (std 0.2, norm weights 1 ± 0.2, eps 0.01–0.05) so that a wrong norm epsilon or a

@@ -1,5 +1,5 @@
 //! The real SmolLM2-135M-Instruct against transformers' outputs (tests/fixtures/smollm2/, written
-//! by make_fixtures.py), and an end-to-end fine-tune with a shipped recipe.
+//! by tests/fixtures/reference.py), and an end-to-end fine-tune with a shipped recipe.
 //!
 //! The model comes from scripts/fetch-smollm2.sh (scripts/test.sh fetches it and sets
 //! TUNE_REQUIRE_SMOLLM2=1, so in CI these tests always run). A plain `cargo test` on a machine

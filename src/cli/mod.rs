@@ -2,6 +2,7 @@
 
 mod bench;
 mod eval;
+mod export;
 mod generate;
 mod inspect;
 mod recipes;
@@ -38,6 +39,8 @@ pub enum Command {
     Generate(generate::Args),
     /// Mean next-token cross-entropy of a model on a JSON-lines file of {"text": ...} records.
     Eval(eval::Args),
+    /// Export a run, checkpoint or adapter: --adapter OUT (PEFT profile) and/or --merged OUT (full weights).
+    Export(export::Args),
     /// Describe a model directory: family, size, dimensions, dtype, tokenizer.
     Inspect {
         /// A Hugging Face model directory.
@@ -54,6 +57,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Export(args) => export::run(args),
         Command::Inspect { dir } => inspect::run(&dir),
     }
 }

@@ -66,6 +66,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     eprintln!("adapter:  {dir}/adapter   (try: tune generate --model {} --adapter {dir}/adapter --prompt ...)", recipe.model.path.display());
     eprintln!("metrics:  {dir}/metrics.jsonl, loss curve {dir}/loss.svg");
+    use tune::recipe::ExportKind;
+    let out = &recipe.output;
+    let (adapter, merged) = match out.export {
+        ExportKind::Adapter => (true, false),
+        ExportKind::Merged => (false, true),
+        ExportKind::Both => (true, true),
+        ExportKind::None => (false, false),
+    };
+    if adapter || merged {
+        let src = tune::export::resolve_source(&out.dir)?;
+        let opts = tune::export::Options {
+            dtype: out.export_dtype,
+            base: Some(recipe.model.path.clone()),
+            base_name: None,
+            overwrite: true,
+        };
+        let export_dir = out.dir.join("export");
+        super::export::export(
+            &src,
+            adapter.then(|| export_dir.join("adapter")).as_deref(),
+            merged.then(|| export_dir.join("merged")).as_deref(),
+            5_000_000_000,
+            &opts,
+        )?;
+    }
     Ok(())
 }
 

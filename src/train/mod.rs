@@ -231,7 +231,7 @@ pub enum Start {
 /// Recipe keys that may differ between the run that wrote a checkpoint and the one resuming it;
 /// any other difference changes the run (model, LoRA, data, batches, schedule, seed) and is
 /// refused.
-pub const RESUMABLE_CHANGES: &[&str] = &["device", "output.dir", "output.save_every", "output.keep_last", "output.export"];
+pub const RESUMABLE_CHANGES: &[&str] = &["device", "output.dir", "output.save_every", "output.keep_last", "output.export", "output.export_dtype"];
 
 /// The keys whose values differ between two recipes, except those that may change on resume.
 pub fn breaking_changes(old: &Recipe, new: &Recipe) -> Vec<String> {
@@ -393,7 +393,7 @@ fn prepare_run_dir(paths: &RunPaths, start: &Start) -> Result<Option<checkpoint:
             for p in [&paths.metrics, &paths.plot, &paths.recipe] {
                 let _ = std::fs::remove_file(p);
             }
-            for d in [checkpoint::checkpoints_dir(&paths.dir), paths.adapter.clone()] {
+            for d in [checkpoint::checkpoints_dir(&paths.dir), paths.adapter.clone(), paths.dir.join("export")] {
                 if d.exists() {
                     std::fs::remove_dir_all(&d).map_err(|e| Error::io(&d, e))?;
                 }

@@ -20,7 +20,7 @@ pub fn tiny(name: &str) -> PathBuf {
 /// The tiny random checkpoints, one per family variant.
 pub const TINY: &[&str] = &["llama", "llama-tied", "llama-linear", "mistral", "qwen2", "qwen3"];
 
-/// A reference tensor written by make_fixtures.py: values widened to f64 plus its shape.
+/// A reference tensor written by tests/fixtures/reference.py: values widened to f64 plus its shape.
 #[derive(Debug, Clone)]
 pub struct RefTensor {
     pub shape: Vec<usize>,

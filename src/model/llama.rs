@@ -251,11 +251,15 @@ impl<B: Backend> Llama<B> {
 
     /// Logits `[.., vocab]` for hidden states `[.., hidden]`.
     pub fn lm_head<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
-        let w = match &self.lm_head {
+        super::layers::linear_in_weight_dtype(hidden, self.lm_head_weight(), None)
+    }
+
+    /// The output projection as [hidden, vocab]: lm_head, or the embedding when tied.
+    pub fn lm_head_weight(&self) -> Tensor<B, 2> {
+        match &self.lm_head {
             Some(w) => w.clone(),
             None => self.embed_tokens.clone().transpose(),
-        };
-        super::layers::linear_in_weight_dtype(hidden, w, None)
+        }
     }
 
     /// Every projection, in a fixed order (layer by layer, q k v o gate up down).

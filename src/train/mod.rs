@@ -44,6 +44,60 @@ pub fn batch_loss<B: Backend>(model: &Llama<B>, batch: &Batch, label_total: usiz
     (token_nll(logits, targets) * weights).sum() / label_total.max(1) as f64
 }
 
+/// Rows of logits materialised at once by [`loss_for_backward`]: 128 × SmolLM2's 49,152-token
+/// vocabulary is 25 MB, small enough for the allocator to reuse instead of mapping fresh pages.
+pub const LOSS_CHUNK: usize = 128;
+
+/// The same loss as [`batch_loss`], for training: returns its value and a surrogate whose
+/// gradient is the loss's gradient.
+///
+/// The lm_head and cross-entropy run outside the autodiff graph, LOSS_CHUNK rows at a time,
+/// with their gradient written out: d loss / d logits = (softmax − one-hot) · w / label_total,
+/// so d loss / d h = that · lm_headᵀ. The graph then only needs Σ h ⊙ (d loss / d h), whose
+/// gradient with respect to h is exactly that. The [tokens × vocab] logits are never held
+/// whole, nor saved for the backward pass (the lm_head is frozen, so nothing else needs them).
+pub fn loss_for_backward<B: AutodiffBackend>(model: &Llama<B>, batch: &Batch, label_total: usize, device: &B::Device) -> (Tensor<B, 1>, f64) {
+    let (rows, seq, hidden) = (batch.rows, batch.seq, model.config.hidden_size);
+    let n = rows * seq;
+    let window = model.config.sliding_window;
+    let mask = match &batch.segments {
+        Some(segments) => AttentionMask::packed(segments, seq, window, device),
+        None => AttentionMask::causal(seq, 0, window, device),
+    };
+    let h = model.forward_hidden(token_tensor::<B>(&batch.ids, rows, device), &batch.positions, &mask, None).reshape([n, hidden]);
+    let w = model.lm_head_weight().inner(); // [hidden, vocab]
+    let x = h.clone().inner();
+    let inner_device = x.device();
+    let coef: Vec<f32> = batch.weights.iter().map(|w| w / label_total.max(1) as f32).collect();
+    let mut loss = 0f64;
+    let mut grad = Vec::with_capacity(n.div_ceil(LOSS_CHUNK));
+    for start in (0..n).step_by(LOSS_CHUNK) {
+        let c = LOSS_CHUNK.min(n - start);
+        if coef[start..start + c].iter().all(|&w| w == 0.0) {
+            // Only prompt or padding here: no loss, no gradient, no need for the logits.
+            grad.push(Tensor::zeros([c, hidden], &inner_device));
+            continue;
+        }
+        let targets: Vec<i64> = batch.targets[start..start + c].iter().map(|&t| t as i64).collect();
+        let targets = Tensor::<B::InnerBackend, 1, Int>::from_data(TensorData::new(targets, [c]), &inner_device);
+        let weight = Tensor::<B::InnerBackend, 2>::from_data(TensorData::new(coef[start..start + c].to_vec(), [c, 1]), &inner_device);
+        let logits = crate::model::layers::linear_in_weight_dtype(x.clone().narrow(0, start, c), w.clone(), None);
+        let shifted = logits.clone() - logits.max_dim(1);
+        let exp = shifted.clone().exp();
+        let sum = exp.clone().sum_dim(1);
+        let nll = sum.clone().log() - shifted.gather(1, targets.clone().reshape([c, 1]));
+        loss += (nll * weight.clone()).sum().into_scalar().elem::<f64>();
+        // (softmax − one-hot) · weight, times lm_headᵀ; the one-hot part is the target's row.
+        let softmax_w = exp * (weight.clone() / sum);
+        let embed = w.clone().transpose(); // [vocab, hidden]
+        let g = crate::model::layers::linear_in_weight_dtype(softmax_w, embed.clone(), None);
+        let target_rows = embed.select(0, targets).cast(g.dtype());
+        grad.push(g - target_rows * weight);
+    }
+    let grad = Tensor::<B, 2>::from_inner(Tensor::cat(grad, 0));
+    ((h * grad).sum(), loss)
+}
+
 /// The trainable tensors, in a fixed order: for each adapted projection, lora_A then lora_B.
 pub fn lora_params<B: Backend>(model: &Llama<B>) -> Vec<Tensor<B, 2>> {
     model
@@ -97,9 +151,9 @@ pub fn train_step<B: AutodiffBackend>(
             }
         }
         tokens += batch.tokens;
-        let l = batch_loss(model, batch, label_total, device);
-        loss += l.clone().into_scalar().elem::<f64>();
-        let g = l.backward();
+        let (surrogate, l) = loss_for_backward(model, batch, label_total, device);
+        loss += l;
+        let g = surrogate.backward();
         let step: Vec<_> = params.iter().map(|p| p.grad(&g).expect("LoRA tensors require grad")).collect();
         grads = Some(match grads {
             None => step,

@@ -86,7 +86,7 @@ pub fn save<B: Backend, O: Backend>(
     let names = param_names(model);
     crate::fsutil::write_dir_atomically(&dir, |tmp| {
         lora::save_peft(model, lora_config, base_model, &tmp.join("adapter"))?;
-        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut tensors: Vec<crate::hf::safetensors::OwnedTensor> = Vec::new();
         for (name, (m, v)) in names.iter().zip(opt.exp_avg.iter().zip(&opt.exp_avg_sq)) {
             for (prefix, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
                 let data = t.to_data();
@@ -94,14 +94,7 @@ pub fn save<B: Backend, O: Backend>(
                 tensors.push((format!("{prefix}.{name}"), t.dims().to_vec(), bytes));
             }
         }
-        let views: Vec<(&str, safetensors::tensor::TensorView)> = tensors
-            .iter()
-            .map(|(n, s, b)| {
-                (n.as_str(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).expect("consistent"))
-            })
-            .collect();
-        let path = tmp.join(OPTIMIZER);
-        safetensors::serialize_to_file(views, &None, &path).map_err(|e| Error::format(&path, e.to_string()))?;
+        crate::hf::safetensors::write(&tmp.join(OPTIMIZER), &tensors, safetensors::Dtype::F32)?;
         let write = |name: &str, text: String| {
             let path = tmp.join(name);
             std::fs::write(&path, text).map_err(|e| Error::io(&path, e))

@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use half::{bf16, f16};
-use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
 use crate::checkpoint;
@@ -299,19 +298,6 @@ fn check_output(out: &Path, overwrite: bool, inputs: &[&Path]) -> Result<()> {
     Ok(())
 }
 
-fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)], dtype: OutDtype) -> Result<()> {
-    let views: Vec<(&str, TensorView)> = tensors
-        .iter()
-        .map(|(n, s, b)| (n.as_str(), TensorView::new(dtype.safetensors(), s.clone(), b).expect("shape and bytes agree")))
-        .collect();
-    // transformers refuses safetensors files whose metadata lacks a known "format".
-    let metadata = Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
-    safetensors::serialize_to_file(views, &metadata, path).map_err(|e| match e {
-        safetensors::SafeTensorError::IoError(e) => Error::io(path, e),
-        e => Error::format(path, format!("writing safetensors: {e}")),
-    })
-}
-
 fn write_text(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
@@ -382,7 +368,7 @@ pub fn export_adapter(src: &Source, out: &Path, opts: &Options) -> Result<Writte
     });
     let card = model_card(src, &base_name, &config, &targets, alpha, fold, opts.dtype);
     crate::fsutil::write_dir_atomically(out, |tmp| {
-        write_safetensors(&tmp.join(ADAPTER_WEIGHTS), &tensors, opts.dtype)?;
+        crate::hf::safetensors::write(&tmp.join(ADAPTER_WEIGHTS), &tensors, opts.dtype.safetensors())?;
         write_text(&tmp.join(ADAPTER_CONFIG), &(serde_json::to_string_pretty(&adapter_config).expect("json") + "\n"))?;
         write_text(&tmp.join("README.md"), &card)
     })?;
@@ -517,7 +503,7 @@ pub fn export_merged(src: &Source, out: &Path, max_shard_bytes: u64, opts: &Opti
                 tensors.push((name.clone(), shape.clone(), opts.dtype.encode(&w)));
                 weight_map.insert(name.clone(), file_name(i));
             }
-            write_safetensors(&tmp.join(file_name(i)), &tensors, opts.dtype)?;
+            crate::hf::safetensors::write(&tmp.join(file_name(i)), &tensors, opts.dtype.safetensors())?;
         }
         if n > 1 {
             let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });

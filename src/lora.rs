@@ -317,7 +317,7 @@ pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 /// already unless `overwrite`). Files go to a temporary directory first and are renamed into
 /// place, so a crash never leaves a half-written adapter.
 pub fn save_peft<B: Backend>(model: &Llama<B>, config: &LoraConfig, base_model: &str, dir: &Path) -> Result<()> {
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut tensors: Vec<crate::hf::safetensors::OwnedTensor> = Vec::new();
     for p in model.projections() {
         let Some(l) = &p.lora else { continue };
         let (fan_in, r, out) = (p.in_features(), l.rank(), p.out_features());
@@ -345,17 +345,7 @@ pub fn save_peft<B: Backend>(model: &Llama<B>, config: &LoraConfig, base_model: 
         "alpha_pattern": {},
     });
     crate::fsutil::write_dir_atomically(dir, |tmp| {
-        let views: Vec<(&str, safetensors::tensor::TensorView)> = tensors
-            .iter()
-            .map(|(n, s, b)| {
-                let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .expect("shape and byte count agree by construction");
-                (n.as_str(), view)
-            })
-            .collect();
-        let path = tmp.join(ADAPTER_WEIGHTS);
-        safetensors::serialize_to_file(views, &None, &path)
-            .map_err(|e| Error::format(&path, format!("writing safetensors: {e}")))?;
+        crate::hf::safetensors::write(&tmp.join(ADAPTER_WEIGHTS), &tensors, safetensors::Dtype::F32)?;
         let path = tmp.join(ADAPTER_CONFIG);
         let text = serde_json::to_string_pretty(&adapter_config).expect("json");
         std::fs::write(&path, text).map_err(|e| Error::io(&path, e))

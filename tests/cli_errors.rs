@@ -3,17 +3,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use common::*;
 
-fn tune(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tune")).args(args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!stderr.contains("panicked"), "tune panicked: {stderr}");
-    (out.status.code().unwrap_or(-1), stderr)
-}
 
 fn fails_with(args: &[&str], needles: &[&str]) {
     let (code, stderr) = tune(args);
@@ -31,9 +25,6 @@ fn model_copy(tag: &str) -> PathBuf {
     dir
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 #[test]
 fn missing_directory_and_files() {

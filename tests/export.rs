@@ -179,20 +179,7 @@ fn adapter_profile_is_what_every_consumer_accepts() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
-fn tune(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tune"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(args)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!stderr.contains("panicked"), "tune panicked: {stderr}");
-    (out.status.code().unwrap_or(-1), stderr)
-}
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// Nothing named like a temporary sibling of `dir` is left in its parent.
 fn no_leftovers(dir: &Path) {

@@ -1177,27 +1177,7 @@ mod tests {
         assert!(now.len() == 4 && now.starts_with('2'), "{now}");
     }
 
-    /// A scratch model directory holding `files`, removed when dropped.
-    struct TempDir(std::path::PathBuf);
-
-    impl TempDir {
-        fn new(name: &str, files: &[(&str, &str)]) -> Self {
-            let dir = std::env::temp_dir()
-                .join(format!("tune-chat-template-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            for (file, text) in files {
-                std::fs::write(dir.join(file), text).unwrap();
-            }
-            TempDir(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::fsutil::TempDir;
 
     #[test]
     fn from_model_dir_string_form() {

@@ -258,6 +258,26 @@ impl Weights {
     }
 }
 
+/// A tensor to write: name, shape, and its little-endian bytes.
+pub type OwnedTensor = (String, Vec<usize>, Vec<u8>);
+
+/// Writes tensors of one dtype as a safetensors file, with `{"format": "pt"}` metadata as
+/// PyTorch writes it (transformers refuses files without a known format).
+pub fn write(path: &Path, tensors: &[OwnedTensor], dtype: Dtype) -> Result<()> {
+    let views: Vec<(&str, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            let view = safetensors::tensor::TensorView::new(dtype, s.clone(), b).expect("shape and byte count agree by construction");
+            (n.as_str(), view)
+        })
+        .collect();
+    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    safetensors::serialize_to_file(views, &metadata, path).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(e) => Error::io(path, e),
+        e => Error::format(path, format!("writing safetensors: {e}")),
+    })
+}
+
 /// Resolves a shard file name from the index, refusing anything that would leave `dir`.
 fn shard_path(dir: &Path, index_path: &Path, file: &str) -> Result<PathBuf> {
     let rel = Path::new(file);

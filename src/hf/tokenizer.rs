@@ -274,27 +274,7 @@ mod tests {
         Tokenizer::from_model_dir(&fixture_dir()).unwrap()
     }
 
-    /// A scratch directory holding `files`, removed when dropped.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str, files: &[(&str, &str)]) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("tune-tokenizer-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            for (file, text) in files {
-                std::fs::write(dir.join(file), text).unwrap();
-            }
-            TempDir(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::fsutil::TempDir;
 
     fn tokenizer_json() -> String {
         std::fs::read_to_string(fixture_dir().join("tokenizer.json")).unwrap()

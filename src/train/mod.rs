@@ -30,18 +30,25 @@ use optimizer::{clip_grad_norm, AdamW, AdamWConfig};
 /// the number of labelled tokens in the whole optimizer step, so that summing micro-batches
 /// gives the step's mean (not a mean of micro-batch means).
 pub fn batch_loss<B: Backend>(model: &Llama<B>, batch: &Batch, label_total: usize, device: &B::Device) -> Tensor<B, 1> {
-    let (rows, seq, hidden) = (batch.rows, batch.seq, model.config.hidden_size);
+    let n = batch.rows * batch.seq;
+    let logits = model.lm_head(final_hidden(model, batch, device));
+    let targets: Vec<i64> = batch.targets.iter().map(|&t| t as i64).collect();
+    let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), device);
+    let weights = Tensor::<B, 1>::from_data(TensorData::new(batch.weights.clone(), [n]), device);
+    (token_nll(logits, targets) * weights).sum() / label_total.max(1) as f64
+}
+
+/// The last hidden states of a batch, `[rows × seq, hidden]`, under its causal or packed mask.
+fn final_hidden<B: Backend>(model: &Llama<B>, batch: &Batch, device: &B::Device) -> Tensor<B, 2> {
+    let (rows, seq) = (batch.rows, batch.seq);
     let window = model.config.sliding_window;
     let mask = match &batch.segments {
         Some(segments) => AttentionMask::packed(segments, seq, window, device),
         None => AttentionMask::causal(seq, 0, window, device),
     };
-    let h = model.forward_hidden(token_tensor::<B>(&batch.ids, rows, device), &batch.positions, &mask, None);
-    let logits = model.lm_head(h.reshape([rows * seq, hidden]));
-    let targets: Vec<i64> = batch.targets.iter().map(|&t| t as i64).collect();
-    let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [rows * seq]), device);
-    let weights = Tensor::<B, 1>::from_data(TensorData::new(batch.weights.clone(), [rows * seq]), device);
-    (token_nll(logits, targets) * weights).sum() / label_total.max(1) as f64
+    model
+        .forward_hidden(token_tensor::<B>(&batch.ids, rows, device), &batch.positions, &mask, None)
+        .reshape([rows * seq, model.config.hidden_size])
 }
 
 /// Rows of logits materialised at once by [`loss_for_backward`]: 128 × SmolLM2's 49,152-token
@@ -57,14 +64,8 @@ pub const LOSS_CHUNK: usize = 128;
 /// gradient with respect to h is exactly that. The [tokens × vocab] logits are never held
 /// whole, nor saved for the backward pass (the lm_head is frozen, so nothing else needs them).
 pub fn loss_for_backward<B: AutodiffBackend>(model: &Llama<B>, batch: &Batch, label_total: usize, device: &B::Device) -> (Tensor<B, 1>, f64) {
-    let (rows, seq, hidden) = (batch.rows, batch.seq, model.config.hidden_size);
-    let n = rows * seq;
-    let window = model.config.sliding_window;
-    let mask = match &batch.segments {
-        Some(segments) => AttentionMask::packed(segments, seq, window, device),
-        None => AttentionMask::causal(seq, 0, window, device),
-    };
-    let h = model.forward_hidden(token_tensor::<B>(&batch.ids, rows, device), &batch.positions, &mask, None).reshape([n, hidden]);
+    let (n, hidden) = (batch.rows * batch.seq, model.config.hidden_size);
+    let h = final_hidden(model, batch, device);
     let w = model.lm_head_weight().inner(); // [hidden, vocab]
     let x = h.clone().inner();
     let inner_device = x.device();

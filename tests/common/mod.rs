@@ -138,3 +138,20 @@ pub fn write_text_dataset(path: &Path, n: usize, seed: u64) {
         .collect();
     std::fs::write(path, lines.join("\n") + "\n").unwrap();
 }
+
+/// Runs the `tune` binary from the repository root; returns its exit code and stderr, and
+/// fails the test if it panicked (bad input must be an error message, never a panic).
+pub fn tune(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tune"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "tune panicked: {stderr}");
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}

@@ -1,7 +1,12 @@
-//! Which burn backend runs where. Everything in tune is generic over `B: Backend`; this module
-//! picks the concrete types and dispatches a generic function on the device the user asked for.
+//! Which burn backend runs where. Everything in tune is generic over `B: Backend` (burn's, plus
+//! tune's fused ops); this module picks the concrete types and dispatches a generic function on
+//! the device the user asked for.
 
 use crate::error::{Error, Result};
+
+/// A burn backend with tune's fused operations ([`crate::ops`]): what the model is generic over.
+pub trait Backend: crate::ops::FusedOps {}
+impl<B: crate::ops::FusedOps> Backend for B {}
 
 /// The CPU backend. burn-flex (gemm-based, SIMD) is the default; build with
 /// `--features ndarray-cpu` to use burn-ndarray instead.

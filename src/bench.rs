@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::backend::Autodiff;
-use burn::tensor::backend::Backend;
+use crate::backend::Backend;
 use serde::Serialize;
 
 use crate::data::batch::{Batch, Row};

@@ -1,7 +1,7 @@
 //! `tune eval`: mean next-token cross-entropy over every predicted token of a dataset.
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::Backend;
+use crate::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::model::layers::token_tensor;

@@ -1,6 +1,6 @@
 //! `tune generate`: autoregressive decoding with a KV cache, greedy or sampled.
 
-use burn::tensor::backend::Backend;
+use crate::backend::Backend;
 
 use crate::model::layers::token_tensor;
 use crate::model::{AttentionMask, KvCache, Llama};

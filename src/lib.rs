@@ -15,6 +15,7 @@ pub mod generate;
 pub mod hf;
 pub mod lora;
 pub mod model;
+pub mod ops;
 pub mod recipe;
 pub mod rng;
 pub mod train;

@@ -57,7 +57,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench_on<B: burn::tensor::backend::Backend>(
+fn bench_on<B: tune::backend::Backend>(
     device: &B::Device,
     model: &std::path::Path,
     config: &BenchConfig,

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::tensor::backend::Backend;
+use tune::backend::Backend;
 use tune::backend::DeviceKind;
 use tune::data::{read_records, string_field, text_ids};
 use tune::hf::Tokenizer;

@@ -2,7 +2,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::tensor::backend::Backend;
+use tune::backend::Backend;
 use tune::backend::DeviceKind;
 use tune::generate::{generate, Sampling};
 use tune::hf::{GenerationConfig, Message, Tokenizer};

@@ -63,7 +63,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Loads the base model, with the adapter at `adapter` (an adapter or run directory) attached.
-fn load_model<B: burn::tensor::backend::Backend>(
+fn load_model<B: tune::backend::Backend>(
     dir: &std::path::Path,
     adapter: Option<&std::path::Path>,
     device: &B::Device,

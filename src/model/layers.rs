@@ -1,11 +1,10 @@
 //! Building blocks shared by the decoder families: RMSNorm, rotary position embeddings (HF's
 //! rotate_half layout), the projection that can carry a LoRA adapter, and attention masks.
 
-use burn::tensor::activation::softmax;
-use burn::tensor::backend::Backend;
-use burn::tensor::module::{attention, linear};
-use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use crate::backend::Backend;
+use burn::tensor::module::linear;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Bool, Int, Tensor, TensorData, TensorPrimitive};
 
 use crate::lora::LoraAdapter;
 
@@ -18,10 +17,20 @@ pub struct RmsNorm<B: Backend> {
 
 impl<B: Backend> RmsNorm<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let variance = x.clone().square().mean_dim(D - 1);
-        let x = x * (variance + self.eps).sqrt().recip();
-        x * self.weight.clone().unsqueeze::<D>()
+        let dims = x.dims();
+        let d = dims[D - 1];
+        let rows = x.shape().num_elements() / d;
+        let x = fused(B::fused_rms_norm(prim(x.reshape([rows, d])), prim(self.weight.clone()), self.eps));
+        Tensor::<B, 2>::reshape(x, dims)
     }
+}
+
+fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+fn fused<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
 /// A linear layer `y = x·W (+ b)` as in HF's `nn.Linear`, plus an optional LoRA adapter.
@@ -64,7 +73,7 @@ impl<B: Backend> Projection<B> {
 
 /// `x·w + b` computed in w's dtype (bf16 for a bf16 base) and returned in x's, so a frozen base
 /// stored in bf16 never needs an f32 copy of itself.
-pub fn linear_in_weight_dtype<B: Backend, const D: usize>(
+pub fn linear_in_weight_dtype<B: burn::tensor::backend::Backend, const D: usize>(
     x: Tensor<B, D>,
     w: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
@@ -144,18 +153,14 @@ impl Rope {
         }
     }
 
-    /// cos and sin tables for the given positions, each `[rows, 1, seq, head_dim]` ready to
-    /// broadcast over heads. `positions` holds `rows × seq` positions, row-major.
-    pub fn tables<B: Backend>(
-        &self,
-        positions: &[usize],
-        rows: usize,
-        device: &B::Device,
-    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    /// cos and sin tables for the given positions, each `[rows, seq, 1, head_dim]` ready to
+    /// broadcast over the heads of q or k laid out `[rows, seq, heads, head_dim]`. `positions`
+    /// holds `rows × seq` positions, row-major.
+    pub fn tables<B: Backend>(&self, positions: &[usize], rows: usize, device: &B::Device) -> RopeTables<B> {
         let seq = positions.len() / rows;
-        let half = self.head_dim / 2;
-        let mut cos = Vec::with_capacity(positions.len() * self.head_dim);
-        let mut sin = Vec::with_capacity(positions.len() * self.head_dim);
+        let d = self.head_dim;
+        let mut cos = Vec::with_capacity(positions.len() * d);
+        let mut sin = Vec::with_capacity(positions.len() * d);
         for &p in positions {
             // Angle rounded to f32 as in HF (position · inv_freq in f32), then cos/sin of it.
             let angles = self.inv_freq.iter().map(|f| (p as f32 * f) as f64);
@@ -169,21 +174,26 @@ impl Rope {
             sin.extend(s.iter().map(|v| -v));
             sin.extend_from_slice(&s);
         }
-        let shape = [rows, 1, seq, 2 * half];
-        (
-            Tensor::from_data(TensorData::new(cos, shape), device),
-            Tensor::from_data(TensorData::new(sin, shape), device),
-        )
+        let shape = [rows, seq, 1, d];
+        RopeTables {
+            cos: Tensor::from_data(TensorData::new(cos, shape), device),
+            sin: Tensor::from_data(TensorData::new(sin, shape), device),
+        }
     }
 }
 
-/// Applies the rotation to q or k, `[batch, heads, seq, head_dim]`.
-pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
-    let half = x.dims()[3] / 2;
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.clone().narrow(3, half, half);
-    let swapped = Tensor::cat(vec![x2, x1], 3);
-    x * cos.clone() + swapped * sin.clone()
+/// What [`apply_rope`] needs, built once per forward pass and shared by every layer.
+#[derive(Debug, Clone)]
+pub struct RopeTables<B: Backend> {
+    /// `[rows, seq, 1, head_dim]`
+    pub cos: Tensor<B, 4>,
+    /// `[rows, seq, 1, head_dim]`, with rotate_half's sign folded in.
+    pub sin: Tensor<B, 4>,
+}
+
+/// Applies the rotation to q or k laid out `[batch, seq, heads, head_dim]`.
+pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, t: &RopeTables<B>) -> Tensor<B, 4> {
+    fused(B::fused_rope(prim(x), prim(t.cos.clone()), prim(t.sin.clone())))
 }
 
 /// Which keys each query may attend to.
@@ -245,59 +255,20 @@ impl<B: Backend> AttentionMask<B> {
     }
 }
 
-/// softmax(q·kᵀ/√d)·v for q `[b, h, s, d]` and k, v `[b, h, t, d]`.
+/// softmax(q·kᵀ/√d)·v for q `[b, s, h, d]` and k, v `[b, t, kv, d]`: grouped-query
+/// attention as one fused operation ([`crate::ops`]), which reads each kv head in place of
+/// repeating it and keeps only a log-sum-exp per query for the backward pass.
 pub fn scaled_dot_product_attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     mask: &AttentionMask<B>,
 ) -> Tensor<B, 4> {
-    let [b, h, s, _] = q.dims();
-    let t = k.dims()[2];
-    match mask {
-        AttentionMask::Causal => {
-            let options = AttentionModuleOptions {
-                scale: None,
-                softcap: None,
-                is_causal: true,
-            };
-            attention(q, k, v, None, None, options)
-        }
-        AttentionMask::Explicit(m) => {
-            let m = m.clone().expand([b, h, s, t]);
-            let options = AttentionModuleOptions {
-                scale: None,
-                softcap: None,
-                is_causal: false,
-            };
-            attention(q, k, v, Some(m), None, options)
-        }
-    }
-}
-
-/// Reference attention written out op by op, for checking the fused path in tests.
-pub fn attention_reference<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    masked: Tensor<B, 4, Bool>,
-) -> Tensor<B, 4> {
-    let d = q.dims()[3] as f64;
-    let scores = q.matmul(k.swap_dims(2, 3)) / d.sqrt();
-    let scores = scores.mask_fill(masked, f32::NEG_INFINITY);
-    softmax(scores, 3).matmul(v)
-}
-
-/// Repeats each key/value head `n_rep` times for grouped-query attention: `[b, kv, t, d]` ->
-/// `[b, kv·n_rep, t, d]`, head j of the result being kv head j / n_rep as in HF's repeat_kv.
-pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
-    if n_rep == 1 {
-        return x;
-    }
-    let [b, kv, t, d] = x.dims();
-    x.unsqueeze_dim::<5>(2)
-        .expand([b, kv, n_rep, t, d])
-        .reshape([b, kv * n_rep, t, d])
+    let mask = match mask {
+        AttentionMask::Causal => crate::ops::Mask::Causal,
+        AttentionMask::Explicit(m) => crate::ops::Mask::Explicit(m.clone().into_primitive()),
+    };
+    fused(B::fused_attention(prim(q), prim(k), prim(v), mask))
 }
 
 /// Token ids `[rows, seq]` as an Int tensor.
@@ -318,10 +289,10 @@ mod tests {
         let device = Default::default();
         let rope = Rope::new(4, 10_000.0, &RopeScaling::None);
         let p = 3usize;
-        let (cos, sin) = rope.tables::<B>(&[p], 1, &device);
+        let tables = rope.tables::<B>(&[p], 1, &device);
         let x = [1.0f32, 2.0, 3.0, 4.0];
         let t = Tensor::<B, 4>::from_data(TensorData::new(x.to_vec(), [1, 1, 1, 4]), &device);
-        let out: Vec<f32> = apply_rope(t, &cos, &sin).into_data().iter::<f32>().collect();
+        let out: Vec<f32> = apply_rope(t, &tables).into_data().iter::<f32>().collect();
         let a0 = p as f64; // inv_freq[0] = 1
         let a1 = p as f64 / 100.0; // inv_freq[1] = 10000^(-2/4)
         let expect = [
@@ -360,25 +331,5 @@ mod tests {
         };
         let masked: Vec<bool> = m.into_data().iter::<bool>().collect();
         assert_eq!(masked, [true, true, true, false, false]);
-    }
-
-    #[test]
-    fn fused_attention_matches_reference_with_masks() {
-        let device = Default::default();
-        let q = Tensor::<B, 4>::random([2, 2, 5, 8], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
-        let k = Tensor::<B, 4>::random([2, 2, 5, 8], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
-        let v = Tensor::<B, 4>::random([2, 2, 5, 8], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
-        // burn's tril_mask is true above the diagonal: the positions a causal query must not see.
-        let causal = Tensor::<B, 2, Bool>::tril_mask([5, 5], 0, &device).unsqueeze::<4>().expand([2, 2, 5, 5]);
-        let fused = scaled_dot_product_attention(q.clone(), k.clone(), v.clone(), &AttentionMask::Causal);
-        let reference = attention_reference(q.clone(), k.clone(), v.clone(), causal);
-        let d: f32 = (fused - reference).abs().max().into_scalar();
-        assert!(d < 1e-5, "causal: {d}");
-        let packed = AttentionMask::<B>::packed(&[vec![3, 2], vec![5]], 5, None, &device);
-        let AttentionMask::Explicit(m) = &packed else { unreachable!() };
-        let fused = scaled_dot_product_attention(q.clone(), k.clone(), v.clone(), &packed);
-        let reference = attention_reference(q, k, v, m.clone().expand([2, 2, 5, 5]));
-        let d: f32 = (fused - reference).abs().max().into_scalar();
-        assert!(d < 1e-5, "packed: {d}");
     }
 }

@@ -5,12 +5,11 @@
 //! same network with a switch or two (sliding window, q/k/v bias, per-head q/k norm), so they
 //! reuse it: see their files for what differs.
 
-use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
+use crate::backend::Backend;
 use burn::tensor::module::embedding;
-use burn::tensor::{DType, Int, Tensor};
+use burn::tensor::{DType, Int, Tensor, TensorPrimitive};
 
-use super::layers::{apply_rope, repeat_kv, scaled_dot_product_attention, AttentionMask, Projection, RmsNorm, Rope};
+use super::layers::{apply_rope, scaled_dot_product_attention, AttentionMask, Projection, RmsNorm, Rope, RopeTables};
 use super::loader::Loader;
 use super::ModelConfig;
 use crate::error::Result;
@@ -34,7 +33,7 @@ pub const NAMES: super::WeightNames = super::WeightNames {
     lm_head: "lm_head",
 };
 
-/// Keys and values of the positions seen so far, one entry per layer, `[b, kv_heads, t, d]`.
+/// Keys and values of the positions seen so far, one entry per layer, `[b, t, kv_heads, d]`.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache<B: Backend> {
     layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
@@ -52,7 +51,7 @@ impl<B: Backend> KvCache<B> {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dims()[2])
+            .map_or(0, |(k, _)| k.dims()[1])
     }
 
     pub fn is_empty(&self) -> bool {
@@ -75,17 +74,19 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
+    /// `x` is `[b·s, hidden]`, `b` rows of `s` positions each.
     pub fn forward(
         &self,
-        x: Tensor<B, 3>,
-        rope: &(Tensor<B, 4>, Tensor<B, 4>),
+        x: Tensor<B, 2>,
+        b: usize,
+        rope: &RopeTables<B>,
         mask: &AttentionMask<B>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
-    ) -> Tensor<B, 3> {
-        let [b, s, _] = x.dims();
+    ) -> Tensor<B, 2> {
+        let s = x.dims()[0] / b;
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
 
-        // [b, s, heads·d] -> [b, s, heads, d]
+        // [b·s, heads·d] -> [b, s, heads, d]
         let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
         let k = self.k_proj.forward(x.clone()).reshape([b, s, kv, d]);
         let v = self.v_proj.forward(x).reshape([b, s, kv, d]);
@@ -98,27 +99,24 @@ impl<B: Backend> Attention<B> {
             None => k,
         };
 
-        // -> [b, heads, s, d], rotate by position
-        let (cos, sin) = rope;
-        let q = apply_rope(q.swap_dims(1, 2), cos, sin);
-        let mut k = apply_rope(k.swap_dims(1, 2), cos, sin);
-        let mut v = v.swap_dims(1, 2);
+        // Rotate by position.
+        let q = apply_rope(q, rope);
+        let mut k = apply_rope(k, rope);
+        let mut v = v;
 
         if let Some(slot) = cache {
             if let Some((past_k, past_v)) = slot.take() {
-                k = Tensor::cat(vec![past_k, k], 2);
-                v = Tensor::cat(vec![past_v, v], 2);
+                k = Tensor::cat(vec![past_k, k], 1);
+                v = Tensor::cat(vec![past_v, v], 1);
             }
             *slot = Some((k.clone(), v.clone()));
         }
 
         // Grouped-query attention: each kv head serves h / kv query heads.
-        let k = repeat_kv(k, h / kv);
-        let v = repeat_kv(v, h / kv);
         let out = scaled_dot_product_attention(q, k, v, mask);
 
-        // [b, h, s, d] -> [b, s, h·d]
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
+        // [b, s, h, d] -> [b·s, h·d]
+        self.o_proj.forward(out.reshape([b * s, h * d]))
     }
 }
 
@@ -131,9 +129,11 @@ pub struct Mlp<B: Backend> {
 }
 
 impl<B: Backend> Mlp<B> {
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let gate = self.gate_proj.forward(x.clone());
+        let up = self.up_proj.forward(x);
+        let act = B::fused_swiglu(gate.into_primitive().tensor(), up.into_primitive().tensor());
+        self.down_proj.forward(Tensor::from_primitive(TensorPrimitive::Float(act)))
     }
 }
 
@@ -146,14 +146,16 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
+    /// `x` is the residual stream, `[b·s, hidden]`.
     pub fn forward(
         &self,
-        x: Tensor<B, 3>,
-        rope: &(Tensor<B, 4>, Tensor<B, 4>),
+        x: Tensor<B, 2>,
+        b: usize,
+        rope: &RopeTables<B>,
         mask: &AttentionMask<B>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
-    ) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, mask, cache);
+    ) -> Tensor<B, 2> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), b, rope, mask, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -234,19 +236,22 @@ impl<B: Backend> Llama<B> {
         mask: &AttentionMask<B>,
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
-        let b = input_ids.dims()[0];
+        let [b, s] = input_ids.dims();
         let device = input_ids.device();
         let rope = self.rope.tables::<B>(positions, b, &device);
-        let mut x = embedding(self.embed_tokens.clone(), input_ids);
+        // The residual stream is kept as [b·s, hidden]: every projection is then one 2-D
+        // matmul (not b batched ones), and its backward uses the weight in place, where a 3-D
+        // input makes burn reshape, and so copy, the transposed weight.
+        let mut x = embedding(self.embed_tokens.clone(), input_ids).reshape([b * s, self.config.hidden_size]);
         if x.dtype() != DType::F32 {
             // A bf16 base keeps the residual stream in f32.
             x = x.cast(DType::F32);
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &rope, mask, slot);
+            x = layer.forward(x, b, &rope, mask, slot);
         }
-        self.norm.forward(x)
+        self.norm.forward(x).reshape([b, s, self.config.hidden_size])
     }
 
     /// Logits `[.., vocab]` for hidden states `[.., hidden]`.

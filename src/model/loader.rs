@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 
-use burn::tensor::backend::Backend;
+use crate::backend::Backend;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 
 use super::layers::Projection;

@@ -18,7 +18,7 @@ pub mod qwen3;
 
 use std::path::Path;
 
-use burn::tensor::backend::Backend;
+use crate::backend::Backend;
 
 use crate::error::{Error, Result};
 use crate::hf::{HfConfig, Weights};

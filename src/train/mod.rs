@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::backend::Autodiff;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::AutodiffBackend;
+use crate::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 
 use crate::data::batch::Batch;
@@ -63,7 +64,7 @@ pub const LOSS_CHUNK: usize = 128;
 /// so d loss / d h = that · lm_headᵀ. The graph then only needs Σ h ⊙ (d loss / d h), whose
 /// gradient with respect to h is exactly that. The [tokens × vocab] logits are never held
 /// whole, nor saved for the backward pass (the lm_head is frozen, so nothing else needs them).
-pub fn loss_for_backward<B: AutodiffBackend>(model: &Llama<B>, batch: &Batch, label_total: usize, device: &B::Device) -> (Tensor<B, 1>, f64) {
+pub fn loss_for_backward<B: AutodiffBackend + Backend>(model: &Llama<B>, batch: &Batch, label_total: usize, device: &B::Device) -> (Tensor<B, 1>, f64) {
     let (n, hidden) = (batch.rows * batch.seq, model.config.hidden_size);
     let h = final_hidden(model, batch, device);
     let w = model.lm_head_weight().inner(); // [hidden, vocab]
@@ -130,7 +131,7 @@ pub struct StepStats {
 /// One optimizer step over `batches` (the micro-batches of gradient accumulation): forward and
 /// backward per micro-batch with gradients summed, global-norm clipping, AdamW. `tune bench`
 /// times exactly this.
-pub fn train_step<B: AutodiffBackend>(
+pub fn train_step<B: AutodiffBackend + Backend>(
     model: &mut Llama<B>,
     opt: &mut AdamW<B::InnerBackend>,
     batches: &[Batch],
@@ -203,7 +204,7 @@ pub fn setup(recipe: &Recipe) -> Result<Setup> {
 
 /// Loads the base model on the autodiff backend with LoRA attached: fresh, or from
 /// `lora.init_from`. Only the adapters require gradients.
-pub fn model_with_lora<B: AutodiffBackend>(recipe: &Recipe, setup: &mut Setup, device: &B::Device) -> Result<Llama<B>> {
+pub fn model_with_lora<B: AutodiffBackend + Backend>(recipe: &Recipe, setup: &mut Setup, device: &B::Device) -> Result<Llama<B>> {
     let dtype = match recipe.model.dtype {
         crate::recipe::BaseDtype::F32 => burn::tensor::FloatDType::F32,
         crate::recipe::BaseDtype::Bf16 => burn::tensor::FloatDType::BF16,

@@ -1,0 +1,158 @@
+//! The backward passes of the fused operations, for burn's autodiff backend over any backend
+//! that has them. Each operation saves only what its backward needs: attention its inputs,
+//! output and log-sum-exp; RMSNorm its input and 1/rms; RoPE nothing; SwiGLU its inputs.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::tensor::ops::FloatTensor;
+
+use super::{FusedOps, Mask};
+
+fn inner_mask<B: FusedOps, C: CheckpointStrategy>(mask: Mask<Autodiff<B, C>>) -> Mask<B> {
+    match mask {
+        Mask::Causal => Mask::Causal,
+        Mask::Explicit(m) => Mask::Explicit(m),
+    }
+}
+
+#[derive(Debug)]
+struct Attention;
+
+impl<B: FusedOps> Backward<B, 3> for Attention {
+    /// q, k, v, mask, output, log-sum-exp
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, Mask<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (q, k, v, mask, out, lse) = ops.state;
+        let (dq, dk, dv) = B::attention_backward(q, k, v, mask, out, lse, grad);
+        for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RmsNorm;
+
+impl<B: FusedOps> Backward<B, 1> for RmsNorm {
+    /// x, weight, 1/rms
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, w, rstd) = ops.state;
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::rms_norm_backward(x, w, rstd, grad));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Rope;
+
+impl<B: FusedOps> Backward<B, 1> for Rope {
+    /// cos, sin
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (cos, sin) = ops.state;
+        if let Some(node) = node_x {
+            // A rotation's transpose is the rotation by −θ.
+            grads.register::<B>(node.id, B::fused_rope(grad, cos, B::float_neg(sin)));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SwiGlu;
+
+impl<B: FusedOps> Backward<B, 2> for SwiGlu {
+    /// gate, up
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_gate, node_up] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (gate, up) = ops.state;
+        let (dgate, dup) = B::swiglu_backward(gate, up, grad);
+        for (node, g) in [(node_gate, dgate), (node_up, dup)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Mask<Self>,
+    ) -> FloatTensor<Self> {
+        let mask = inner_mask(mask);
+        match Attention
+            .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (out, lse) = B::attention_forward(
+                    q.primitive.clone(),
+                    k.primitive.clone(),
+                    v.primitive.clone(),
+                    mask.clone(),
+                );
+                prep.finish((q.primitive, k.primitive, v.primitive, mask, out.clone(), lse), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_attention(q.primitive, k.primitive, v.primitive, mask)),
+        }
+    }
+
+    fn fused_rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        // The weight is frozen: it is not a parent, so no gradient flows to it.
+        let w = w.primitive;
+        match RmsNorm.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (out, rstd) = B::rms_norm_forward(x.primitive.clone(), w.clone(), eps);
+                prep.finish((x.primitive, w, rstd), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_rms_norm(x.primitive, w, eps)),
+        }
+    }
+
+    fn fused_rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (cos, sin) = (cos.primitive, sin.primitive);
+        match Rope.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::fused_rope(x.primitive, cos.clone(), sin.clone());
+                prep.finish((cos, sin), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_rope(x.primitive, cos, sin)),
+        }
+    }
+
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        match SwiGlu
+            .prepare::<C>([gate.node.clone(), up.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::fused_swiglu(gate.primitive.clone(), up.primitive.clone());
+                prep.finish((gate.primitive, up.primitive), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_swiglu(gate.primitive, up.primitive)),
+        }
+    }
+}

@@ -1,0 +1,449 @@
+//! The fused operations for burn-flex, on the raw f32 buffers: rayon over rows or heads, the
+//! gemm crate (which burn-flex's own matmul uses) for attention's products. Inputs in another
+//! dtype take the reference path.
+
+use burn::backend::Flex;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, TensorData};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+use super::{reference, FusedOps, Mask};
+
+/// Query rows per attention tile: a causal tile only needs the keys up to its last row.
+const TILE: usize = 64;
+/// Rows per task in the row-parallel kernels.
+const ROWS_PER_TASK: usize = 64;
+
+fn all_f32(ts: &[&FlexTensor]) -> bool {
+    ts.iter().all(|t| t.dtype() == DType::F32)
+}
+
+fn dims(t: &FlexTensor) -> Vec<usize> {
+    t.layout().shape().iter().copied().collect()
+}
+
+/// The tensor's elements in row-major order (copied only if it is a strided view).
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    t.to_contiguous()
+}
+
+fn tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(data, shape))
+}
+
+/// A pointer that tasks writing disjoint parts of one buffer may share.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// Through a method, so closures capture the Send wrapper rather than its raw field.
+    fn at(self, offset: usize) -> *mut f32 {
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// dst (rows `m`, cols `n`, strides `dst_rs`, 1) = alpha·dst + beta · lhs·rhs, single-threaded:
+/// the callers already run one task per core.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: *const f32,
+    rhs_rs: isize,
+    rhs_cs: isize,
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs,
+        accumulate,
+        lhs,
+        lhs_cs,
+        lhs_rs,
+        rhs,
+        rhs_cs,
+        rhs_rs,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// Shape and mask of one attention call.
+struct Geometry<'a> {
+    b: usize,
+    s: usize,
+    t: usize,
+    h: usize,
+    kv: usize,
+    d: usize,
+    /// `[b, 1, s, t]` as bytes, non-zero where masked; None for causal.
+    mask: Option<&'a [u8]>,
+}
+
+impl Geometry<'_> {
+    /// Keys a tile of query rows `r0..r1` can see at all: causal tiles stop at their last row.
+    fn keys(&self, r1: usize) -> usize {
+        match self.mask {
+            None => (r1 + self.t - self.s).min(self.t),
+            Some(_) => self.t,
+        }
+    }
+
+    /// Sets masked scores of query `i` (batch row `bi`) to −∞, in a row of its first keys.
+    fn mask_row(&self, bi: usize, i: usize, row: &mut [f32]) {
+        match self.mask {
+            None => {
+                let limit = (i + 1 + self.t - self.s).min(row.len());
+                row[limit..].fill(f32::NEG_INFINITY);
+            }
+            Some(m) => {
+                let m = &m[(bi * self.s + i) * self.t..];
+                for (x, &masked) in row.iter_mut().zip(m) {
+                    if masked != 0 {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// exp(x − lse) in place; masked scores (−∞) become 0. A fully masked row has lse = f32::MIN
+/// and comes out all 0.
+fn exp_shifted(row: &mut [f32], lse: f32) {
+    for x in row.iter_mut() {
+        *x = (*x - lse).exp();
+    }
+}
+
+/// Softmax of a masked row in place; returns its log-sum-exp.
+fn softmax_row(row: &mut [f32]) -> f32 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return f32::MIN;
+    }
+    let mut sum = 0f32;
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
+    max + sum.ln()
+}
+
+fn attention_forward_f32(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<f32>, Vec<f32>) {
+    let Geometry { b, s, t, h, kv, d, .. } = *g;
+    let rep = h / kv;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut out = vec![0f32; b * s * h * d];
+    let mut lse = vec![0f32; b * h * s];
+    let out_ptr = Shared(out.as_mut_ptr());
+    let lse_ptr = Shared(lse.as_mut_ptr());
+    (0..b * h).into_par_iter().for_each(|task| {
+        let (bi, hi) = (task / h, task % h);
+        let q0 = &q[(bi * s * h + hi) * d..];
+        let k0 = &k[(bi * t * kv + hi / rep) * d..];
+        let v0 = &v[(bi * t * kv + hi / rep) * d..];
+        let mut scores = vec![0f32; TILE * t];
+        for r0 in (0..s).step_by(TILE) {
+            let rows = TILE.min(s - r0);
+            let n = g.keys(r0 + rows);
+            // scores = scale · q_tile · kᵀ, [rows, n] with row stride t
+            unsafe {
+                gemm(
+                    rows, n, d,
+                    scores.as_mut_ptr(), t as isize, false,
+                    q0[r0 * h * d..].as_ptr(), (h * d) as isize, 1,
+                    k0.as_ptr(), 1, (kv * d) as isize,
+                    scale,
+                );
+            }
+            for ii in 0..rows {
+                let i = r0 + ii;
+                let row = &mut scores[ii * t..ii * t + n];
+                g.mask_row(bi, i, row);
+                let row_lse = softmax_row(row);
+                unsafe { *lse_ptr.at((bi * h + hi) * s + i) = row_lse };
+            }
+            // out_tile = p · v
+            unsafe {
+                gemm(
+                    rows, d, n,
+                    out_ptr.at(((bi * s + r0) * h + hi) * d), (h * d) as isize, false,
+                    scores.as_ptr(), t as isize, 1,
+                    v0.as_ptr(), (kv * d) as isize, 1,
+                    1.0,
+                );
+            }
+        }
+    });
+    (out, lse)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_backward_f32(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    grad: &[f32],
+    g: &Geometry,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let Geometry { b, s, t, h, kv, d, .. } = *g;
+    let rep = h / kv;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut dq = vec![0f32; b * s * h * d];
+    let mut dk = vec![0f32; b * t * kv * d];
+    let mut dv = vec![0f32; b * t * kv * d];
+    let (dq_ptr, dk_ptr, dv_ptr) = (Shared(dq.as_mut_ptr()), Shared(dk.as_mut_ptr()), Shared(dv.as_mut_ptr()));
+    // One task per kv head: it alone accumulates that head's dk and dv, over its query heads.
+    (0..b * kv).into_par_iter().for_each(|task| {
+        let (bi, gi) = (task / kv, task % kv);
+        let kv_off = (bi * t * kv + gi) * d;
+        let (k0, v0) = (&k[kv_off..], &v[kv_off..]);
+        let mut p = vec![0f32; TILE * t];
+        let mut dp = vec![0f32; TILE * t];
+        for hi in gi * rep..(gi + 1) * rep {
+            for r0 in (0..s).step_by(TILE) {
+                let rows = TILE.min(s - r0);
+                let n = g.keys(r0 + rows);
+                let row_off = ((bi * s + r0) * h + hi) * d;
+                let (q_t, o_t, g_t) = (&q[row_off..], &out[row_off..], &grad[row_off..]);
+                let ld = (h * d) as isize;
+                unsafe {
+                    // p = softmax(scale · q kᵀ), rebuilt from the saved log-sum-exp
+                    gemm(rows, n, d, p.as_mut_ptr(), t as isize, false, q_t.as_ptr(), ld, 1, k0.as_ptr(), 1, (kv * d) as isize, scale);
+                }
+                for ii in 0..rows {
+                    let i = r0 + ii;
+                    let row = &mut p[ii * t..ii * t + n];
+                    g.mask_row(bi, i, row);
+                    exp_shifted(row, lse[(bi * h + hi) * s + i]);
+                }
+                unsafe {
+                    // dv += pᵀ · grad
+                    gemm(n, d, rows, dv_ptr.at(kv_off), (kv * d) as isize, true, p.as_ptr(), 1, t as isize, g_t.as_ptr(), ld, 1, 1.0);
+                    // dp = grad · vᵀ
+                    gemm(rows, n, d, dp.as_mut_ptr(), t as isize, false, g_t.as_ptr(), ld, 1, v0.as_ptr(), 1, (kv * d) as isize, 1.0);
+                }
+                // ds = p · (dp − Σ grad·out), the softmax's backward, times the score scale
+                for ii in 0..rows {
+                    let o = &o_t[ii * h * d..ii * h * d + d];
+                    let gr = &g_t[ii * h * d..ii * h * d + d];
+                    let dot: f32 = o.iter().zip(gr).map(|(a, b)| a * b).sum();
+                    let (pr, dr) = (&p[ii * t..ii * t + n], &mut dp[ii * t..ii * t + n]);
+                    for (x, &pv) in dr.iter_mut().zip(pr) {
+                        *x = pv * (*x - dot) * scale;
+                    }
+                }
+                unsafe {
+                    // dq = ds · k
+                    gemm(rows, d, n, dq_ptr.at(row_off), ld, false, dp.as_ptr(), t as isize, 1, k0.as_ptr(), (kv * d) as isize, 1, 1.0);
+                    // dk += dsᵀ · q
+                    gemm(n, d, rows, dk_ptr.at(kv_off), (kv * d) as isize, true, dp.as_ptr(), 1, t as isize, q_t.as_ptr(), ld, 1, 1.0);
+                }
+            }
+        }
+    });
+    (dq, dk, dv)
+}
+
+/// Shape of q `[b, s, h, d]` and k `[b, t, kv, d]`, and the mask's bytes.
+fn geometry<'a>(q: &FlexTensor, k: &FlexTensor, mask: &'a Option<FlexTensor>) -> Geometry<'a> {
+    let (qd, kd) = (dims(q), dims(k));
+    Geometry {
+        b: qd[0],
+        s: qd[1],
+        h: qd[2],
+        d: qd[3],
+        t: kd[1],
+        kv: kd[2],
+        mask: mask.as_ref().map(|m| m.storage::<u8>()),
+    }
+}
+
+fn mask_bytes(mask: &Mask<Flex>) -> Option<FlexTensor> {
+    match mask {
+        Mask::Causal => None,
+        Mask::Explicit(m) => Some(contiguous(m.clone())),
+    }
+}
+
+impl FusedOps for Flex {
+    fn attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Mask<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let m = mask_bytes(&mask);
+        let bool_bytes = m.as_ref().is_none_or(|m| m.layout().shape().iter().product::<usize>() == m.storage::<u8>().len());
+        if !all_f32(&[&q, &k, &v]) || !bool_bytes {
+            return reference::attention_forward::<Self>(q, k, v, mask);
+        }
+        let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
+        let g = geometry(&q, &k, &m);
+        let (out, lse) = attention_forward_f32(q.storage(), k.storage(), v.storage(), &g);
+        (tensor(out, vec![g.b, g.s, g.h, g.d]), tensor(lse, vec![g.b, g.h, g.s]))
+    }
+
+    fn attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Mask<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let m = mask_bytes(&mask);
+        let bool_bytes = m.as_ref().is_none_or(|m| m.layout().shape().iter().product::<usize>() == m.storage::<u8>().len());
+        if !all_f32(&[&q, &k, &v, &out, &lse, &grad]) || !bool_bytes {
+            return reference::attention_backward::<Self>(q, k, v, mask, out, lse, grad);
+        }
+        let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
+        let (out, lse, grad) = (contiguous(out), contiguous(lse), contiguous(grad));
+        let g = geometry(&q, &k, &m);
+        let (dq, dk, dv) = attention_backward_f32(q.storage(), k.storage(), v.storage(), out.storage(), lse.storage(), grad.storage(), &g);
+        let kv_shape = vec![g.b, g.t, g.kv, g.d];
+        (tensor(dq, vec![g.b, g.s, g.h, g.d]), tensor(dk, kv_shape.clone()), tensor(dv, kv_shape))
+    }
+
+    fn rms_norm_forward(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !all_f32(&[&x, &w]) {
+            return reference::rms_norm_forward::<Self>(x, w, eps);
+        }
+        let (x, w) = (contiguous(x), contiguous(w));
+        let shape = dims(&x);
+        let (xs, ws) = (x.storage::<f32>(), w.storage::<f32>());
+        let d = ws.len();
+        let n = xs.len() / d;
+        let mut out = vec![0f32; n * d];
+        let mut rstd = vec![0f32; n];
+        out.par_chunks_mut(ROWS_PER_TASK * d)
+            .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
+            .enumerate()
+            .for_each(|(c, (out, rstd))| {
+                for (r, (o, rs)) in out.chunks_mut(d).zip(rstd.iter_mut()).enumerate() {
+                    let x = &xs[(c * ROWS_PER_TASK + r) * d..][..d];
+                    let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                    *rs = 1.0 / (ms + eps as f32).sqrt();
+                    for ((o, &x), &w) in o.iter_mut().zip(x).zip(ws) {
+                        *o = x * *rs * w;
+                    }
+                }
+            });
+        (tensor(out, shape), tensor(rstd, vec![n, 1]))
+    }
+
+    fn rms_norm_backward(x: FloatTensor<Self>, w: FloatTensor<Self>, rstd: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !all_f32(&[&x, &w, &rstd, &grad]) {
+            return reference::rms_norm_backward::<Self>(x, w, rstd, grad);
+        }
+        let (x, w, rstd, grad) = (contiguous(x), contiguous(w), contiguous(rstd), contiguous(grad));
+        let shape = dims(&x);
+        let (xs, ws, rs, gs) = (x.storage::<f32>(), w.storage::<f32>(), rstd.storage::<f32>(), grad.storage::<f32>());
+        let d = ws.len();
+        let mut dx = vec![0f32; xs.len()];
+        dx.par_chunks_mut(ROWS_PER_TASK * d).enumerate().for_each(|(c, dx)| {
+            for (r, dx) in dx.chunks_mut(d).enumerate() {
+                let row = c * ROWS_PER_TASK + r;
+                let (x, g, rs) = (&xs[row * d..][..d], &gs[row * d..][..d], rs[row]);
+                let dot = x.iter().zip(g).zip(ws).map(|((x, g), w)| x * g * w).sum::<f32>() / d as f32;
+                let c2 = rs * rs * dot;
+                for (((o, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(ws) {
+                    *o = rs * (g * w - x * c2);
+                }
+            }
+        });
+        tensor(dx, shape)
+    }
+
+    fn fused_rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !all_f32(&[&x, &cos, &sin]) {
+            return reference::fused_rope::<Self>(x, cos, sin);
+        }
+        let (x, cos, sin) = (contiguous(x), contiguous(cos), contiguous(sin));
+        let shape = dims(&x);
+        let (h, d) = (shape[2], shape[3]);
+        let half = d / 2;
+        let (xs, cs, ss) = (x.storage::<f32>(), cos.storage::<f32>(), sin.storage::<f32>());
+        let mut out = vec![0f32; xs.len()];
+        // One task per chunk of positions; every head of a position shares its cos and sin.
+        out.par_chunks_mut(ROWS_PER_TASK * h * d).enumerate().for_each(|(c, out)| {
+            for (r, o) in out.chunks_mut(h * d).enumerate() {
+                let pos = c * ROWS_PER_TASK + r;
+                let (cos, sin) = (&cs[pos * d..][..d], &ss[pos * d..][..d]);
+                for (head, o) in o.chunks_mut(d).enumerate() {
+                    let x = &xs[(pos * h + head) * d..][..d];
+                    for i in 0..half {
+                        o[i] = x[i] * cos[i] + x[i + half] * sin[i];
+                        o[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
+                    }
+                }
+            }
+        });
+        tensor(out, shape)
+    }
+
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !all_f32(&[&gate, &up]) {
+            return reference::fused_swiglu::<Self>(gate, up);
+        }
+        let (gate, up) = (contiguous(gate), contiguous(up));
+        let shape = dims(&gate);
+        let (gs, us) = (gate.storage::<f32>(), up.storage::<f32>());
+        let mut out = vec![0f32; gs.len()];
+        const CHUNK: usize = 1 << 14;
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+            let (g, u) = (&gs[c * CHUNK..][..out.len()], &us[c * CHUNK..][..out.len()]);
+            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
+        });
+        tensor(out, shape)
+    }
+
+    fn swiglu_backward(gate: FloatTensor<Self>, up: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !all_f32(&[&gate, &up, &grad]) {
+            return reference::swiglu_backward::<Self>(gate, up, grad);
+        }
+        let (gate, up, grad) = (contiguous(gate), contiguous(up), contiguous(grad));
+        let shape = dims(&gate);
+        let (gs, us, ds) = (gate.storage::<f32>(), up.storage::<f32>(), grad.storage::<f32>());
+        let mut dgate = vec![0f32; gs.len()];
+        let mut dup = vec![0f32; gs.len()];
+        const CHUNK: usize = 1 << 14;
+        dgate.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (dg, du))| {
+            let n = dg.len();
+            let (g, u, d) = (&gs[c * CHUNK..][..n], &us[c * CHUNK..][..n], &ds[c * CHUNK..][..n]);
+            for i in 0..n {
+                let sig = 1.0 / (1.0 + (-g[i]).exp());
+                dg[i] = d[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
+                du[i] = d[i] * g[i] * sig;
+            }
+        });
+        (tensor(dgate, shape.clone()), tensor(dup, shape))
+    }
+}

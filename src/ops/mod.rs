@@ -1,0 +1,236 @@
+//! Fused operations of the decoder: attention, RMSNorm, rotary embedding and SwiGLU.
+//!
+//! Written op by op, each of these is a chain of element-wise tensor ops, and the autodiff graph
+//! keeps every intermediate for the backward pass: attention alone would keep several
+//! `[batch, heads, seq, seq]` tensors per layer. Here each is one operation with its backward
+//! written out, which keeps only its inputs (and, for attention, one log-sum-exp per query).
+//!
+//! [`FusedOps`] is a burn backend extension. Its default methods are plain burn tensor ops, so
+//! every backend (burn-ndarray, CUDA) runs them; [`cpu`] overrides them for burn-flex with
+//! kernels on the raw buffers, and [`autodiff`] gives every backend the backward passes. The
+//! defaults double as the reference the kernels are tested against.
+
+pub mod autodiff;
+pub mod cpu;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::{BoolTensor, FloatTensor};
+use burn::tensor::{Bool, DType, Tensor, TensorPrimitive};
+
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+/// Which keys a query may see, for [`FusedOps::attention`].
+#[derive(Debug, Clone)]
+pub enum Mask<B: Backend> {
+    /// Causal, aligned at the bottom right: query i of s sees keys 0..=i + (t − s).
+    Causal,
+    /// `[batch, 1, s, t]`, `true` where attention is NOT allowed.
+    Explicit(BoolTensor<B>),
+}
+
+/// The fused operations. q, k and v are laid out `[batch, seq, heads, head_dim]` as the
+/// projections produce them, so no transpose is needed before or after attention.
+pub trait FusedOps: Backend {
+    /// softmax(q·kᵀ/√d + mask)·v with grouped-query heads: q `[b, s, h, d]`, k and v
+    /// `[b, t, kv, d]` with h a multiple of kv (query head j uses kv head j / (h / kv), as
+    /// HF's repeat_kv). Returns `[b, s, h, d]`.
+    fn fused_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: Mask<Self>) -> FloatTensor<Self> {
+        Self::attention_forward(q, k, v, mask).0
+    }
+
+    /// The attention output and the log-sum-exp of each query's scores, `[b, h, s]`, which
+    /// is all the backward pass needs to rebuild the softmax.
+    fn attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Mask<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::attention_forward::<Self>(q, k, v, mask)
+    }
+
+    /// Gradients of q, k and v from the output's gradient, recomputing the softmax from lse.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Mask<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        reference::attention_backward::<Self>(q, k, v, mask, out, lse, grad)
+    }
+
+    /// x / sqrt(mean(x²) + eps) · w over the last dimension of `[n, d]`.
+    fn fused_rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        Self::rms_norm_forward(x, w, eps).0
+    }
+
+    /// The output and 1 / sqrt(mean(x²) + eps) per row, `[n, 1]`.
+    fn rms_norm_forward(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::rms_norm_forward::<Self>(x, w, eps)
+    }
+
+    /// Gradient of x (the norm's weight is frozen in tune): with g = grad·w,
+    /// dx = rstd · (g − x · rstd² · mean(g·x)).
+    fn rms_norm_backward(x: FloatTensor<Self>, w: FloatTensor<Self>, rstd: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::rms_norm_backward::<Self>(x, w, rstd, grad)
+    }
+
+    /// Rotary embedding in HF's rotate_half layout: x·cos + cat(x2, x1)·sin for x
+    /// `[b, s, h, d]` and tables `[b, s, 1, d]` whose sin carries rotate_half's sign
+    /// (−sin on the first half). The backward pass is the same rotation with −sin.
+    fn fused_rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::fused_rope::<Self>(x, cos, sin)
+    }
+
+    /// SwiGLU's gate: silu(gate) · up.
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::fused_swiglu::<Self>(gate, up)
+    }
+
+    /// Gradients of gate and up: with σ = sigmoid(gate), d gate = grad·up·σ·(1 + gate·(1 − σ))
+    /// and d up = grad·gate·σ.
+    fn swiglu_backward(gate: FloatTensor<Self>, up: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::swiglu_backward::<Self>(gate, up, grad)
+    }
+}
+
+/// The fused operations as plain burn tensor ops: what every backend without kernels of its
+/// own runs, and the reference the kernels are tested against.
+pub mod reference {
+    use super::*;
+
+    pub fn attention_forward<B: Backend>(
+        q: FloatTensor<B>,
+        k: FloatTensor<B>,
+        v: FloatTensor<B>,
+        mask: Mask<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
+        let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
+        let [_, _, h, d] = q.dims();
+        let kv = k.dims()[2];
+        let q = q.swap_dims(1, 2);
+        let k = repeat_heads(k.swap_dims(1, 2), h / kv);
+        let v = repeat_heads(v.swap_dims(1, 2), h / kv);
+        let scores = masked_scores(q, k, &mask, d);
+        let lse = logsumexp(scores.clone());
+        let p = (scores - lse.clone()).exp();
+        let out = p.matmul(v).swap_dims(1, 2);
+        (prim(out), prim(lse.squeeze_dim::<3>(3)))
+    }
+
+    pub fn attention_backward<B: Backend>(
+        q: FloatTensor<B>,
+        k: FloatTensor<B>,
+        v: FloatTensor<B>,
+        mask: Mask<B>,
+        out: FloatTensor<B>,
+        lse: FloatTensor<B>,
+        grad: FloatTensor<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+        let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
+        let [b, _, h, d] = q.dims();
+        let [_, t, kv, _] = k.dims();
+        let rep = h / kv;
+        let scale = 1.0 / (d as f64).sqrt();
+        let q = q.swap_dims(1, 2);
+        let k = repeat_heads(k.swap_dims(1, 2), rep);
+        let v = repeat_heads(v.swap_dims(1, 2), rep);
+        let out = float::<B, 4>(out).swap_dims(1, 2);
+        let grad = float::<B, 4>(grad).swap_dims(1, 2);
+        let lse = float::<B, 3>(lse).unsqueeze_dim::<4>(3);
+        let p = (masked_scores(q.clone(), k.clone(), &mask, d) - lse).exp();
+        let dv = p.clone().swap_dims(2, 3).matmul(grad.clone());
+        let dp = grad.clone().matmul(v.swap_dims(2, 3));
+        let row = (grad * out).sum_dim(3);
+        let ds = p * (dp - row) * scale;
+        let dq = ds.clone().matmul(k).swap_dims(1, 2);
+        let dk = ds.swap_dims(2, 3).matmul(q);
+        // Sum the gradients of the query heads that share a kv head.
+        let group = |x: Tensor<B, 4>| x.reshape([b, kv, rep, t, d]).sum_dim(2).reshape([b, kv, t, d]).swap_dims(1, 2);
+        (prim(dq), prim(group(dk)), prim(group(dv)))
+    }
+
+    pub fn rms_norm_forward<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>, eps: f64) -> (FloatTensor<B>, FloatTensor<B>) {
+        let x = float::<B, 2>(x);
+        let w = float::<B, 1>(w).cast(DType::F32);
+        let rstd = (x.clone().square().mean_dim(1) + eps).sqrt().recip();
+        (prim(x * rstd.clone() * w.unsqueeze::<2>()), prim(rstd))
+    }
+
+    pub fn rms_norm_backward<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>, rstd: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+        let x = float::<B, 2>(x);
+        let rstd = float::<B, 2>(rstd);
+        let g = float::<B, 2>(grad) * float::<B, 1>(w).cast(DType::F32).unsqueeze::<2>();
+        let dot = (g.clone() * x.clone()).mean_dim(1);
+        prim((g - x * rstd.clone().square() * dot) * rstd)
+    }
+
+    pub fn fused_rope<B: Backend>(x: FloatTensor<B>, cos: FloatTensor<B>, sin: FloatTensor<B>) -> FloatTensor<B> {
+        let x = float::<B, 4>(x);
+        let half = x.dims()[3] / 2;
+        let swapped = Tensor::cat(vec![x.clone().narrow(3, half, half), x.clone().narrow(3, 0, half)], 3);
+        prim(x * float::<B, 4>(cos) + swapped * float::<B, 4>(sin))
+    }
+
+    pub fn fused_swiglu<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+        let gate = float::<B, 2>(gate);
+        prim(burn::tensor::activation::silu(gate) * float::<B, 2>(up))
+    }
+
+    pub fn swiglu_backward<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>, grad: FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
+        let (gate, up, grad) = (float::<B, 2>(gate), float::<B, 2>(up), float::<B, 2>(grad));
+        let sig = burn::tensor::activation::sigmoid(gate.clone());
+        let silu = gate.clone() * sig.clone();
+        let dgate = grad.clone() * up * sig.clone() * (gate * (sig.neg() + 1.0) + 1.0);
+        (prim(dgate), prim(grad * silu))
+    }
+}
+
+/// `[b, kv, t, d]` -> `[b, kv·n, t, d]`, head j being kv head j / n.
+fn repeat_heads<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
+    if n == 1 {
+        return x;
+    }
+    let [b, kv, t, d] = x.dims();
+    x.unsqueeze_dim::<5>(2).expand([b, kv, n, t, d]).reshape([b, kv * n, t, d])
+}
+
+/// q·kᵀ/√d with masked scores at −∞, `[b, h, s, t]`.
+fn masked_scores<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, mask: &Mask<B>, d: usize) -> Tensor<B, 4> {
+    let [b, h, s, _] = q.dims();
+    let t = k.dims()[2];
+    let scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt();
+    let masked: Tensor<B, 4, Bool> = match mask {
+        Mask::Causal => {
+            // tril_mask is true above the shifted diagonal: key j hidden from query i when j > i + (t − s).
+            Tensor::<B, 2, Bool>::tril_mask([s, t], (t - s) as i64, &scores.device()).unsqueeze::<4>().expand([b, h, s, t])
+        }
+        Mask::Explicit(m) => Tensor::<B, 4, Bool>::from_primitive(m.clone()).expand([b, h, s, t]),
+    };
+    scores.mask_fill(masked, f32::NEG_INFINITY)
+}
+
+/// log Σ exp over the last dimension, kept as `[.., 1]`; a row with every score masked gets
+/// the smallest finite value rather than NaN.
+fn logsumexp<B: Backend>(scores: Tensor<B, 4>) -> Tensor<B, 4> {
+    let max = scores.clone().max_dim(3).clamp_min(f32::MIN);
+    ((scores - max.clone()).exp().sum_dim(3).log() + max).clamp_min(f32::MIN)
+}
+
+impl FusedOps for burn::backend::NdArray {}
+
+#[cfg(feature = "cuda")]
+impl FusedOps for crate::backend::Cuda {}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,141 @@
+//! Each fused operation, through autodiff, against the same computation written as plain burn
+//! ops and differentiated by burn: outputs and input gradients must agree. On burn-flex this
+//! checks the CPU kernels and their backward passes; on burn-ndarray, the generic backward
+//! formulas of [`super::FusedOps`].
+
+use burn::backend::{Autodiff, Flex, NdArray};
+use burn::tensor::activation::softmax;
+use burn::tensor::{Bool, Distribution, ElementConversion, Tensor, TensorPrimitive};
+
+use super::{FusedOps, Mask};
+use crate::model::AttentionMask;
+
+fn prim<B: FusedOps, const D: usize>(t: Tensor<B, D>) -> burn::tensor::ops::FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+fn float<B: FusedOps, const D: usize>(t: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn random<B: FusedOps, const D: usize>(shape: [usize; D]) -> Tensor<B, D> {
+    Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+}
+
+/// f32 rounding differs between the two orders of computation by ~1e-5 of the largest value.
+const TOL: f32 = 1e-4;
+
+/// Largest |a − b| relative to the largest |b|.
+fn rel_diff<B: FusedOps, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
+    let scale: f32 = b.clone().abs().max().into_scalar().elem();
+    let d: f32 = (a - b).abs().max().into_scalar().elem();
+    d / scale.max(1e-12)
+}
+
+/// Attention as HF writes it: repeat kv heads, scores, −∞ where masked, softmax, times v.
+fn naive_attention<B: FusedOps>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, masked: Tensor<B, 4, Bool>) -> Tensor<B, 4> {
+    let [b, s, h, d] = q.dims();
+    let [_, t, kv, _] = k.dims();
+    let repeat = |x: Tensor<B, 4>| x.swap_dims(1, 2).unsqueeze_dim::<5>(2).expand([b, kv, h / kv, t, d]).reshape([b, h, t, d]);
+    let scores = q.swap_dims(1, 2).matmul(repeat(k).swap_dims(2, 3)) / (d as f64).sqrt();
+    let scores = scores.mask_fill(masked.expand([b, h, s, t]), f32::NEG_INFINITY);
+    softmax(scores, 3).matmul(repeat(v)).swap_dims(1, 2)
+}
+
+/// Runs fused and naive attention on the same inputs under autodiff and compares the outputs
+/// and the gradients of q, k and v for a random upstream gradient.
+fn check_attention<B: FusedOps>([b, s, t, h, kv]: [usize; 5], mask: AttentionMask<Autodiff<B>>, masked: Tensor<Autodiff<B>, 4, Bool>, what: &str) {
+    type A<B> = Autodiff<B>;
+    let d = 8;
+    let q = random::<A<B>, 4>([b, s, h, d]).require_grad();
+    let k = random::<A<B>, 4>([b, t, kv, d]).require_grad();
+    let v = random::<A<B>, 4>([b, t, kv, d]).require_grad();
+    let up = random::<A<B>, 4>([b, s, h, d]);
+    let fused_mask = match mask {
+        AttentionMask::Causal => Mask::Causal,
+        AttentionMask::Explicit(m) => Mask::Explicit(m.into_primitive()),
+    };
+    let fused = float::<A<B>, 4>(A::<B>::fused_attention(prim(q.clone()), prim(k.clone()), prim(v.clone()), fused_mask));
+    let naive = naive_attention(q.clone(), k.clone(), v.clone(), masked);
+    assert!(rel_diff(fused.clone(), naive.clone()) < TOL, "{what}: outputs differ");
+    let gf = (fused * up.clone()).sum().backward();
+    let gn = (naive * up).sum().backward();
+    for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+        let (f, n) = (x.grad(&gf).unwrap(), x.grad(&gn).unwrap());
+        let r = rel_diff(f, n);
+        assert!(r < TOL, "{what}: d{name} differs by {r}");
+    }
+}
+
+fn attention_cases<B: FusedOps>() {
+    let device = Default::default();
+    // Longer than one 64-row tile, grouped-query (4 query heads on 2 kv heads).
+    let causal = Tensor::<Autodiff<B>, 2, Bool>::tril_mask([70, 70], 0, &device).unsqueeze::<4>();
+    check_attention::<B>([2, 70, 70, 4, 2], AttentionMask::Causal, causal, "causal");
+    // New queries after cached keys: query i sees keys up to i + 6.
+    let past = Tensor::<Autodiff<B>, 2, Bool>::tril_mask([3, 9], 6, &device).unsqueeze::<4>();
+    check_attention::<B>([1, 3, 9, 2, 1], AttentionMask::Causal, past, "causal after a cache");
+    // Packed rows: block-diagonal causal, and a padded tail.
+    let packed = AttentionMask::<Autodiff<B>>::packed(&[vec![30, 30], vec![66]], 70, None, &device);
+    let AttentionMask::Explicit(m) = packed.clone() else { unreachable!() };
+    check_attention::<B>([2, 70, 70, 4, 4], packed, m, "packed");
+    // A sliding window shorter than the row.
+    let window = AttentionMask::<Autodiff<B>>::causal(70, 0, Some(16), &device);
+    let AttentionMask::Explicit(m) = window.clone() else { unreachable!() };
+    check_attention::<B>([1, 70, 70, 2, 1], window, m, "sliding window");
+}
+
+#[test]
+fn attention_cpu_kernel_matches_naive_attention() {
+    attention_cases::<Flex>();
+}
+
+#[test]
+fn attention_generic_backward_matches_naive_attention() {
+    attention_cases::<NdArray>();
+}
+
+/// Each of RMSNorm, RoPE and SwiGLU, fused vs its plain-op reference, under autodiff.
+fn elementwise_cases<B: FusedOps>() {
+    type A<B> = Autodiff<B>;
+    let x = random::<A<B>, 2>([70, 24]).require_grad();
+    let w = random::<A<B>, 1>([24]);
+    let up = random::<A<B>, 2>([70, 24]);
+    let fused = float::<A<B>, 2>(A::<B>::fused_rms_norm(prim(x.clone()), prim(w.clone()), 1e-5));
+    let naive = float::<A<B>, 2>(super::reference::rms_norm_forward::<A<B>>(prim(x.clone()), prim(w), 1e-5).0);
+    assert!(rel_diff(fused.clone(), naive.clone()) < TOL, "rms_norm output");
+    let (gf, gn) = ((fused * up.clone()).sum().backward(), (naive * up).sum().backward());
+    assert!(rel_diff(x.grad(&gf).unwrap(), x.grad(&gn).unwrap()) < TOL, "rms_norm dx");
+
+    let x = random::<A<B>, 4>([2, 70, 3, 8]).require_grad();
+    let cos = random::<A<B>, 4>([2, 70, 1, 8]);
+    // As Rope::tables builds them: sin carries rotate_half's sign, −sin on the first half.
+    let half = random::<A<B>, 4>([2, 70, 1, 4]);
+    let sin = Tensor::cat(vec![half.clone().neg(), half], 3);
+    let up = random::<A<B>, 4>([2, 70, 3, 8]);
+    let fused = float::<A<B>, 4>(A::<B>::fused_rope(prim(x.clone()), prim(cos.clone()), prim(sin.clone())));
+    let naive = float::<A<B>, 4>(super::reference::fused_rope::<A<B>>(prim(x.clone()), prim(cos), prim(sin)));
+    assert!(rel_diff(fused.clone(), naive.clone()) < TOL, "rope output");
+    let (gf, gn) = ((fused * up.clone()).sum().backward(), (naive * up).sum().backward());
+    assert!(rel_diff(x.grad(&gf).unwrap(), x.grad(&gn).unwrap()) < TOL, "rope dx");
+
+    let gate = random::<A<B>, 2>([70, 40]).require_grad();
+    let upp = random::<A<B>, 2>([70, 40]).require_grad();
+    let g_out = random::<A<B>, 2>([70, 40]);
+    let fused = float::<A<B>, 2>(A::<B>::fused_swiglu(prim(gate.clone()), prim(upp.clone())));
+    let naive = burn::tensor::activation::silu(gate.clone()) * upp.clone();
+    assert!(rel_diff(fused.clone(), naive.clone()) < TOL, "swiglu output");
+    let (gf, gn) = ((fused * g_out.clone()).sum().backward(), (naive * g_out).sum().backward());
+    assert!(rel_diff(gate.grad(&gf).unwrap(), gate.grad(&gn).unwrap()) < TOL, "swiglu d gate");
+    assert!(rel_diff(upp.grad(&gf).unwrap(), upp.grad(&gn).unwrap()) < TOL, "swiglu d up");
+}
+
+#[test]
+fn rms_norm_rope_swiglu_cpu_kernels_match_plain_ops() {
+    elementwise_cases::<Flex>();
+}
+
+#[test]
+fn rms_norm_rope_swiglu_generic_backward_matches_plain_ops() {
+    elementwise_cases::<NdArray>();
+}

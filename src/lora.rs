@@ -39,15 +39,20 @@ impl<B: Backend> LoraAdapter<B> {
 
     /// s·B(A(dropout(x))): two thin matmuls, never the [in, out] product.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let x = match self.dropout_seed {
-            Some(seed) if self.dropout > 0.0 => {
-                let mask = dropout_mask::<B, D>(&x.dims(), self.dropout, seed, &x.device());
-                x * mask
-            }
-            _ => x,
-        };
+        let x = self.dropped(x.clone()).unwrap_or(x);
         let down = linear(x, self.a.clone(), None);
         linear(down, self.b.clone(), None) * self.scale
+    }
+
+    /// x after the adapter's dropout, or None when no dropout applies (p = 0, or not training).
+    pub fn dropped<const D: usize>(&self, x: Tensor<B, D>) -> Option<Tensor<B, D>> {
+        match self.dropout_seed {
+            Some(seed) if self.dropout > 0.0 => {
+                let mask = dropout_mask::<B, D>(&x.dims(), self.dropout, seed, &x.device());
+                Some(x * mask)
+            }
+            _ => None,
+        }
     }
 }
 

@@ -63,10 +63,29 @@ impl<B: Backend> Projection<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let y = linear_in_weight_dtype(x.clone(), self.weight.clone(), self.bias.clone());
         match &self.lora {
-            Some(lora) => y + lora.forward(x),
-            None => y,
+            // One fused operation when base and adapter share x's dtype (an f32 base): the
+            // adapter's output is accumulated into the base's, and the backward pass needs
+            // neither the base's output nor W·x's gradient for W.
+            Some(lora) if self.weight.dtype() == x.dtype() => {
+                let dims = x.dims();
+                let n = x.shape().num_elements() / dims[D - 1];
+                let x = x.reshape([n, dims[D - 1]]);
+                let x_lora = lora.dropped(x.clone());
+                let p = crate::ops::LoraLinear {
+                    w: prim(self.weight.clone()),
+                    bias: self.bias.clone().map(prim),
+                    a: prim(lora.a.clone()),
+                    b: prim(lora.b.clone()),
+                    scale: lora.scale,
+                };
+                let y: Tensor<B, 2> = fused(B::lora_linear(prim(x), x_lora.map(prim), p));
+                let mut out = dims;
+                out[D - 1] = self.out_features();
+                y.reshape(out)
+            }
+            Some(lora) => linear_in_weight_dtype(x.clone(), self.weight.clone(), self.bias.clone()) + lora.forward(x),
+            None => linear_in_weight_dtype(x, self.weight.clone(), self.bias.clone()),
         }
     }
 }

@@ -9,7 +9,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::ops::FloatTensor;
 
-use super::{FusedOps, Mask};
+use super::{FusedOps, LoraLinear, Mask};
 
 fn inner_mask<B: FusedOps, C: CheckpointStrategy>(mask: Mask<Autodiff<B, C>>) -> Mask<B> {
     match mask {
@@ -93,7 +93,60 @@ impl<B: FusedOps> Backward<B, 2> for SwiGlu {
     }
 }
 
+#[derive(Debug)]
+struct LoraLinearOp;
+
+impl<B: FusedOps> Backward<B, 4> for LoraLinearOp {
+    /// x, x after dropout (None when there is none: then parents 0 and 1 are both x), the
+    /// layer's weights and adapter.
+    type State = (FloatTensor<B>, Option<FloatTensor<B>>, LoraLinear<B>);
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_x_lora, node_a, node_b] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, x_lora, p) = ops.state;
+        let shared = x_lora.is_none();
+        let (dx, dx_lora, da, db) = B::lora_linear_backward(x, x_lora, p, grad, node_x.is_some());
+        if let (Some(node), Some(dx)) = (node_x, dx) {
+            grads.register::<B>(node.id, dx);
+        }
+        if let (Some(node), Some(dx_lora), false) = (node_x_lora, dx_lora, shared) {
+            grads.register::<B>(node.id, dx_lora);
+        }
+        for (node, g) in [(node_a, da), (node_b, db)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
 impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    fn lora_linear(x: FloatTensor<Self>, x_lora: Option<FloatTensor<Self>>, p: LoraLinear<Self>) -> FloatTensor<Self> {
+        // The frozen weight and bias are not parents: no gradient is computed for them.
+        let inner = LoraLinear::<B> {
+            w: p.w.primitive,
+            bias: p.bias.map(|b| b.primitive),
+            a: p.a.primitive.clone(),
+            b: p.b.primitive.clone(),
+            scale: p.scale,
+        };
+        let x_lora_node = x_lora.as_ref().map_or_else(|| x.node.clone(), |t| t.node.clone());
+        let x_lora = x_lora.map(|t| t.primitive);
+        match LoraLinearOp
+            .prepare::<C>([x.node.clone(), x_lora_node, p.a.node.clone(), p.b.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::lora_linear(x.primitive.clone(), x_lora.clone(), inner.clone());
+                prep.finish((x.primitive, x_lora, inner), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::lora_linear(x.primitive, x_lora, inner)),
+        }
+    }
+
+
     fn fused_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

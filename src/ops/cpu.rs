@@ -8,7 +8,7 @@ use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{reference, FusedOps, Mask};
+use super::{reference, FusedOps, LoraLinear, Mask};
 
 /// Query rows per attention tile: a causal tile only needs the keys up to its last row.
 const TILE: usize = 64;
@@ -45,8 +45,8 @@ impl Shared {
     }
 }
 
-/// dst (rows `m`, cols `n`, strides `dst_rs`, 1) = alpha·dst + beta · lhs·rhs, single-threaded:
-/// the callers already run one task per core.
+/// dst (rows `m`, cols `n`, strides `dst_rs`, 1) = dst (if `accumulate`) + beta · lhs·rhs,
+/// single-threaded: the attention kernels already run one task per core.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm(
     m: usize,
@@ -62,6 +62,46 @@ unsafe fn gemm(
     rhs_rs: isize,
     rhs_cs: isize,
     beta: f32,
+) {
+    gemm_with(m, n, k, dst, dst_rs, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, beta, gemm::Parallelism::None);
+}
+
+/// [`gemm`] on every core, for one large product.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_par(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: *const f32,
+    rhs_rs: isize,
+    rhs_cs: isize,
+    beta: f32,
+) {
+    gemm_with(m, n, k, dst, dst_rs, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, beta, gemm::Parallelism::Rayon(0));
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_with(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: *const f32,
+    rhs_rs: isize,
+    rhs_cs: isize,
+    beta: f32,
+    parallelism: gemm::Parallelism,
 ) {
     gemm::gemm(
         m,
@@ -82,7 +122,7 @@ unsafe fn gemm(
         false,
         false,
         false,
-        gemm::Parallelism::None,
+        parallelism,
     );
 }
 
@@ -291,6 +331,87 @@ fn mask_bytes(mask: &Mask<Flex>) -> Option<FlexTensor> {
 }
 
 impl FusedOps for Flex {
+    fn lora_linear(x: FloatTensor<Self>, x_lora: Option<FloatTensor<Self>>, p: LoraLinear<Self>) -> FloatTensor<Self> {
+        let mut ts = vec![&x, &p.w, &p.a, &p.b];
+        ts.extend(x_lora.iter().chain(p.bias.iter()));
+        if !all_f32(&ts) {
+            return reference::lora_linear::<Self>(x, x_lora, p);
+        }
+        let (x, w, a, b) = (contiguous(x), contiguous(p.w), contiguous(p.a), contiguous(p.b));
+        let x_lora = x_lora.map(contiguous);
+        let (n, din) = (dims(&x)[0], dims(&x)[1]);
+        let (dout, r) = (dims(&w)[1], dims(&a)[1]);
+        let (xs, ws, as_, bs) = (x.storage::<f32>(), w.storage::<f32>(), a.storage::<f32>(), b.storage::<f32>());
+        let xl = x_lora.as_ref().map_or(xs, |t| t.storage::<f32>());
+        let mut y = vec![0f32; n * dout];
+        let mut down = vec![0f32; n * r];
+        unsafe {
+            // y = x·w, down = x_lora·a, y += scale · down·b: the adapter's output lands in y's
+            // buffer with no separate add.
+            gemm_par(n, dout, din, y.as_mut_ptr(), dout as isize, false, xs.as_ptr(), din as isize, 1, ws.as_ptr(), dout as isize, 1, 1.0);
+            gemm_par(n, r, din, down.as_mut_ptr(), r as isize, false, xl.as_ptr(), din as isize, 1, as_.as_ptr(), r as isize, 1, 1.0);
+            gemm_par(n, dout, r, y.as_mut_ptr(), dout as isize, true, down.as_ptr(), r as isize, 1, bs.as_ptr(), dout as isize, 1, p.scale as f32);
+        }
+        if let Some(bias) = p.bias {
+            let bias = contiguous(bias);
+            let bias = bias.storage::<f32>();
+            y.par_chunks_mut(ROWS_PER_TASK * dout).for_each(|rows| {
+                for row in rows.chunks_mut(dout) {
+                    row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
+                }
+            });
+        }
+        tensor(y, vec![n, dout])
+    }
+
+    fn lora_linear_backward(
+        x: FloatTensor<Self>,
+        x_lora: Option<FloatTensor<Self>>,
+        p: LoraLinear<Self>,
+        grad: FloatTensor<Self>,
+        need_dx: bool,
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
+        let mut ts = vec![&x, &p.w, &p.a, &p.b, &grad];
+        ts.extend(x_lora.iter());
+        if !all_f32(&ts) {
+            return reference::lora_linear_backward::<Self>(x, x_lora, p, grad, need_dx);
+        }
+        let (x, w, a, b, g) = (contiguous(x), contiguous(p.w), contiguous(p.a), contiguous(p.b), contiguous(grad));
+        let x_lora = x_lora.map(contiguous);
+        let (n, din) = (dims(&x)[0], dims(&x)[1]);
+        let (dout, r) = (dims(&w)[1], dims(&a)[1]);
+        let (xs, ws, as_, bs, gs) = (x.storage::<f32>(), w.storage::<f32>(), a.storage::<f32>(), b.storage::<f32>(), g.storage::<f32>());
+        let xl = x_lora.as_ref().map_or(xs, |t| t.storage::<f32>());
+        let s = p.scale as f32;
+        let mut down = vec![0f32; n * r];
+        let mut v = vec![0f32; n * r];
+        let mut da = vec![0f32; din * r];
+        let mut db = vec![0f32; r * dout];
+        let mut dx = vec![0f32; if need_dx { n * din } else { 0 }];
+        let mut dx_lora = vec![0f32; if x_lora.is_some() { n * din } else { 0 }];
+        unsafe {
+            // down = x_lora·a (recomputed: [n, r] is cheap), v = grad·bᵀ
+            gemm_par(n, r, din, down.as_mut_ptr(), r as isize, false, xl.as_ptr(), din as isize, 1, as_.as_ptr(), r as isize, 1, 1.0);
+            gemm_par(n, r, dout, v.as_mut_ptr(), r as isize, false, gs.as_ptr(), dout as isize, 1, bs.as_ptr(), 1, dout as isize, 1.0);
+            // db = scale · downᵀ·grad, da = scale · x_loraᵀ·v
+            gemm_par(r, dout, n, db.as_mut_ptr(), dout as isize, false, down.as_ptr(), 1, r as isize, gs.as_ptr(), dout as isize, 1, s);
+            gemm_par(din, r, n, da.as_mut_ptr(), r as isize, false, xl.as_ptr(), 1, din as isize, v.as_ptr(), r as isize, 1, s);
+            if need_dx {
+                // dx = grad·wᵀ (+ scale · v·aᵀ when the adapter saw x itself)
+                gemm_par(n, din, dout, dx.as_mut_ptr(), din as isize, false, gs.as_ptr(), dout as isize, 1, ws.as_ptr(), 1, dout as isize, 1.0);
+                if x_lora.is_none() {
+                    gemm_par(n, din, r, dx.as_mut_ptr(), din as isize, true, v.as_ptr(), r as isize, 1, as_.as_ptr(), 1, r as isize, s);
+                }
+            }
+            if x_lora.is_some() {
+                gemm_par(n, din, r, dx_lora.as_mut_ptr(), din as isize, false, v.as_ptr(), r as isize, 1, as_.as_ptr(), 1, r as isize, s);
+            }
+        }
+        let dx = need_dx.then(|| tensor(dx, vec![n, din]));
+        let dx_lora = x_lora.is_some().then(|| tensor(dx_lora, vec![n, din]));
+        (dx, dx_lora, tensor(da, vec![din, r]), tensor(db, vec![r, dout]))
+    }
+
     fn attention_forward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

@@ -34,6 +34,20 @@ pub enum Mask<B: Backend> {
     Explicit(BoolTensor<B>),
 }
 
+/// The frozen weights and the adapter of [`FusedOps::lora_linear`].
+#[derive(Debug, Clone)]
+pub struct LoraLinear<B: Backend> {
+    /// `[in, out]`
+    pub w: FloatTensor<B>,
+    /// `[out]`
+    pub bias: Option<FloatTensor<B>>,
+    /// lora_A, `[in, r]`
+    pub a: FloatTensor<B>,
+    /// lora_B, `[r, out]`
+    pub b: FloatTensor<B>,
+    pub scale: f64,
+}
+
 /// The fused operations. q, k and v are laid out `[batch, seq, heads, head_dim]` as the
 /// projections produce them, so no transpose is needed before or after attention.
 pub trait FusedOps: Backend {
@@ -67,6 +81,26 @@ pub trait FusedOps: Backend {
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         reference::attention_backward::<Self>(q, k, v, mask, out, lse, grad)
+    }
+
+    /// A frozen linear layer with its LoRA adapter, `[n, in]` -> `[n, out]`:
+    /// y = x·w + bias + scale·(x_lora·a)·b, where x_lora is x after LoRA dropout (None: x itself).
+    /// w `[in, out]`, a `[in, r]`, b `[r, out]`.
+    fn lora_linear(x: FloatTensor<Self>, x_lora: Option<FloatTensor<Self>>, p: LoraLinear<Self>) -> FloatTensor<Self> {
+        reference::lora_linear::<Self>(x, x_lora, p)
+    }
+
+    /// Gradients of x, x_lora (when given; otherwise its part is in x's), a and b. dx is None
+    /// when `need_dx` is false (x does not require a gradient).
+    #[allow(clippy::type_complexity)]
+    fn lora_linear_backward(
+        x: FloatTensor<Self>,
+        x_lora: Option<FloatTensor<Self>>,
+        p: LoraLinear<Self>,
+        grad: FloatTensor<Self>,
+        need_dx: bool,
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
+        reference::lora_linear_backward::<Self>(x, x_lora, p, grad, need_dx)
     }
 
     /// x / sqrt(mean(x²) + eps) · w over the last dimension of `[n, d]`.
@@ -158,6 +192,44 @@ pub mod reference {
         // Sum the gradients of the query heads that share a kv head.
         let group = |x: Tensor<B, 4>| x.reshape([b, kv, rep, t, d]).sum_dim(2).reshape([b, kv, t, d]).swap_dims(1, 2);
         (prim(dq), prim(group(dk)), prim(group(dv)))
+    }
+
+    pub fn lora_linear<B: Backend>(x: FloatTensor<B>, x_lora: Option<FloatTensor<B>>, p: LoraLinear<B>) -> FloatTensor<B> {
+        use burn::tensor::module::linear;
+        let x = float::<B, 2>(x);
+        let x_lora = x_lora.map(float::<B, 2>).unwrap_or_else(|| x.clone());
+        let bias = p.bias.map(float::<B, 1>);
+        let down = linear(x_lora, float::<B, 2>(p.a), None);
+        prim(linear(x, float::<B, 2>(p.w), bias) + linear(down, float::<B, 2>(p.b), None) * p.scale)
+    }
+
+    #[allow(clippy::type_complexity)]
+    pub fn lora_linear_backward<B: Backend>(
+        x: FloatTensor<B>,
+        x_lora: Option<FloatTensor<B>>,
+        p: LoraLinear<B>,
+        grad: FloatTensor<B>,
+        need_dx: bool,
+    ) -> (Option<FloatTensor<B>>, Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>) {
+        let grad = float::<B, 2>(grad);
+        let x = float::<B, 2>(x);
+        let shared = x_lora.is_none();
+        let x_lora = x_lora.map(float::<B, 2>).unwrap_or_else(|| x.clone());
+        let (a, b) = (float::<B, 2>(p.a), float::<B, 2>(p.b));
+        let down = x_lora.clone().matmul(a.clone());
+        // v = grad · bᵀ, the gradient at the adapter's bottleneck, before the scale
+        let v = grad.clone().matmul(b.transpose());
+        let db = down.transpose().matmul(grad.clone()) * p.scale;
+        let da = x_lora.transpose().matmul(v.clone()) * p.scale;
+        let dx_lora = v.matmul(a.transpose()) * p.scale;
+        let w = float::<B, 2>(p.w);
+        let dx_base = need_dx.then(|| grad.matmul(w.transpose().cast(x.dtype())));
+        let (dx, dx_lora) = if shared {
+            (dx_base.map(|d| d + dx_lora), None)
+        } else {
+            (dx_base, Some(dx_lora))
+        };
+        (dx.map(prim), dx_lora.map(prim), prim(da), prim(db))
     }
 
     pub fn rms_norm_forward<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>, eps: f64) -> (FloatTensor<B>, FloatTensor<B>) {

@@ -130,6 +130,50 @@ fn elementwise_cases<B: FusedOps>() {
     assert!(rel_diff(upp.grad(&gf).unwrap(), upp.grad(&gn).unwrap()) < TOL, "swiglu d up");
 }
 
+/// A frozen linear layer with bias and its adapter, with and without LoRA dropout.
+fn lora_linear_cases<B: FusedOps>() {
+    type A<B> = Autodiff<B>;
+    let w = random::<A<B>, 2>([24, 40]);
+    let bias = random::<A<B>, 1>([40]);
+    for dropout in [false, true] {
+        let x = random::<A<B>, 2>([70, 24]).require_grad();
+        let a = random::<A<B>, 2>([24, 4]).require_grad();
+        let b = random::<A<B>, 2>([4, 40]).require_grad();
+        let up = random::<A<B>, 2>([70, 40]);
+        // Inverted dropout at p = 0.5: each input kept ×2 or zeroed.
+        let keep = Tensor::<A<B>, 2>::random([70, 24], Distribution::Bernoulli(0.5), &Default::default()) * 2.0;
+        // Built once per graph: a node shared by two graphs is consumed by the first backward.
+        let x_lora = || dropout.then(|| x.clone() * keep.clone());
+        let p = |w: &Tensor<A<B>, 2>| super::LoraLinear {
+            w: prim(w.clone()),
+            bias: Some(prim(bias.clone())),
+            a: prim(a.clone()),
+            b: prim(b.clone()),
+            scale: 2.0,
+        };
+        let fused = float::<A<B>, 2>(A::<B>::lora_linear(prim(x.clone()), x_lora().map(prim), p(&w)));
+        let naive = float::<A<B>, 2>(super::reference::lora_linear::<A<B>>(prim(x.clone()), x_lora().map(prim), p(&w)));
+        assert!(rel_diff(fused.clone(), naive.clone()) < TOL, "lora_linear output (dropout {dropout})");
+        let (gf, gn) = ((fused * up.clone()).sum().backward(), (naive * up).sum().backward());
+        for (name, t) in [("x", &x), ("lora_A", &a), ("lora_B", &b)] {
+            let (f, n) = (t.grad(&gf), t.grad(&gn));
+            assert!(f.is_some() && n.is_some(), "d{name} (dropout {dropout}): fused {} naive {}", f.is_some(), n.is_some());
+            let r = rel_diff(f.unwrap(), n.unwrap());
+            assert!(r < TOL, "lora_linear d{name} (dropout {dropout}) differs by {r}");
+        }
+    }
+}
+
+#[test]
+fn lora_linear_cpu_kernel_matches_plain_ops() {
+    lora_linear_cases::<Flex>();
+}
+
+#[test]
+fn lora_linear_generic_backward_matches_plain_ops() {
+    lora_linear_cases::<NdArray>();
+}
+
 #[test]
 fn rms_norm_rope_swiglu_cpu_kernels_match_plain_ops() {
     elementwise_cases::<Flex>();

@@ -103,6 +103,12 @@ pub trait FusedOps: Backend {
         reference::lora_linear_backward::<Self>(x, x_lora, p, grad, need_dx)
     }
 
+    /// Cross-entropy of logits `[c, vocab]` against target ids, each row weighted by `coef`:
+    /// returns Σ coef·nll and its gradient with respect to the logits, (softmax − one-hot)·coef.
+    fn cross_entropy(logits: FloatTensor<Self>, targets: &[u32], coef: &[f32]) -> (f64, FloatTensor<Self>) {
+        reference::cross_entropy::<Self>(logits, targets, coef)
+    }
+
     /// x / sqrt(mean(x²) + eps) · w over the last dimension of `[n, d]`.
     fn fused_rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         Self::rms_norm_forward(x, w, eps).0
@@ -230,6 +236,23 @@ pub mod reference {
             (dx_base, Some(dx_lora))
         };
         (dx.map(prim), dx_lora.map(prim), prim(da), prim(db))
+    }
+
+    pub fn cross_entropy<B: Backend>(logits: FloatTensor<B>, targets: &[u32], coef: &[f32]) -> (f64, FloatTensor<B>) {
+        use burn::tensor::{ElementConversion, Int, TensorData};
+        let logits = float::<B, 2>(logits);
+        let [c, vocab] = logits.dims();
+        let device = logits.device();
+        let ids: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [c, 1]), &device);
+        let weight = Tensor::<B, 2>::from_data(TensorData::new(coef.to_vec(), [c, 1]), &device);
+        let shifted = logits.clone() - logits.max_dim(1);
+        let exp = shifted.clone().exp();
+        let sum = exp.clone().sum_dim(1);
+        let nll = sum.clone().log() - shifted.gather(1, ids.clone());
+        let loss = (nll * weight.clone()).sum().into_scalar().elem::<f64>();
+        let one_hot = Tensor::<B, 2>::zeros([c, vocab], &device).scatter(1, ids, weight.clone(), burn::tensor::IndexingUpdateOp::Add);
+        (loss, prim(exp * (weight / sum) - one_hot))
     }
 
     pub fn rms_norm_forward<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>, eps: f64) -> (FloatTensor<B>, FloatTensor<B>) {

@@ -183,3 +183,28 @@ fn rms_norm_rope_swiglu_cpu_kernels_match_plain_ops() {
 fn rms_norm_rope_swiglu_generic_backward_matches_plain_ops() {
     elementwise_cases::<NdArray>();
 }
+
+#[test]
+fn cross_entropy_cpu_kernel_matches_plain_ops() {
+    let logits = random::<Flex, 2>([5, 1000]) * 4.0;
+    let targets = [3u32, 999, 0, 500, 42];
+    let coef = [0.5f32, 0.0, 1.0, 0.25, 2.0];
+    let (loss, grad) = Flex::cross_entropy(prim(logits.clone()), &targets, &coef);
+    let (ref_loss, ref_grad) = super::reference::cross_entropy::<Flex>(prim(logits), &targets, &coef);
+    assert!((loss - ref_loss).abs() <= 1e-5 * ref_loss.abs(), "loss {loss} vs {ref_loss}");
+    assert!(rel_diff(float::<Flex, 2>(grad), float::<Flex, 2>(ref_grad)) < TOL, "gradient");
+}
+
+#[test]
+fn fast_exp_is_within_two_ulp_and_zero_below_range() {
+    let mut worst = 0f64;
+    for i in 0..200_000 {
+        let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+        let (ours, exact) = (super::cpu::exp(x) as f64, (x as f64).exp());
+        worst = worst.max((ours - exact).abs() / exact);
+    }
+    // 2 ulp of f32 is 2.4e-7 relative.
+    assert!(worst < 2.4e-7, "worst relative error {worst:e}");
+    assert_eq!(super::cpu::exp(f32::NEG_INFINITY), 0.0);
+    assert_eq!(super::cpu::exp(-100.0), 0.0);
+}

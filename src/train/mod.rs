@@ -12,7 +12,7 @@ use std::time::Instant;
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use crate::backend::Backend;
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::data::batch::Batch;
 use crate::error::{Error, Result};
@@ -64,7 +64,7 @@ pub const LOSS_CHUNK: usize = 128;
 /// so d loss / d h = that · lm_headᵀ. The graph then only needs Σ h ⊙ (d loss / d h), whose
 /// gradient with respect to h is exactly that. The [tokens × vocab] logits are never held
 /// whole, nor saved for the backward pass (the lm_head is frozen, so nothing else needs them).
-pub fn loss_for_backward<B: AutodiffBackend + Backend>(model: &Llama<B>, batch: &Batch, label_total: usize, device: &B::Device) -> (Tensor<B, 1>, f64) {
+pub fn loss_for_backward<B: AutodiffBackend<InnerBackend: Backend> + Backend>(model: &Llama<B>, batch: &Batch, label_total: usize, device: &B::Device) -> (Tensor<B, 1>, f64) {
     let (n, hidden) = (batch.rows * batch.seq, model.config.hidden_size);
     let h = final_hidden(model, batch, device);
     let w = model.lm_head_weight().inner(); // [hidden, vocab]
@@ -80,21 +80,12 @@ pub fn loss_for_backward<B: AutodiffBackend + Backend>(model: &Llama<B>, batch: 
             grad.push(Tensor::zeros([c, hidden], &inner_device));
             continue;
         }
-        let targets: Vec<i64> = batch.targets[start..start + c].iter().map(|&t| t as i64).collect();
-        let targets = Tensor::<B::InnerBackend, 1, Int>::from_data(TensorData::new(targets, [c]), &inner_device);
-        let weight = Tensor::<B::InnerBackend, 2>::from_data(TensorData::new(coef[start..start + c].to_vec(), [c, 1]), &inner_device);
         let logits = crate::model::layers::linear_in_weight_dtype(x.clone().narrow(0, start, c), w.clone(), None);
-        let shifted = logits.clone() - logits.max_dim(1);
-        let exp = shifted.clone().exp();
-        let sum = exp.clone().sum_dim(1);
-        let nll = sum.clone().log() - shifted.gather(1, targets.clone().reshape([c, 1]));
-        loss += (nll * weight.clone()).sum().into_scalar().elem::<f64>();
-        // (softmax − one-hot) · weight, times lm_headᵀ; the one-hot part is the target's row.
-        let softmax_w = exp * (weight.clone() / sum);
-        let embed = w.clone().transpose(); // [vocab, hidden]
-        let g = crate::model::layers::linear_in_weight_dtype(softmax_w, embed.clone(), None);
-        let target_rows = embed.select(0, targets).cast(g.dtype());
-        grad.push(g - target_rows * weight);
+        // d loss / d logits = (softmax − one-hot) · weight, then times lm_headᵀ.
+        let (l, dlogits) = <B::InnerBackend as crate::ops::FusedOps>::cross_entropy(logits.into_primitive().tensor(), &batch.targets[start..start + c], &coef[start..start + c]);
+        loss += l;
+        let dlogits = Tensor::<B::InnerBackend, 2>::from_primitive(burn::tensor::TensorPrimitive::Float(dlogits));
+        grad.push(crate::model::layers::linear_in_weight_dtype(dlogits, w.clone().transpose(), None));
     }
     let grad = Tensor::<B, 2>::from_inner(Tensor::cat(grad, 0));
     ((h * grad).sum(), loss)
@@ -131,7 +122,7 @@ pub struct StepStats {
 /// One optimizer step over `batches` (the micro-batches of gradient accumulation): forward and
 /// backward per micro-batch with gradients summed, global-norm clipping, AdamW. `tune bench`
 /// times exactly this.
-pub fn train_step<B: AutodiffBackend + Backend>(
+pub fn train_step<B: AutodiffBackend<InnerBackend: Backend> + Backend>(
     model: &mut Llama<B>,
     opt: &mut AdamW<B::InnerBackend>,
     batches: &[Batch],
@@ -204,7 +195,7 @@ pub fn setup(recipe: &Recipe) -> Result<Setup> {
 
 /// Loads the base model on the autodiff backend with LoRA attached: fresh, or from
 /// `lora.init_from`. Only the adapters require gradients.
-pub fn model_with_lora<B: AutodiffBackend + Backend>(recipe: &Recipe, setup: &mut Setup, device: &B::Device) -> Result<Llama<B>> {
+pub fn model_with_lora<B: AutodiffBackend<InnerBackend: Backend> + Backend>(recipe: &Recipe, setup: &mut Setup, device: &B::Device) -> Result<Llama<B>> {
     let dtype = match recipe.model.dtype {
         crate::recipe::BaseDtype::F32 => burn::tensor::FloatDType::F32,
         crate::recipe::BaseDtype::Bf16 => burn::tensor::FloatDType::BF16,

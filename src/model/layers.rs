@@ -3,8 +3,9 @@
 
 use crate::backend::Backend;
 use burn::tensor::module::linear;
-use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Bool, Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+
+use crate::ops::{float, prim};
 
 use crate::lora::LoraAdapter;
 
@@ -20,17 +21,9 @@ impl<B: Backend> RmsNorm<B> {
         let dims = x.dims();
         let d = dims[D - 1];
         let rows = x.shape().num_elements() / d;
-        let x = fused(B::fused_rms_norm(prim(x.reshape([rows, d])), prim(self.weight.clone()), self.eps));
+        let x = float(B::fused_rms_norm(prim(x.reshape([rows, d])), prim(self.weight.clone()), self.eps));
         Tensor::<B, 2>::reshape(x, dims)
     }
-}
-
-fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
-    t.into_primitive().tensor()
-}
-
-fn fused<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
 /// A linear layer `y = x·W (+ b)` as in HF's `nn.Linear`, plus an optional LoRA adapter.
@@ -79,7 +72,7 @@ impl<B: Backend> Projection<B> {
                     b: prim(lora.b.clone()),
                     scale: lora.scale,
                 };
-                let y: Tensor<B, 2> = fused(B::lora_linear(prim(x), x_lora.map(prim), p));
+                let y: Tensor<B, 2> = float(B::lora_linear(prim(x), x_lora.map(prim), p));
                 let mut out = dims;
                 out[D - 1] = self.out_features();
                 y.reshape(out)
@@ -212,7 +205,7 @@ pub struct RopeTables<B: Backend> {
 
 /// Applies the rotation to q or k laid out `[batch, seq, heads, head_dim]`.
 pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, t: &RopeTables<B>) -> Tensor<B, 4> {
-    fused(B::fused_rope(prim(x), prim(t.cos.clone()), prim(t.sin.clone())))
+    float(B::fused_rope(prim(x), prim(t.cos.clone()), prim(t.sin.clone())))
 }
 
 /// Which keys each query may attend to.
@@ -287,7 +280,7 @@ pub fn scaled_dot_product_attention<B: Backend>(
         AttentionMask::Causal => crate::ops::Mask::Causal,
         AttentionMask::Explicit(m) => crate::ops::Mask::Explicit(m.clone().into_primitive()),
     };
-    fused(B::fused_attention(prim(q), prim(k), prim(v), mask))
+    float(B::fused_attention(prim(q), prim(k), prim(v), mask))
 }
 
 /// Token ids `[rows, seq]` as an Int tensor.

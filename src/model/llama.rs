@@ -7,12 +7,13 @@
 
 use crate::backend::Backend;
 use burn::tensor::module::embedding;
-use burn::tensor::{DType, Int, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Int, Tensor};
 
 use super::layers::{apply_rope, scaled_dot_product_attention, AttentionMask, Projection, RmsNorm, Rope, RopeTables};
 use super::loader::Loader;
 use super::ModelConfig;
 use crate::error::Result;
+use crate::ops::{float, prim};
 
 /// HF's tensor names for the Llama layout, shared by Mistral, Qwen2 and Qwen3.
 pub const NAMES: super::WeightNames = super::WeightNames {
@@ -132,8 +133,7 @@ impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let gate = self.gate_proj.forward(x.clone());
         let up = self.up_proj.forward(x);
-        let act = B::fused_swiglu(gate.into_primitive().tensor(), up.into_primitive().tensor());
-        self.down_proj.forward(Tensor::from_primitive(TensorPrimitive::Float(act)))
+        self.down_proj.forward(float(B::fused_swiglu(prim(gate), prim(up))))
     }
 }
 

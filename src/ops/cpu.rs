@@ -68,63 +68,28 @@ impl Shared {
     }
 }
 
-/// dst (rows `m`, cols `n`, strides `dst_rs`, 1) = dst (if `accumulate`) + beta · lhs·rhs,
-/// single-threaded: the attention kernels already run one task per core.
+/// One core: the attention kernels already run one task per core.
+const ONE_CORE: gemm::Parallelism = gemm::Parallelism::None;
+/// Every core, for one large product.
+const ALL_CORES: gemm::Parallelism = gemm::Parallelism::Rayon(0);
+
+/// dst (rows `m`, cols `n`, strides `dst_rs`, 1) = dst (if `accumulate`) + beta · lhs·rhs.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: isize,
-    accumulate: bool,
-    lhs: *const f32,
-    lhs_rs: isize,
-    lhs_cs: isize,
-    rhs: *const f32,
-    rhs_rs: isize,
-    rhs_cs: isize,
-    beta: f32,
-) {
-    gemm_with(m, n, k, dst, dst_rs, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, beta, gemm::Parallelism::None);
-}
-
-/// [`gemm`] on every core, for one large product.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_par(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: isize,
-    accumulate: bool,
-    lhs: *const f32,
-    lhs_rs: isize,
-    lhs_cs: isize,
-    rhs: *const f32,
-    rhs_rs: isize,
-    rhs_cs: isize,
-    beta: f32,
-) {
-    gemm_with(m, n, k, dst, dst_rs, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, beta, gemm::Parallelism::Rayon(0));
-}
-
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_with(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: isize,
-    accumulate: bool,
-    lhs: *const f32,
-    lhs_rs: isize,
-    lhs_cs: isize,
-    rhs: *const f32,
-    rhs_rs: isize,
-    rhs_cs: isize,
-    beta: f32,
     parallelism: gemm::Parallelism,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: *const f32,
+    rhs_rs: isize,
+    rhs_cs: isize,
+    beta: f32,
 ) {
     gemm::gemm(
         m,
@@ -234,6 +199,7 @@ fn attention_forward_f32(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<
             // scores = scale · q_tile · kᵀ, [rows, n] with row stride t
             unsafe {
                 gemm(
+                    ONE_CORE,
                     rows, n, d,
                     scores.as_mut_ptr(), t as isize, false,
                     q0[r0 * h * d..].as_ptr(), (h * d) as isize, 1,
@@ -251,6 +217,7 @@ fn attention_forward_f32(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<
             // out_tile = p · v
             unsafe {
                 gemm(
+                    ONE_CORE,
                     rows, d, n,
                     out_ptr.at(((bi * s + r0) * h + hi) * d), (h * d) as isize, false,
                     scores.as_ptr(), t as isize, 1,
@@ -296,7 +263,7 @@ fn attention_backward_f32(
                 let ld = (h * d) as isize;
                 unsafe {
                     // p = softmax(scale · q kᵀ), rebuilt from the saved log-sum-exp
-                    gemm(rows, n, d, p.as_mut_ptr(), t as isize, false, q_t.as_ptr(), ld, 1, k0.as_ptr(), 1, (kv * d) as isize, scale);
+                    gemm(ONE_CORE, rows, n, d, p.as_mut_ptr(), t as isize, false, q_t.as_ptr(), ld, 1, k0.as_ptr(), 1, (kv * d) as isize, scale);
                 }
                 for ii in 0..rows {
                     let i = r0 + ii;
@@ -306,9 +273,9 @@ fn attention_backward_f32(
                 }
                 unsafe {
                     // dv += pᵀ · grad
-                    gemm(n, d, rows, dv_ptr.at(kv_off), (kv * d) as isize, true, p.as_ptr(), 1, t as isize, g_t.as_ptr(), ld, 1, 1.0);
+                    gemm(ONE_CORE, n, d, rows, dv_ptr.at(kv_off), (kv * d) as isize, true, p.as_ptr(), 1, t as isize, g_t.as_ptr(), ld, 1, 1.0);
                     // dp = grad · vᵀ
-                    gemm(rows, n, d, dp.as_mut_ptr(), t as isize, false, g_t.as_ptr(), ld, 1, v0.as_ptr(), 1, (kv * d) as isize, 1.0);
+                    gemm(ONE_CORE, rows, n, d, dp.as_mut_ptr(), t as isize, false, g_t.as_ptr(), ld, 1, v0.as_ptr(), 1, (kv * d) as isize, 1.0);
                 }
                 // ds = p · (dp − Σ grad·out), the softmax's backward, times the score scale
                 for ii in 0..rows {
@@ -322,9 +289,9 @@ fn attention_backward_f32(
                 }
                 unsafe {
                     // dq = ds · k
-                    gemm(rows, d, n, dq_ptr.at(row_off), ld, false, dp.as_ptr(), t as isize, 1, k0.as_ptr(), (kv * d) as isize, 1, 1.0);
+                    gemm(ONE_CORE, rows, d, n, dq_ptr.at(row_off), ld, false, dp.as_ptr(), t as isize, 1, k0.as_ptr(), (kv * d) as isize, 1, 1.0);
                     // dk += dsᵀ · q
-                    gemm(n, d, rows, dk_ptr.at(kv_off), (kv * d) as isize, true, dp.as_ptr(), 1, t as isize, q_t.as_ptr(), ld, 1, 1.0);
+                    gemm(ONE_CORE, n, d, rows, dk_ptr.at(kv_off), (kv * d) as isize, true, dp.as_ptr(), 1, t as isize, q_t.as_ptr(), ld, 1, 1.0);
                 }
             }
         }
@@ -346,10 +313,17 @@ fn geometry<'a>(q: &FlexTensor, k: &FlexTensor, mask: &'a Option<FlexTensor>) ->
     }
 }
 
-fn mask_bytes(mask: &Mask<Flex>) -> Option<FlexTensor> {
+/// The mask as the kernels read it: `Some(None)` for causal, `Some(Some(bytes))` for an
+/// explicit mask stored one byte per element, None when it is stored otherwise (the kernels
+/// then leave the call to the reference path).
+fn kernel_mask(mask: &Mask<Flex>) -> Option<Option<FlexTensor>> {
     match mask {
-        Mask::Causal => None,
-        Mask::Explicit(m) => Some(contiguous(m.clone())),
+        Mask::Causal => Some(None),
+        Mask::Explicit(m) => {
+            let m = contiguous(m.clone());
+            let one_byte_each = m.layout().shape().iter().product::<usize>() == m.storage::<u8>().len();
+            one_byte_each.then_some(Some(m))
+        }
     }
 }
 
@@ -405,9 +379,9 @@ impl FusedOps for Flex {
         unsafe {
             // y = x·w, down = x_lora·a, y += scale · down·b: the adapter's output lands in y's
             // buffer with no separate add.
-            gemm_par(n, dout, din, y.as_mut_ptr(), dout as isize, false, xs.as_ptr(), din as isize, 1, ws.as_ptr(), dout as isize, 1, 1.0);
-            gemm_par(n, r, din, down.as_mut_ptr(), r as isize, false, xl.as_ptr(), din as isize, 1, as_.as_ptr(), r as isize, 1, 1.0);
-            gemm_par(n, dout, r, y.as_mut_ptr(), dout as isize, true, down.as_ptr(), r as isize, 1, bs.as_ptr(), dout as isize, 1, p.scale as f32);
+            gemm(ALL_CORES, n, dout, din, y.as_mut_ptr(), dout as isize, false, xs.as_ptr(), din as isize, 1, ws.as_ptr(), dout as isize, 1, 1.0);
+            gemm(ALL_CORES, n, r, din, down.as_mut_ptr(), r as isize, false, xl.as_ptr(), din as isize, 1, as_.as_ptr(), r as isize, 1, 1.0);
+            gemm(ALL_CORES, n, dout, r, y.as_mut_ptr(), dout as isize, true, down.as_ptr(), r as isize, 1, bs.as_ptr(), dout as isize, 1, p.scale as f32);
         }
         if let Some(bias) = p.bias {
             let bias = contiguous(bias);
@@ -448,20 +422,20 @@ impl FusedOps for Flex {
         let mut dx_lora = vec![0f32; if x_lora.is_some() { n * din } else { 0 }];
         unsafe {
             // down = x_lora·a (recomputed: [n, r] is cheap), v = grad·bᵀ
-            gemm_par(n, r, din, down.as_mut_ptr(), r as isize, false, xl.as_ptr(), din as isize, 1, as_.as_ptr(), r as isize, 1, 1.0);
-            gemm_par(n, r, dout, v.as_mut_ptr(), r as isize, false, gs.as_ptr(), dout as isize, 1, bs.as_ptr(), 1, dout as isize, 1.0);
+            gemm(ALL_CORES, n, r, din, down.as_mut_ptr(), r as isize, false, xl.as_ptr(), din as isize, 1, as_.as_ptr(), r as isize, 1, 1.0);
+            gemm(ALL_CORES, n, r, dout, v.as_mut_ptr(), r as isize, false, gs.as_ptr(), dout as isize, 1, bs.as_ptr(), 1, dout as isize, 1.0);
             // db = scale · downᵀ·grad, da = scale · x_loraᵀ·v
-            gemm_par(r, dout, n, db.as_mut_ptr(), dout as isize, false, down.as_ptr(), 1, r as isize, gs.as_ptr(), dout as isize, 1, s);
-            gemm_par(din, r, n, da.as_mut_ptr(), r as isize, false, xl.as_ptr(), 1, din as isize, v.as_ptr(), r as isize, 1, s);
+            gemm(ALL_CORES, r, dout, n, db.as_mut_ptr(), dout as isize, false, down.as_ptr(), 1, r as isize, gs.as_ptr(), dout as isize, 1, s);
+            gemm(ALL_CORES, din, r, n, da.as_mut_ptr(), r as isize, false, xl.as_ptr(), 1, din as isize, v.as_ptr(), r as isize, 1, s);
             if need_dx {
                 // dx = grad·wᵀ (+ scale · v·aᵀ when the adapter saw x itself)
-                gemm_par(n, din, dout, dx.as_mut_ptr(), din as isize, false, gs.as_ptr(), dout as isize, 1, ws.as_ptr(), 1, dout as isize, 1.0);
+                gemm(ALL_CORES, n, din, dout, dx.as_mut_ptr(), din as isize, false, gs.as_ptr(), dout as isize, 1, ws.as_ptr(), 1, dout as isize, 1.0);
                 if x_lora.is_none() {
-                    gemm_par(n, din, r, dx.as_mut_ptr(), din as isize, true, v.as_ptr(), r as isize, 1, as_.as_ptr(), 1, r as isize, s);
+                    gemm(ALL_CORES, n, din, r, dx.as_mut_ptr(), din as isize, true, v.as_ptr(), r as isize, 1, as_.as_ptr(), 1, r as isize, s);
                 }
             }
             if x_lora.is_some() {
-                gemm_par(n, din, r, dx_lora.as_mut_ptr(), din as isize, false, v.as_ptr(), r as isize, 1, as_.as_ptr(), 1, r as isize, s);
+                gemm(ALL_CORES, n, din, r, dx_lora.as_mut_ptr(), din as isize, false, v.as_ptr(), r as isize, 1, as_.as_ptr(), 1, r as isize, s);
             }
         }
         let dx = need_dx.then(|| tensor(dx, vec![n, din]));
@@ -475,11 +449,9 @@ impl FusedOps for Flex {
         v: FloatTensor<Self>,
         mask: Mask<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let m = mask_bytes(&mask);
-        let bool_bytes = m.as_ref().is_none_or(|m| m.layout().shape().iter().product::<usize>() == m.storage::<u8>().len());
-        if !all_f32(&[&q, &k, &v]) || !bool_bytes {
+        let Some(m) = kernel_mask(&mask).filter(|_| all_f32(&[&q, &k, &v])) else {
             return reference::attention_forward::<Self>(q, k, v, mask);
-        }
+        };
         let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
         let g = geometry(&q, &k, &m);
         let (out, lse) = attention_forward_f32(q.storage(), k.storage(), v.storage(), &g);
@@ -495,11 +467,9 @@ impl FusedOps for Flex {
         lse: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let m = mask_bytes(&mask);
-        let bool_bytes = m.as_ref().is_none_or(|m| m.layout().shape().iter().product::<usize>() == m.storage::<u8>().len());
-        if !all_f32(&[&q, &k, &v, &out, &lse, &grad]) || !bool_bytes {
+        let Some(m) = kernel_mask(&mask).filter(|_| all_f32(&[&q, &k, &v, &out, &lse, &grad])) else {
             return reference::attention_backward::<Self>(q, k, v, mask, out, lse, grad);
-        }
+        };
         let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
         let (out, lse, grad) = (contiguous(out), contiguous(lse), contiguous(grad));
         let g = geometry(&q, &k, &m);

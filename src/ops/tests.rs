@@ -5,18 +5,10 @@
 
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::tensor::activation::softmax;
-use burn::tensor::{Bool, Distribution, ElementConversion, Tensor, TensorPrimitive};
+use burn::tensor::{Bool, Distribution, ElementConversion, Tensor};
 
-use super::{FusedOps, Mask};
+use super::{float, prim, FusedOps, Mask};
 use crate::model::AttentionMask;
-
-fn prim<B: FusedOps, const D: usize>(t: Tensor<B, D>) -> burn::tensor::ops::FloatTensor<B> {
-    t.into_primitive().tensor()
-}
-
-fn float<B: FusedOps, const D: usize>(t: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
-}
 
 fn random<B: FusedOps, const D: usize>(shape: [usize; D]) -> Tensor<B, D> {
     Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())

@@ -21,6 +21,7 @@ use crate::hf::Tokenizer;
 use crate::lora::{self, LoraConfig};
 use crate::model::layers::token_tensor;
 use crate::checkpoint;
+use crate::ops::{float, prim};
 use crate::model::{self, AttentionMask, Llama, ModelConfig};
 use crate::recipe::Recipe;
 use data::{prepare, step_batches, Order, Prepared};
@@ -82,10 +83,9 @@ pub fn loss_for_backward<B: AutodiffBackend<InnerBackend: Backend> + Backend>(mo
         }
         let logits = crate::model::layers::linear_in_weight_dtype(x.clone().narrow(0, start, c), w.clone(), None);
         // d loss / d logits = (softmax − one-hot) · weight, then times lm_headᵀ.
-        let (l, dlogits) = <B::InnerBackend as crate::ops::FusedOps>::cross_entropy(logits.into_primitive().tensor(), &batch.targets[start..start + c], &coef[start..start + c]);
+        let (l, dlogits) = <B::InnerBackend as crate::ops::FusedOps>::cross_entropy(prim(logits), &batch.targets[start..start + c], &coef[start..start + c]);
         loss += l;
-        let dlogits = Tensor::<B::InnerBackend, 2>::from_primitive(burn::tensor::TensorPrimitive::Float(dlogits));
-        grad.push(crate::model::layers::linear_in_weight_dtype(dlogits, w.clone().transpose(), None));
+        grad.push(crate::model::layers::linear_in_weight_dtype(float::<_, 2>(dlogits), w.clone().transpose(), None));
     }
     let grad = Tensor::<B, 2>::from_inner(Tensor::cat(grad, 0));
     ((h * grad).sum(), loss)

@@ -16,7 +16,7 @@ use crate::model::{self, Llama};
 use crate::recipe::PROJECTIONS;
 use crate::rng::Rng;
 use crate::train::optimizer::{AdamW, AdamWConfig};
-use crate::train::{lora_params, train_step};
+use crate::train::{lora_params, train_step, StepOptions};
 
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -27,6 +27,7 @@ pub struct BenchConfig {
     pub warmup: usize,
     /// Storage dtype of the frozen base (f32 or bf16).
     pub dtype: burn::tensor::FloatDType,
+    pub activation_checkpointing: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -37,6 +38,7 @@ pub struct BenchReport {
     pub rank: usize,
     pub steps: usize,
     pub dtype: String,
+    pub activation_checkpointing: bool,
     pub tokens_per_s: f64,
     pub step_s_median: f64,
     pub peak_rss_mib: f64,
@@ -83,7 +85,13 @@ pub fn run<B: Backend>(device: &B::Device, model_dir: &Path, c: &BenchConfig) ->
             .collect();
         let batch = Batch::new(&rows.iter().collect::<Vec<_>>(), 0);
         let t = Instant::now();
-        train_step(&mut model, &mut opt, std::slice::from_ref(&batch), 1e-4, Some(1.0), step as u64, device);
+        let options = StepOptions {
+            lr: 1e-4,
+            max_grad_norm: Some(1.0),
+            dropout_seed: step as u64,
+            activation_checkpointing: c.activation_checkpointing,
+        };
+        train_step(&mut model, &mut opt, std::slice::from_ref(&batch), options, device);
         if step >= c.warmup {
             times.push(t.elapsed().as_secs_f64());
         }
@@ -98,6 +106,7 @@ pub fn run<B: Backend>(device: &B::Device, model_dir: &Path, c: &BenchConfig) ->
         rank: c.rank,
         steps: c.steps,
         dtype: format!("{:?}", c.dtype).to_lowercase(),
+        activation_checkpointing: c.activation_checkpointing,
         tokens_per_s: (c.seq * c.batch * c.steps) as f64 / total,
         step_s_median: sorted[sorted.len() / 2],
         peak_rss_mib: peak_rss_mib(),

@@ -176,6 +176,10 @@ pub struct TrainSection {
     pub max_grad_norm: Option<f64>,
     /// Seeds LoRA init, shuffling and dropout. Default 42.
     pub seed: u64,
+    /// Keep only each decoder layer's input during the forward pass and recompute the layer
+    /// in the backward pass: activation memory of one layer instead of all, for one more
+    /// forward pass. Same gradients. Default false.
+    pub activation_checkpointing: bool,
 }
 
 impl Default for TrainSection {
@@ -193,6 +197,7 @@ impl Default for TrainSection {
             schedule: Schedule::Cosine,
             max_grad_norm: Some(1.0),
             seed: 42,
+            activation_checkpointing: false,
         }
     }
 }

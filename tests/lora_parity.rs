@@ -9,12 +9,12 @@ mod common;
 use burn::backend::Autodiff;
 use burn::tensor::Tensor;
 use common::*;
-use tune::data::batch::{Batch, Row};
+use tune::data::batch::{pack, Batch, Row};
 use tune::data::examples::Example;
 use tune::lora;
 use tune::model::{self, Llama};
 use tune::train::optimizer::{AdamW, AdamWConfig};
-use tune::train::{batch_loss, loss_for_backward, lora_params, train_step};
+use tune::train::{batch_loss, loss_and_grads, loss_for_backward, lora_params, train_step, StepOptions};
 
 type AB = Autodiff<B>;
 const TOL: f64 = 1e-4;
@@ -92,6 +92,20 @@ fn check_loss_and_grads(name: &str, variant: &str) {
     }
     let expected = reference.keys().filter(|k| k.starts_with("grad.")).count();
     assert_eq!(checked, expected, "{name}/{variant}: every PEFT gradient is compared");
+
+    // Activation checkpointing recomputes each layer: the same loss and gradients as PEFT's.
+    let (loss, recomputed) = loss_and_grads(&model, &batch, batch.label_count(), true, &device);
+    assert!((loss - chunked).abs() <= 1e-6 * chunked, "{name}/{variant}: checkpointed loss {loss} vs {chunked}");
+    let mut recomputed = recomputed.into_iter();
+    for p in model.projections().into_iter().filter(|p| p.lora.is_some()) {
+        for which in ["lora_A", "lora_B"] {
+            let key = format!("grad.{}", lora::peft_key(&p.name, which));
+            let ours = peft_layout(recomputed.next().expect("one gradient per adapter tensor"));
+            let err = rel(&ours, &reference[&key].f32s());
+            assert!(err <= TOL, "{name}/{variant}: checkpointed {key} relative error {err:.2e}");
+        }
+    }
+    assert!(recomputed.next().is_none(), "{name}/{variant}: no extra gradients");
     eprintln!("{name:14}{variant:14} loss rel err {loss_err:.2e}, worst grad rel err {worst:.2e} over {checked} tensors");
 }
 
@@ -116,7 +130,8 @@ fn five_adamw_steps_match_torch() {
         let ref_losses = reference["adam_losses"].values.clone();
         let ref_norms = reference["adam_grad_norms"].values.clone();
         for step in 0..5 {
-            let stats = train_step(&mut model, &mut opt, std::slice::from_ref(&batch), 1e-2, Some(1.0), 0, &device);
+            let options = StepOptions { lr: 1e-2, max_grad_norm: Some(1.0), dropout_seed: 0, activation_checkpointing: false };
+            let stats = train_step(&mut model, &mut opt, std::slice::from_ref(&batch), options, &device);
             let loss_err = (stats.loss as f64 - ref_losses[step]).abs() / ref_losses[step];
             let norm_err = (stats.grad_norm - ref_norms[step]).abs() / ref_norms[step];
             assert!(loss_err <= TOL, "{name} step {}: loss {} vs torch {} (rel {loss_err:.2e})", step + 1, stats.loss, ref_losses[step]);
@@ -136,6 +151,64 @@ fn five_adamw_steps_match_torch() {
                 let err = frobenius_rel(&ours, &want);
                 assert!(err <= 1e-3, "{name}: {key} after 5 steps, ‖Δ‖/‖w‖ = {err:.2e}");
             }
+        }
+    }
+}
+
+/// Training with `train.activation_checkpointing` follows the plain run: LoRA dropout (the
+/// recomputed forward pass must draw the same masks), packed rows, and two micro-batches of
+/// gradient accumulation, over three AdamW steps.
+#[test]
+fn activation_checkpointing_trains_like_the_plain_step() {
+    let device = Default::default();
+    for name in TINY {
+        let reference = read_reference(&tiny(name).join("lora").join("reference.safetensors"));
+        let ids = reference["input_ids"].ids();
+        let vocab = *ids.iter().max().unwrap() as usize + 1;
+        // Examples of different lengths, packed two or three to a row.
+        let examples: Vec<Example> = (0..6)
+            .map(|i| {
+                let len = 5 + 3 * i;
+                let ids: Vec<u32> = (0..len).map(|j| ((j * 7 + i * 13) % vocab) as u32).collect();
+                Example { trained: (0..len).map(|j| j >= 2).collect(), ids }
+            })
+            .collect();
+        let rows = pack(&examples, 24);
+        assert!(rows.iter().any(|r| r.segments.len() > 1), "the rows are packed");
+        let half = rows.len() / 2;
+        let micro = [
+            Batch::new(&rows[..half].iter().collect::<Vec<_>>(), 0),
+            Batch::new(&rows[half..].iter().collect::<Vec<_>>(), 0),
+        ];
+        let run = |checkpointing: bool| {
+            let mut model = model_with_adapter(name, "lora");
+            for p in model.projections_mut() {
+                if let Some(l) = p.lora.as_mut() {
+                    l.dropout = 0.1;
+                }
+            }
+            let inner: Vec<_> = lora_params(&model).into_iter().map(|p| p.inner()).collect();
+            let mut opt = AdamW::new(AdamWConfig::default(), &inner);
+            let mut losses = Vec::new();
+            for step in 0..3 {
+                let options = StepOptions { lr: 1e-2, max_grad_norm: Some(1.0), dropout_seed: step, activation_checkpointing: checkpointing };
+                let stats = train_step(&mut model, &mut opt, &micro, options, &device);
+                losses.push((stats.loss, stats.grad_norm));
+            }
+            let weights: Vec<Vec<f32>> = lora_params(&model).into_iter().map(|p| p.inner().into_data().iter::<f32>().collect()).collect();
+            (losses, weights)
+        };
+        let (plain_losses, plain) = run(false);
+        let (ckpt_losses, ckpt) = run(true);
+        for (step, ((l0, n0), (l1, n1))) in plain_losses.iter().zip(&ckpt_losses).enumerate() {
+            assert!((l0 - l1).abs() <= 1e-6 * l0.abs(), "{name} step {}: loss {l1} vs {l0}", step + 1);
+            assert!((n0 - n1).abs() <= 1e-6 * n0.abs(), "{name} step {}: grad norm {n1} vs {n0}", step + 1);
+        }
+        // Dropout is on, so a recomputation with other masks would move these.
+        assert!((plain_losses[2].0 - plain_losses[0].0).abs() > 1e-4, "{name}: training moves the loss");
+        for (i, (a, b)) in plain.iter().zip(&ckpt).enumerate() {
+            let err = frobenius_rel(b, a);
+            assert!(err <= 1e-6, "{name}: adapter tensor {i} after 3 steps, ‖Δ‖/‖w‖ = {err:.2e}");
         }
     }
 }

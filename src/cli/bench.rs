@@ -22,6 +22,9 @@ pub struct Args {
     /// Storage dtype of the frozen base: f32 or bf16.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     dtype: String,
+    /// Recompute each layer in the backward pass (train.activation_checkpointing).
+    #[arg(long)]
+    activation_checkpointing: bool,
     /// Print one JSON line.
     #[arg(long)]
     json: bool,
@@ -34,21 +37,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         PathBuf::from(models).join("smollm2-135m-instruct")
     });
     let dtype = if args.dtype == "bf16" { burn::tensor::FloatDType::BF16 } else { burn::tensor::FloatDType::F32 };
-    let config = BenchConfig { seq: args.seq, batch: args.batch, rank: args.rank, steps: args.steps, warmup: 2, dtype };
+    let config = BenchConfig { seq: args.seq, batch: args.batch, rank: args.rank, steps: args.steps, warmup: 2, dtype, activation_checkpointing: args.activation_checkpointing };
     let report = tune::with_backend!(args.device, bench_on(&model, &config))?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        println!("| model | backend | dtype | seq | batch | rank | tokens/s | median step s | peak RSS MiB |");
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("| model | backend | dtype | seq | batch | rank | checkpointing | tokens/s | median step s | peak RSS MiB |");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
         println!(
-            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {:.0} |",
             model.file_name().unwrap_or_default().to_string_lossy(),
             report.backend,
             report.dtype,
             report.seq,
             report.batch,
             report.rank,
+            if report.activation_checkpointing { "on" } else { "off" },
             report.tokens_per_s,
             report.step_s_median,
             report.peak_rss_mib

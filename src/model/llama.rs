@@ -158,6 +158,17 @@ impl<B: Backend> DecoderLayer<B> {
         let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), b, rope, mask, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
+
+    /// The layer's projections in a fixed order: q k v o gate up down.
+    pub fn projections(&self) -> [&Projection<B>; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+    }
+
+    pub fn projections_mut(&mut self) -> [&mut Projection<B>; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]
+    }
 }
 
 /// The whole causal language model: embeddings, decoder layers, final norm, lm_head.
@@ -237,21 +248,29 @@ impl<B: Backend> Llama<B> {
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
         let [b, s] = input_ids.dims();
-        let device = input_ids.device();
-        let rope = self.rope.tables::<B>(positions, b, &device);
-        // The residual stream is kept as [b·s, hidden]: every projection is then one 2-D
-        // matmul (not b batched ones), and its backward uses the weight in place, where a 3-D
-        // input makes burn reshape, and so copy, the transposed weight.
-        let mut x = embedding(self.embed_tokens.clone(), input_ids).reshape([b * s, self.config.hidden_size]);
-        if x.dtype() != DType::F32 {
-            // A bf16 base keeps the residual stream in f32.
-            x = x.cast(DType::F32);
-        }
+        let rope = self.rope.tables::<B>(positions, b, &input_ids.device());
+        let mut x = self.embed(input_ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = layer.forward(x, b, &rope, mask, slot);
         }
         self.norm.forward(x).reshape([b, s, self.config.hidden_size])
+    }
+
+    /// The residual stream's start, `[b·s, hidden]` in f32, for token ids `[b, s]`.
+    ///
+    /// The stream is kept 2-D: every projection is then one matmul (not b batched ones), and
+    /// its backward uses the weight in place, where a 3-D input makes burn reshape, and so
+    /// copy, the transposed weight.
+    pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        let [b, s] = input_ids.dims();
+        let x = embedding(self.embed_tokens.clone(), input_ids).reshape([b * s, self.config.hidden_size]);
+        // A bf16 base keeps the residual stream in f32.
+        if x.dtype() != DType::F32 {
+            x.cast(DType::F32)
+        } else {
+            x
+        }
     }
 
     /// Logits `[.., vocab]` for hidden states `[.., hidden]`.
@@ -269,33 +288,11 @@ impl<B: Backend> Llama<B> {
 
     /// Every projection, in a fixed order (layer by layer, q k v o gate up down).
     pub fn projections_mut(&mut self) -> Vec<&mut Projection<B>> {
-        self.layers
-            .iter_mut()
-            .flat_map(|l| {
-                let a = &mut l.self_attn;
-                let m = &mut l.mlp;
-                [
-                    &mut a.q_proj,
-                    &mut a.k_proj,
-                    &mut a.v_proj,
-                    &mut a.o_proj,
-                    &mut m.gate_proj,
-                    &mut m.up_proj,
-                    &mut m.down_proj,
-                ]
-            })
-            .collect()
+        self.layers.iter_mut().flat_map(DecoderLayer::projections_mut).collect()
     }
 
     pub fn projections(&self) -> Vec<&Projection<B>> {
-        self.layers
-            .iter()
-            .flat_map(|l| {
-                let a = &l.self_attn;
-                let m = &l.mlp;
-                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
-            })
-            .collect()
+        self.layers.iter().flat_map(DecoderLayer::projections).collect()
     }
 }
 

@@ -22,6 +22,7 @@ use crate::lora::{self, LoraConfig};
 use crate::model::layers::token_tensor;
 use crate::checkpoint;
 use crate::ops::{float, prim};
+use crate::model::llama::DecoderLayer;
 use crate::model::{self, AttentionMask, Llama, ModelConfig};
 use crate::recipe::Recipe;
 use data::{prepare, step_batches, Order, Prepared};
@@ -42,35 +43,44 @@ pub fn batch_loss<B: Backend>(model: &Llama<B>, batch: &Batch, label_total: usiz
 
 /// The last hidden states of a batch, `[rows × seq, hidden]`, under its causal or packed mask.
 fn final_hidden<B: Backend>(model: &Llama<B>, batch: &Batch, device: &B::Device) -> Tensor<B, 2> {
-    let (rows, seq) = (batch.rows, batch.seq);
-    let window = model.config.sliding_window;
-    let mask = match &batch.segments {
-        Some(segments) => AttentionMask::packed(segments, seq, window, device),
-        None => AttentionMask::causal(seq, 0, window, device),
-    };
     model
-        .forward_hidden(token_tensor::<B>(&batch.ids, rows, device), &batch.positions, &mask, None)
-        .reshape([rows * seq, model.config.hidden_size])
+        .forward_hidden(token_tensor::<B>(&batch.ids, batch.rows, device), &batch.positions, &batch_mask(model, batch, device), None)
+        .reshape([batch.rows * batch.seq, model.config.hidden_size])
 }
 
-/// Rows of logits materialised at once by [`loss_for_backward`]: 128 × SmolLM2's 49,152-token
+fn batch_mask<B: Backend>(model: &Llama<B>, batch: &Batch, device: &B::Device) -> AttentionMask<B> {
+    let window = model.config.sliding_window;
+    match &batch.segments {
+        Some(segments) => AttentionMask::packed(segments, batch.seq, window, device),
+        None => AttentionMask::causal(batch.seq, 0, window, device),
+    }
+}
+
+/// Rows of logits materialised at once by [`head_gradient`]: 128 × SmolLM2's 49,152-token
 /// vocabulary is 25 MB, small enough for the allocator to reuse instead of mapping fresh pages.
 pub const LOSS_CHUNK: usize = 128;
 
-/// The same loss as [`batch_loss`], for training: returns its value and a surrogate whose
-/// gradient is the loss's gradient.
+/// The same loss as [`batch_loss`], for training: returns a surrogate whose gradient is the
+/// loss's gradient, and the loss's value.
 ///
-/// The lm_head and cross-entropy run outside the autodiff graph, LOSS_CHUNK rows at a time,
-/// with their gradient written out: d loss / d logits = (softmax − one-hot) · w / label_total,
-/// so d loss / d h = that · lm_headᵀ. The graph then only needs Σ h ⊙ (d loss / d h), whose
-/// gradient with respect to h is exactly that. The [tokens × vocab] logits are never held
-/// whole, nor saved for the backward pass (the lm_head is frozen, so nothing else needs them).
+/// The graph only needs Σ h ⊙ (d loss / d h), whose gradient with respect to the final hidden
+/// states h is exactly d loss / d h; [`head_gradient`] computes that outside the graph.
 pub fn loss_for_backward<B: AutodiffBackend<InnerBackend: Backend> + Backend>(model: &Llama<B>, batch: &Batch, label_total: usize, device: &B::Device) -> (Tensor<B, 1>, f64) {
-    let (n, hidden) = (batch.rows * batch.seq, model.config.hidden_size);
     let h = final_hidden(model, batch, device);
-    let w = model.lm_head_weight().inner(); // [hidden, vocab]
-    let x = h.clone().inner();
-    let inner_device = x.device();
+    let (grad, loss) = head_gradient(h.clone().inner(), model.lm_head_weight().inner(), batch, label_total);
+    ((h * Tensor::from_inner(grad)).sum(), loss)
+}
+
+/// d loss / d h and the loss for final hidden states `h` `[n, hidden]` and the lm_head `w`
+/// `[hidden, vocab]`, without autodiff.
+///
+/// The lm_head and cross-entropy run LOSS_CHUNK rows at a time, with their gradient written
+/// out: d loss / d logits = (softmax − one-hot) · w / label_total, so d loss / d h = that ·
+/// lm_headᵀ. The [tokens × vocab] logits are never held whole, nor saved for the backward pass
+/// (the lm_head is frozen, so nothing else needs them).
+fn head_gradient<B: Backend>(h: Tensor<B, 2>, w: Tensor<B, 2>, batch: &Batch, label_total: usize) -> (Tensor<B, 2>, f64) {
+    let [n, hidden] = h.dims();
+    let device = h.device();
     let coef: Vec<f32> = batch.weights.iter().map(|w| w / label_total.max(1) as f32).collect();
     let mut loss = 0f64;
     let mut grad = Vec::with_capacity(n.div_ceil(LOSS_CHUNK));
@@ -78,17 +88,89 @@ pub fn loss_for_backward<B: AutodiffBackend<InnerBackend: Backend> + Backend>(mo
         let c = LOSS_CHUNK.min(n - start);
         if coef[start..start + c].iter().all(|&w| w == 0.0) {
             // Only prompt or padding here: no loss, no gradient, no need for the logits.
-            grad.push(Tensor::zeros([c, hidden], &inner_device));
+            grad.push(Tensor::zeros([c, hidden], &device));
             continue;
         }
-        let logits = crate::model::layers::linear_in_weight_dtype(x.clone().narrow(0, start, c), w.clone(), None);
-        // d loss / d logits = (softmax − one-hot) · weight, then times lm_headᵀ.
-        let (l, dlogits) = <B::InnerBackend as crate::ops::FusedOps>::cross_entropy(prim(logits), &batch.targets[start..start + c], &coef[start..start + c]);
+        let logits = crate::model::layers::linear_in_weight_dtype(h.clone().narrow(0, start, c), w.clone(), None);
+        let (l, dlogits) = B::cross_entropy(prim(logits), &batch.targets[start..start + c], &coef[start..start + c]);
         loss += l;
         grad.push(crate::model::layers::linear_in_weight_dtype(float::<_, 2>(dlogits), w.clone().transpose(), None));
     }
-    let grad = Tensor::<B, 2>::from_inner(Tensor::cat(grad, 0));
-    ((h * grad).sum(), loss)
+    (Tensor::cat(grad, 0), loss)
+}
+
+/// The loss of one micro-batch and its gradient for every LoRA tensor, in [`lora_params`]
+/// order.
+///
+/// With `activation_checkpointing`, the forward pass keeps only each decoder layer's input;
+/// the backward pass then walks the layers from the last, recomputing each layer's forward
+/// pass under autodiff and back-propagating the gradient that arrived at its output. Peak
+/// memory holds one layer's activations instead of all of them, for one more forward pass of
+/// the layers. LoRA dropout is seeded per projection, so the recomputation draws the same
+/// masks, and the gradients are those of the plain pass.
+pub fn loss_and_grads<B: AutodiffBackend<InnerBackend: Backend> + Backend>(
+    model: &Llama<B>,
+    batch: &Batch,
+    label_total: usize,
+    activation_checkpointing: bool,
+    device: &B::Device,
+) -> (f64, Vec<Tensor<B::InnerBackend, 2>>) {
+    let params = lora_params(model);
+    if !activation_checkpointing {
+        let (surrogate, loss) = loss_for_backward(model, batch, label_total, device);
+        let g = surrogate.backward();
+        return (loss, params.iter().map(|p| p.grad(&g).expect("LoRA tensors require grad")).collect());
+    }
+
+    // Forward without a graph, keeping each layer's input.
+    let rope = model.rope.tables::<B>(&batch.positions, batch.rows, device);
+    let mask = batch_mask(model, batch, device);
+    let mut x = model.embed(token_tensor::<B>(&batch.ids, batch.rows, device));
+    let mut inputs = Vec::with_capacity(model.layers.len());
+    for layer in &model.layers {
+        inputs.push(x.clone());
+        x = without_grad(layer).forward(x, batch.rows, &rope, &mask, None);
+    }
+    // The head: final norm, lm_head and cross-entropy; the gradient arriving at the last layer.
+    let x = x.detach().require_grad();
+    let h = model.norm.forward(x.clone());
+    let (dh, loss) = head_gradient(h.clone().inner(), model.lm_head_weight().inner(), batch, label_total);
+    let g = (h * Tensor::from_inner(dh)).sum().backward();
+    let mut dx = x.grad(&g).expect("the last layer's output requires grad");
+
+    // The layers, last to first: recompute under autodiff, back-propagate dx.
+    let mut per_layer = Vec::with_capacity(model.layers.len());
+    for (i, (layer, input)) in model.layers.iter().zip(inputs).enumerate().rev() {
+        // The embeddings are frozen: layer 0 needs no gradient for its input.
+        let input = if i == 0 { input } else { input.detach().require_grad() };
+        let out = layer.forward(input.clone(), batch.rows, &rope, &mask, None);
+        let g = (out * Tensor::from_inner(dx.clone())).sum().backward();
+        let grads: Vec<_> = layer
+            .projections()
+            .into_iter()
+            .filter_map(|p| p.lora.as_ref())
+            .flat_map(|l| [&l.a, &l.b])
+            .map(|p| p.grad(&g).expect("LoRA tensors require grad"))
+            .collect();
+        per_layer.push(grads);
+        if i > 0 {
+            dx = input.grad(&g).expect("the layer's input requires grad");
+        }
+    }
+    (loss, per_layer.into_iter().rev().flatten().collect())
+}
+
+/// A copy of the layer whose adapters do not require gradients, so its forward pass records
+/// no graph. (`detach` would not do: burn keeps a detached leaf's `require_grad`.)
+fn without_grad<B: AutodiffBackend + Backend>(layer: &DecoderLayer<B>) -> DecoderLayer<B> {
+    let mut layer = layer.clone();
+    for p in layer.projections_mut() {
+        if let Some(l) = p.lora.as_mut() {
+            l.a = Tensor::from_inner(l.a.clone().inner());
+            l.b = Tensor::from_inner(l.b.clone().inner());
+        }
+    }
+    layer
 }
 
 /// The trainable tensors, in a fixed order: for each adapted projection, lora_A then lora_B.
@@ -119,6 +201,16 @@ pub struct StepStats {
     pub tokens: usize,
 }
 
+/// How one optimizer step runs, besides its batches.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOptions {
+    pub lr: f64,
+    pub max_grad_norm: Option<f64>,
+    /// Seeds LoRA dropout for this step.
+    pub dropout_seed: u64,
+    pub activation_checkpointing: bool,
+}
+
 /// One optimizer step over `batches` (the micro-batches of gradient accumulation): forward and
 /// backward per micro-batch with gradients summed, global-norm clipping, AdamW. `tune bench`
 /// times exactly this.
@@ -126,13 +218,10 @@ pub fn train_step<B: AutodiffBackend<InnerBackend: Backend> + Backend>(
     model: &mut Llama<B>,
     opt: &mut AdamW<B::InnerBackend>,
     batches: &[Batch],
-    lr: f64,
-    max_grad_norm: Option<f64>,
-    dropout_seed: u64,
+    options: StepOptions,
     device: &B::Device,
 ) -> StepStats {
     let label_total: usize = batches.iter().map(Batch::label_count).sum();
-    let params = lora_params(model);
     let mut grads: Option<Vec<Tensor<B::InnerBackend, 2>>> = None;
     let mut loss = 0f64;
     let mut tokens = 0;
@@ -140,14 +229,12 @@ pub fn train_step<B: AutodiffBackend<InnerBackend: Backend> + Backend>(
         // A fresh dropout seed per micro-batch and projection, derived from the step's seed.
         for (i, p) in model.projections_mut().into_iter().enumerate() {
             if let Some(l) = p.lora.as_mut() {
-                l.dropout_seed = Some(crate::rng::Rng::new(dropout_seed ^ ((m as u64) << 32) ^ i as u64).next_u64());
+                l.dropout_seed = Some(crate::rng::Rng::new(options.dropout_seed ^ ((m as u64) << 32) ^ i as u64).next_u64());
             }
         }
         tokens += batch.tokens;
-        let (surrogate, l) = loss_for_backward(model, batch, label_total, device);
+        let (l, step) = loss_and_grads(model, batch, label_total, options.activation_checkpointing, device);
         loss += l;
-        let g = surrogate.backward();
-        let step: Vec<_> = params.iter().map(|p| p.grad(&g).expect("LoRA tensors require grad")).collect();
         grads = Some(match grads {
             None => step,
             Some(acc) => acc.into_iter().zip(step).map(|(a, b)| a + b).collect(),
@@ -158,9 +245,9 @@ pub fn train_step<B: AutodiffBackend<InnerBackend: Backend> + Backend>(
             l.dropout_seed = None;
         }
     }
-    let (grads, grad_norm) = clip_grad_norm(grads.unwrap_or_default(), max_grad_norm);
-    let inner: Vec<_> = params.into_iter().map(|p| p.inner()).collect();
-    let updated = opt.update(inner, grads, lr);
+    let (grads, grad_norm) = clip_grad_norm(grads.unwrap_or_default(), options.max_grad_norm);
+    let inner: Vec<_> = lora_params(model).into_iter().map(|p| p.inner()).collect();
+    let updated = opt.update(inner, grads, options.lr);
     set_lora_params(model, updated.into_iter().map(|p| Tensor::from_inner(p).require_grad()).collect());
     StepStats { loss: loss as f32, grad_norm, tokens }
 }
@@ -278,7 +365,7 @@ pub enum Start {
 /// Recipe keys that may differ between the run that wrote a checkpoint and the one resuming it;
 /// any other difference changes the run (model, LoRA, data, batches, schedule, seed) and is
 /// refused.
-pub const RESUMABLE_CHANGES: &[&str] = &["device", "output.dir", "output.save_every", "output.keep_last", "output.export", "output.export_dtype"];
+pub const RESUMABLE_CHANGES: &[&str] = &["device", "train.activation_checkpointing", "output.dir", "output.save_every", "output.keep_last", "output.export", "output.export_dtype"];
 
 /// The keys whose values differ between two recipes, except those that may change on resume.
 pub fn breaking_changes(old: &Recipe, new: &Recipe) -> Vec<String> {
@@ -375,7 +462,8 @@ where
         let batches = step_batches(&setup.data, &mut order, step, t.batch_size, t.grad_accum);
         let lr = schedule::lr_at(step, total, t.warmup_steps, t.lr, t.schedule);
         let dropout_seed = crate::rng::Rng::new(t.seed ^ 0xD50F ^ (step as u64).wrapping_mul(0x2545_F491_4F6C_DD1D)).next_u64();
-        let stats = train_step(&mut model, &mut opt, &batches, lr, t.max_grad_norm, dropout_seed, &device);
+        let options = StepOptions { lr, max_grad_norm: t.max_grad_norm, dropout_seed, activation_checkpointing: t.activation_checkpointing };
+        let stats = train_step(&mut model, &mut opt, &batches, options, &device);
         if !stats.loss.is_finite() {
             return Err(Error::Unsupported(format!(
                 "step {}: loss is {} — lower train.lr or set train.max_grad_norm",
@@ -510,3 +598,4 @@ fn resume<B: Backend>(
     eprintln!("resuming from {} (step {step} of {})", found.dir.display(), found.state.total_steps);
     Ok((step, found.state.elapsed_s, history))
 }
+

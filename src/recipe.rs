@@ -260,6 +260,7 @@ const KEYS: &[&str] = &[
     "dataset.shuffle", "dataset.add_eos",
     "train", "train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum", "train.lr", "train.weight_decay",
     "train.betas", "train.eps", "train.warmup_steps", "train.schedule", "train.max_grad_norm", "train.seed",
+    "train.activation_checkpointing",
     "device",
     "output", "output.dir", "output.save_every", "output.keep_last", "output.export", "output.export_dtype",
 ];
@@ -466,6 +467,42 @@ mod tests {
         assert!(r.dataset.shuffle && r.dataset.add_eos && !r.dataset.packed);
         assert_eq!(r.device, DeviceKind::Cpu);
         assert_eq!(r.output.export, ExportKind::Adapter);
+    }
+
+    /// `KEYS` (which overrides are checked against) is written by hand: it must list exactly
+    /// the recipe's keys, sections included.
+    #[test]
+    fn override_keys_are_the_schema() {
+        fn walk(prefix: &str, v: &serde_yaml::Value, out: &mut Vec<String>) {
+            if let serde_yaml::Value::Mapping(m) = v {
+                for (k, v) in m {
+                    let k = k.as_str().unwrap();
+                    let key = if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
+                    out.push(key.clone());
+                    walk(&key, v, out);
+                }
+            }
+        }
+        let mut schema = Vec::new();
+        walk("", &serde_yaml::to_value(parse(MINIMAL, &[]).unwrap()).unwrap(), &mut schema);
+        schema.sort();
+        let mut keys: Vec<String> = KEYS.iter().map(|k| k.to_string()).collect();
+        keys.sort();
+        assert_eq!(keys, schema);
+    }
+
+    #[test]
+    fn shipped_recipes_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                Recipe::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 7, "found {n} recipes in {}", dir.display());
     }
 
     #[test]

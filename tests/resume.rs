@@ -153,11 +153,12 @@ fn resume_guards() {
     assert!(!out.status.success());
     assert!(stderr.contains("train.lr") && stderr.contains("lora.rank"), "{stderr}");
 
-    // Changing what only affects output is fine; a damaged latest checkpoint is skipped.
+    // Changing what only affects output or memory is fine; a damaged latest checkpoint is
+    // skipped.
     let latest = tune::checkpoint::list(&run).pop().unwrap();
     assert_eq!(latest.state.step, 50);
     std::fs::remove_file(latest.dir.join(".complete")).unwrap();
-    let out = run_to_end(&s.recipe, &["train.max_steps=50", "output.keep_last=5", "--resume"]);
+    let out = run_to_end(&s.recipe, &["train.max_steps=50", "output.keep_last=5", "train.activation_checkpointing=true", "--resume"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("warning: skipping") && stderr.contains("step 25 of 50"), "{stderr}");

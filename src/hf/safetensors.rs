@@ -46,6 +46,22 @@ struct IndexFile {
     weight_map: HashMap<String, String>,
 }
 
+impl Shard {
+    /// Drops the mapped pages of a tensor that has been converted, so that loading holds the
+    /// converted copy and at most one tensor of the file, not the whole file as well. The
+    /// pages stay in the page cache; reading the tensor again maps them back in.
+    fn release(&self, offset: usize, len: usize) {
+        #[cfg(unix)]
+        // SAFETY: the map is shared and read-only, so MADV_DONTNEED only unmaps clean pages that
+        // the next access reads back from the file; no reference into the range is held.
+        unsafe {
+            let _ = self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len);
+        }
+        #[cfg(not(unix))]
+        let _ = (offset, len);
+    }
+}
+
 impl Weights {
     pub fn open(dir: &Path) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
@@ -201,7 +217,7 @@ impl Weights {
     /// Reads a tensor as f32 after checking it has `expected` shape.
     ///
     /// f32, bf16 and f16 are converted; the result is the only copy tune keeps (the file stays
-    /// mapped, not read).
+    /// mapped, and the tensor's pages are released once converted).
     pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
         let (shard, info) = self.info(name).ok_or_else(|| Error::Tensor {
             path: self.dir.clone(),
@@ -254,6 +270,7 @@ impl Weights {
                 .collect(),
             _ => unreachable!("checked above"),
         };
+        shard.release(shard.data_start + start, end - start);
         Ok(out)
     }
 }
@@ -337,6 +354,8 @@ mod tests {
         let d = tmpdir("shape");
         write_safetensors(&d.join("model.safetensors"), &[("a", vec![1.0, 2.0, 3.0, 4.0], vec![2, 2])]);
         let w = Weights::open(&d).unwrap();
+        assert_eq!(w.read_f32("a", &[2, 2]).unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+        // Reading releases the tensor's pages; a second read maps them back from the file.
         assert_eq!(w.read_f32("a", &[2, 2]).unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
         let err = w.read_f32("a", &[4, 1]).unwrap_err().to_string();
         assert!(err.contains("expected [4, 1], found [2, 2]"), "{err}");

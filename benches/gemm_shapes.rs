@@ -1,0 +1,56 @@
+//! GFLOP/s of the gemm crate (what burn-flex and tune's CPU kernels call) on W1's matmul
+//! shapes, on all cores and on one: the ceiling for tune's training step on this machine.
+//!
+//! `cargo bench --bench gemm_shapes` prints a table; the README's performance section uses it
+//! to bound tokens/s (a step's FLOPs over the gemm rate).
+
+use std::time::Instant;
+
+/// GFLOP/s of `[m, k]·[k, n]`, best of 20; `rhs_transposed` reads the right operand as `[n, k]`
+/// (a weight used transposed, as in the backward pass).
+fn gflops(par: gemm::Parallelism, m: usize, n: usize, k: usize, rhs_transposed: bool) -> f64 {
+    let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+    let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
+    let mut c = vec![0f32; m * n];
+    let (rhs_rs, rhs_cs) = if rhs_transposed { (1, k as isize) } else { (n as isize, 1) };
+    let mut best = f64::MAX;
+    for _ in 0..20 {
+        let t = Instant::now();
+        // SAFETY: the buffers hold m·k, k·n and m·n elements, matching the strides given.
+        unsafe {
+            gemm::gemm(
+                m, n, k,
+                c.as_mut_ptr(), 1, n as isize, false,
+                a.as_ptr(), 1, k as isize,
+                b.as_ptr(), rhs_cs, rhs_rs,
+                1.0, 1.0, false, false, false, par,
+            );
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (m * n * k) as f64 / best / 1e9
+}
+
+fn main() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // (what, m, n, k, rhs transposed): 1024 tokens of SmolLM2-135M (W1).
+    let shapes = [
+        ("q_proj / o_proj forward", 1024, 576, 576, false),
+        ("k_proj / v_proj forward", 1024, 192, 576, false),
+        ("gate / up forward", 1024, 1536, 576, false),
+        ("down forward", 1024, 576, 1536, false),
+        ("q_proj / o_proj dx", 1024, 576, 576, true),
+        ("k_proj / v_proj dx", 1024, 576, 192, true),
+        ("gate / up dx", 1024, 576, 1536, true),
+        ("down dx", 1024, 1536, 576, true),
+        ("lm_head chunk (128 rows)", 128, 49152, 576, true),
+        ("lm_head dx chunk", 128, 576, 49152, false),
+    ];
+    println!("| matmul | m | n | k | GFLOP/s, {cores} cores | GFLOP/s, 1 core |");
+    println!("|---|---|---|---|---|---|");
+    for (what, m, n, k, t) in shapes {
+        let all = gflops(gemm::Parallelism::Rayon(cores), m, n, k, t);
+        let one = gflops(gemm::Parallelism::None, m, n, k, t);
+        println!("| {what} | {m} | {n} | {k} | {all:.1} | {one:.1} |");
+    }
+}

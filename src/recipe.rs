@@ -31,9 +31,12 @@ pub struct Recipe {
 pub struct ModelSection {
     /// Local Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
     pub path: PathBuf,
-    /// Compute dtype of the frozen base weights: `f32` (default) or `bf16`.
+    /// Storage and matmul dtype of the frozen base weights: `f32` or `bf16`. Default: `bf16`
+    /// when `device` is `cuda`, `f32` on `cpu` (where bf16 matmuls are slower). LoRA weights,
+    /// their gradients and the optimizer state are f32 either way. The run's recipe.yaml
+    /// records the value used.
     #[serde(default)]
-    pub dtype: BaseDtype,
+    pub dtype: Option<BaseDtype>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -293,8 +296,17 @@ impl Recipe {
         self.dataset.path = resolve(&self.dataset.path);
         self.output.dir = resolve(&self.output.dir);
         self.lora.init_from = self.lora.init_from.as_deref().map(resolve);
+        self.model.dtype = Some(self.base_dtype());
         self.validate()?;
         Ok(self)
+    }
+
+    /// `model.dtype`, or its default for `device`.
+    pub fn base_dtype(&self) -> BaseDtype {
+        self.model.dtype.unwrap_or(match self.device {
+            DeviceKind::Cuda => BaseDtype::Bf16,
+            DeviceKind::Cpu => BaseDtype::F32,
+        })
     }
 
     fn validate(&self) -> Result<()> {
@@ -489,6 +501,19 @@ mod tests {
         let mut keys: Vec<String> = KEYS.iter().map(|k| k.to_string()).collect();
         keys.sort();
         assert_eq!(keys, schema);
+    }
+
+    #[test]
+    fn base_dtype_defaults_by_device_and_is_recorded() {
+        let cpu = parse(MINIMAL, &[]).unwrap();
+        assert_eq!(cpu.model.dtype, Some(BaseDtype::F32));
+        let cuda = parse(MINIMAL, &["device=cuda"]).unwrap();
+        assert_eq!(cuda.model.dtype, Some(BaseDtype::Bf16));
+        let explicit = parse(MINIMAL, &["device=cuda", "model.dtype=f32"]).unwrap();
+        assert_eq!(explicit.model.dtype, Some(BaseDtype::F32));
+        // What a run writes to its recipe.yaml reads back the same.
+        let again = parse(&cuda.to_yaml(), &[]).unwrap();
+        assert_eq!(again.model.dtype, Some(BaseDtype::Bf16));
     }
 
     #[test]

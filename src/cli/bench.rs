@@ -19,9 +19,10 @@ pub struct Args {
     steps: usize,
     #[arg(long, default_value = "cpu")]
     device: DeviceKind,
-    /// Storage dtype of the frozen base: f32 or bf16.
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    dtype: String,
+    /// Storage dtype of the frozen base: f32 or bf16 (default: bf16 on cuda, f32 on cpu, as
+    /// in recipes).
+    #[arg(long, value_parser = ["f32", "bf16"])]
+    dtype: Option<String>,
     /// Recompute each layer in the backward pass (train.activation_checkpointing).
     #[arg(long)]
     activation_checkpointing: bool,
@@ -36,7 +37,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let models = std::env::var("TUNE_MODELS").unwrap_or_else(|_| format!("{home}/.cache/tune/models"));
         PathBuf::from(models).join("smollm2-135m-instruct")
     });
-    let dtype = if args.dtype == "bf16" { burn::tensor::FloatDType::BF16 } else { burn::tensor::FloatDType::F32 };
+    let bf16 = match args.dtype.as_deref() {
+        Some(d) => d == "bf16",
+        None => args.device == DeviceKind::Cuda,
+    };
+    let dtype = if bf16 { burn::tensor::FloatDType::BF16 } else { burn::tensor::FloatDType::F32 };
     let config = BenchConfig { seq: args.seq, batch: args.batch, rank: args.rank, steps: args.steps, warmup: 2, dtype, activation_checkpointing: args.activation_checkpointing };
     let report = tune::with_backend!(args.device, bench_on(&model, &config))?;
     if args.json {

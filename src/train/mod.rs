@@ -283,7 +283,7 @@ pub fn setup(recipe: &Recipe) -> Result<Setup> {
 /// Loads the base model on the autodiff backend with LoRA attached: fresh, or from
 /// `lora.init_from`. Only the adapters require gradients.
 pub fn model_with_lora<B: AutodiffBackend<InnerBackend: Backend> + Backend>(recipe: &Recipe, setup: &mut Setup, device: &B::Device) -> Result<Llama<B>> {
-    let dtype = match recipe.model.dtype {
+    let dtype = match recipe.base_dtype() {
         crate::recipe::BaseDtype::F32 => burn::tensor::FloatDType::F32,
         crate::recipe::BaseDtype::Bf16 => burn::tensor::FloatDType::BF16,
     };

@@ -39,12 +39,28 @@ pub struct ModelSection {
     pub dtype: Option<BaseDtype>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BaseDtype {
-    #[default]
     F32,
     Bf16,
+}
+
+impl BaseDtype {
+    /// The default on a device: bf16 on cuda, f32 on cpu (where bf16 matmuls are slower).
+    pub fn for_device(device: DeviceKind) -> Self {
+        match device {
+            DeviceKind::Cuda => BaseDtype::Bf16,
+            DeviceKind::Cpu => BaseDtype::F32,
+        }
+    }
+
+    pub fn float_dtype(self) -> burn::tensor::FloatDType {
+        match self {
+            BaseDtype::F32 => burn::tensor::FloatDType::F32,
+            BaseDtype::Bf16 => burn::tensor::FloatDType::BF16,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -303,10 +319,7 @@ impl Recipe {
 
     /// `model.dtype`, or its default for `device`.
     pub fn base_dtype(&self) -> BaseDtype {
-        self.model.dtype.unwrap_or(match self.device {
-            DeviceKind::Cuda => BaseDtype::Bf16,
-            DeviceKind::Cpu => BaseDtype::F32,
-        })
+        self.model.dtype.unwrap_or(BaseDtype::for_device(self.device))
     }
 
     fn validate(&self) -> Result<()> {

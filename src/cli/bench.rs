@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use tune::backend::DeviceKind;
 use tune::bench::{self, BenchConfig};
+use tune::recipe::BaseDtype;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -37,11 +38,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let models = std::env::var("TUNE_MODELS").unwrap_or_else(|_| format!("{home}/.cache/tune/models"));
         PathBuf::from(models).join("smollm2-135m-instruct")
     });
-    let bf16 = match args.dtype.as_deref() {
-        Some(d) => d == "bf16",
-        None => args.device == DeviceKind::Cuda,
-    };
-    let dtype = if bf16 { burn::tensor::FloatDType::BF16 } else { burn::tensor::FloatDType::F32 };
+    let dtype = match args.dtype.as_deref() {
+        Some("bf16") => BaseDtype::Bf16,
+        Some(_) => BaseDtype::F32,
+        None => BaseDtype::for_device(args.device),
+    }
+    .float_dtype();
     let config = BenchConfig { seq: args.seq, batch: args.batch, rank: args.rank, steps: args.steps, warmup: 2, dtype, activation_checkpointing: args.activation_checkpointing };
     let report = tune::with_backend!(args.device, bench_on(&model, &config))?;
     if args.json {

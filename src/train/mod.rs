@@ -115,11 +115,10 @@ pub fn loss_and_grads<B: AutodiffBackend<InnerBackend: Backend> + Backend>(
     activation_checkpointing: bool,
     device: &B::Device,
 ) -> (f64, Vec<Tensor<B::InnerBackend, 2>>) {
-    let params = lora_params(model);
     if !activation_checkpointing {
         let (surrogate, loss) = loss_for_backward(model, batch, label_total, device);
         let g = surrogate.backward();
-        return (loss, params.iter().map(|p| p.grad(&g).expect("LoRA tensors require grad")).collect());
+        return (loss, lora_params(model).iter().map(|p| p.grad(&g).expect("LoRA tensors require grad")).collect());
     }
 
     // Forward without a graph, keeping each layer's input.
@@ -145,13 +144,7 @@ pub fn loss_and_grads<B: AutodiffBackend<InnerBackend: Backend> + Backend>(
         let input = if i == 0 { input } else { input.detach().require_grad() };
         let out = layer.forward(input.clone(), batch.rows, &rope, &mask, None);
         let g = (out * Tensor::from_inner(dx.clone())).sum().backward();
-        let grads: Vec<_> = layer
-            .projections()
-            .into_iter()
-            .filter_map(|p| p.lora.as_ref())
-            .flat_map(|l| [&l.a, &l.b])
-            .map(|p| p.grad(&g).expect("LoRA tensors require grad"))
-            .collect();
+        let grads: Vec<_> = layer_lora_params(layer).map(|p| p.grad(&g).expect("LoRA tensors require grad")).collect();
         per_layer.push(grads);
         if i > 0 {
             dx = input.grad(&g).expect("the layer's input requires grad");
@@ -173,14 +166,15 @@ fn without_grad<B: AutodiffBackend + Backend>(layer: &DecoderLayer<B>) -> Decode
     layer
 }
 
-/// The trainable tensors, in a fixed order: for each adapted projection, lora_A then lora_B.
+/// The trainable tensors, in a fixed order: layer by layer, for each adapted projection,
+/// lora_A then lora_B.
 pub fn lora_params<B: Backend>(model: &Llama<B>) -> Vec<Tensor<B, 2>> {
-    model
-        .projections()
-        .iter()
-        .filter_map(|p| p.lora.as_ref())
-        .flat_map(|l| [l.a.clone(), l.b.clone()])
-        .collect()
+    model.layers.iter().flat_map(layer_lora_params).cloned().collect()
+}
+
+/// One layer's part of [`lora_params`].
+fn layer_lora_params<B: Backend>(layer: &DecoderLayer<B>) -> impl Iterator<Item = &Tensor<B, 2>> {
+    layer.projections().into_iter().filter_map(|p| p.lora.as_ref()).flat_map(|l| [&l.a, &l.b])
 }
 
 fn set_lora_params<B: Backend>(model: &mut Llama<B>, params: Vec<Tensor<B, 2>>) {
@@ -283,11 +277,7 @@ pub fn setup(recipe: &Recipe) -> Result<Setup> {
 /// Loads the base model on the autodiff backend with LoRA attached: fresh, or from
 /// `lora.init_from`. Only the adapters require gradients.
 pub fn model_with_lora<B: AutodiffBackend<InnerBackend: Backend> + Backend>(recipe: &Recipe, setup: &mut Setup, device: &B::Device) -> Result<Llama<B>> {
-    let dtype = match recipe.base_dtype() {
-        crate::recipe::BaseDtype::F32 => burn::tensor::FloatDType::F32,
-        crate::recipe::BaseDtype::Bf16 => burn::tensor::FloatDType::BF16,
-    };
-    let mut model: Llama<B> = model::load_with_dtype(&recipe.model.path, device, dtype)?;
+    let mut model: Llama<B> = model::load_with_dtype(&recipe.model.path, device, recipe.base_dtype().float_dtype())?;
     match &recipe.lora.init_from {
         Some(dir) => {
             let loaded = lora::load_peft(&mut model, dir, device)?;

@@ -529,6 +529,17 @@ mod tests {
         assert_eq!(again.model.dtype, Some(BaseDtype::Bf16));
     }
 
+    /// A run resumed on another device keeps its dtype only when the recipe says so; otherwise
+    /// resuming is refused naming `model.dtype`, not silently run at another precision.
+    #[test]
+    fn resuming_on_another_device_names_the_dtype_change() {
+        let saved = parse(&parse(MINIMAL, &[]).unwrap().to_yaml(), &[]).unwrap();
+        let cuda = parse(MINIMAL, &["device=cuda"]).unwrap();
+        assert_eq!(crate::train::breaking_changes(&saved, &cuda), vec!["model.dtype".to_string()]);
+        let cuda_f32 = parse(MINIMAL, &["device=cuda", "model.dtype=f32"]).unwrap();
+        assert!(crate::train::breaking_changes(&saved, &cuda_f32).is_empty());
+    }
+
     #[test]
     fn shipped_recipes_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");

@@ -1,5 +1,5 @@
 //! `tune bench`: tokens/s and peak memory of the training step `tune run` uses, on random
-//! token ids, with LoRA on all seven projections and AdamW.
+//! token ids, with LoRA on every linear layer but the head (`all-linear`) and AdamW.
 
 use std::path::Path;
 use std::time::Instant;
@@ -11,9 +11,9 @@ use serde::Serialize;
 use crate::data::batch::{Batch, Row};
 use crate::data::examples::Example;
 use crate::error::Result;
-use crate::lora::{self, LoraConfig};
-use crate::model::{self, Llama};
-use crate::recipe::PROJECTIONS;
+use crate::adapter::LoraConfig;
+use crate::peft;
+use crate::model::{self, CausalLm};
 use crate::rng::Rng;
 use crate::train::optimizer::{AdamW, AdamWConfig};
 use crate::train::{lora_params, train_step, StepOptions};
@@ -48,28 +48,28 @@ pub struct BenchReport {
 
 pub fn run<B: Backend>(device: &B::Device, model_dir: &Path, c: &BenchConfig) -> Result<BenchReport> {
     let start = Instant::now();
-    let mut model: Llama<Autodiff<B>> = model::load_with_dtype(model_dir, device, c.dtype)?;
+    let mut model: CausalLm<Autodiff<B>> = model::load_with_dtype(model_dir, device, c.dtype)?;
     let load_s = start.elapsed().as_secs_f64();
     let lora = LoraConfig {
         rank: c.rank,
         alpha: 2.0 * c.rank as f64,
         dropout: 0.0,
-        target_modules: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+        target_modules: model.config.linear_names(),
         use_rslora: false,
     };
-    lora::inject(&mut model, &lora, 0, device);
-    for p in model.projections_mut() {
-        if let Some(l) = p.lora.as_mut() {
+    peft::inject(&mut model, &lora, 0, device);
+    for p in model.linears_mut() {
+        if let Some(l) = p.adapter.as_mut() {
             l.a = l.a.clone().require_grad();
         }
     }
     // B starts at zero in a fresh adapter; make it non-zero so every gradient path does work.
-    for p in model.projections_mut() {
-        if let Some(l) = p.lora.as_mut() {
+    for p in model.linears_mut() {
+        if let Some(l) = p.adapter.as_mut() {
             l.b = (l.b.clone() + 1e-3).require_grad();
         }
     }
-    let trainable = lora::trainable_parameters(&model);
+    let trainable = peft::trainable_parameters(&model);
     let inner: Vec<_> = lora_params(&model).into_iter().map(|p| p.inner()).collect();
     let mut opt = AdamW::new(AdamWConfig::default(), &inner);
     drop(inner);

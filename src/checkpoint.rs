@@ -21,8 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{read_json, Error, Result};
 use crate::hf::Weights;
-use crate::lora::{self, LoraConfig};
-use crate::model::Llama;
+use crate::adapter::LoraConfig;
+use crate::peft;
+use crate::model::CausalLm;
 use crate::train::optimizer::AdamW;
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -72,10 +73,31 @@ fn step_dir(run_dir: &Path, step: usize) -> PathBuf {
     checkpoints_dir(run_dir).join(format!("step_{step:06}"))
 }
 
+/// The adapter directory behind `path`: a PEFT adapter directory itself, a checkpoint or
+/// finished run directory (its `adapter/`), or a run that has only checkpoints (the latest
+/// complete one's adapter).
+pub fn resolve_adapter_dir(path: &Path) -> Result<PathBuf> {
+    use crate::peft::ADAPTER_CONFIG;
+    if path.join(ADAPTER_CONFIG).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let inside = path.join("adapter");
+    if inside.join(ADAPTER_CONFIG).is_file() {
+        return Ok(inside);
+    }
+    if let Some(latest) = list(path).pop() {
+        return Ok(latest.dir.join("adapter"));
+    }
+    Err(Error::Model(format!(
+        "{}: not an adapter (no {ADAPTER_CONFIG}), nor a run or checkpoint directory holding one",
+        path.display()
+    )))
+}
+
 /// Writes a checkpoint of the current training state.
 pub fn save<B: Backend, O: Backend>(
     run_dir: &Path,
-    model: &Llama<B>,
+    model: &CausalLm<B>,
     lora_config: &LoraConfig,
     base_model: &str,
     opt: &AdamW<O>,
@@ -85,7 +107,7 @@ pub fn save<B: Backend, O: Backend>(
     let dir = step_dir(run_dir, state.step);
     let names = param_names(model);
     crate::fsutil::write_dir_atomically(&dir, |tmp| {
-        lora::save_peft(model, lora_config, base_model, &tmp.join("adapter"))?;
+        peft::save_peft(model, lora_config, base_model, &tmp.join("adapter"))?;
         let mut tensors: Vec<crate::hf::safetensors::OwnedTensor> = Vec::new();
         for (name, (m, v)) in names.iter().zip(opt.exp_avg.iter().zip(&opt.exp_avg_sq)) {
             for (prefix, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
@@ -107,11 +129,11 @@ pub fn save<B: Backend, O: Backend>(
 }
 
 /// `<module>.lora_A`, `<module>.lora_B` for each adapter, in the trainer's parameter order.
-fn param_names<B: Backend>(model: &Llama<B>) -> Vec<String> {
+fn param_names<B: Backend>(model: &CausalLm<B>) -> Vec<String> {
     model
-        .projections()
+        .linears()
         .iter()
-        .filter(|p| p.lora.is_some())
+        .filter(|p| p.adapter.is_some())
         .flat_map(|p| [format!("{}.lora_A", p.name), format!("{}.lora_B", p.name)])
         .collect()
 }
@@ -203,7 +225,7 @@ pub fn prune(run_dir: &Path, keep_last: usize) -> Result<()> {
 }
 
 /// Restores AdamW's moments and step count from a checkpoint into `opt` (same parameter order).
-pub fn load_optimizer<B: Backend, O: Backend>(dir: &Path, model: &Llama<B>, opt: &mut AdamW<O>, adam_step: u64, device: &O::Device) -> Result<()> {
+pub fn load_optimizer<B: Backend, O: Backend>(dir: &Path, model: &CausalLm<B>, opt: &mut AdamW<O>, adam_step: u64, device: &O::Device) -> Result<()> {
     let weights = Weights::open_file(&dir.join(OPTIMIZER))?;
     for (i, name) in param_names(model).iter().enumerate() {
         let dims = opt.exp_avg[i].dims();

@@ -4,8 +4,7 @@ use burn::tensor::activation::log_softmax;
 use crate::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::model::layers::token_tensor;
-use crate::model::{AttentionMask, Llama};
+use crate::model::{token_tensor, AttentionMask, CausalLm};
 
 /// Rows of the [tokens × vocab] logits computed at once, so long sequences never hold all of them.
 const LOGIT_CHUNK: usize = 256;
@@ -29,13 +28,13 @@ pub fn token_nll<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -
 }
 
 /// Per-token losses of one sequence: entry i is −log p(ids[i+1] | ids[..=i]).
-pub fn sequence_nll<B: Backend>(model: &Llama<B>, ids: &[u32], device: &B::Device) -> Vec<f32> {
+pub fn sequence_nll<B: Backend>(model: &CausalLm<B>, ids: &[u32], device: &B::Device) -> Vec<f32> {
     let s = ids.len();
     if s < 2 {
         return Vec::new();
     }
     let positions: Vec<usize> = (0..s).collect();
-    let mask = AttentionMask::causal(s, 0, model.config.sliding_window, device);
+    let mask = AttentionMask::Causal;
     let hidden = model
         .forward_hidden(token_tensor::<B>(ids, 1, device), &positions, &mask, None)
         .reshape([s, model.config.hidden_size]);
@@ -52,7 +51,7 @@ pub fn sequence_nll<B: Backend>(model: &Llama<B>, ids: &[u32], device: &B::Devic
 }
 
 /// Evaluates sequences one by one (no padding, so nothing to mask), accumulating in f64.
-pub fn evaluate<B: Backend>(model: &Llama<B>, sequences: &[Vec<u32>], device: &B::Device) -> EvalReport {
+pub fn evaluate<B: Backend>(model: &CausalLm<B>, sequences: &[Vec<u32>], device: &B::Device) -> EvalReport {
     let mut sum = 0f64;
     let mut tokens = 0usize;
     for ids in sequences {

@@ -2,8 +2,7 @@
 
 use crate::backend::Backend;
 
-use crate::model::layers::token_tensor;
-use crate::model::{AttentionMask, KvCache, Llama};
+use crate::model::{token_tensor, AttentionMask, CausalLm, KvCache};
 use crate::rng::Rng;
 
 #[derive(Debug, Clone, Copy)]
@@ -28,7 +27,7 @@ impl Default for Sampling {
 /// Generates up to `max_new_tokens` after `prompt`, calling `on_token` for each new id, and
 /// stopping after any id in `stop`. Each step after the prompt feeds one position.
 pub fn generate<B: Backend>(
-    model: &Llama<B>,
+    model: &CausalLm<B>,
     prompt: &[u32],
     max_new_tokens: usize,
     sampling: Sampling,
@@ -40,11 +39,10 @@ pub fn generate<B: Backend>(
     let mut cache = KvCache::new(model.layers.len());
     let mut generated = Vec::new();
     let mut input: Vec<u32> = prompt.to_vec();
-    let window = model.config.sliding_window;
     while generated.len() < max_new_tokens && !input.is_empty() {
         let past = cache.len();
         let positions: Vec<usize> = (past..past + input.len()).collect();
-        let mask = AttentionMask::causal(input.len(), past, window, device);
+        let mask = AttentionMask::Causal;
         let hidden = model.forward_hidden(token_tensor::<B>(&input, 1, device), &positions, &mask, Some(&mut cache));
         let last = hidden.narrow(1, input.len() - 1, 1).reshape([1, model.config.hidden_size]);
         let logits: Vec<f32> = model.lm_head(last).into_data().iter::<f32>().collect();

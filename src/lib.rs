@@ -3,6 +3,7 @@
 //! Data flows one way: Hugging Face files (`hf`) -> model (`model`, `lora`) -> data (`data`) ->
 //! evaluation and generation (`eval`, `generate`).
 
+pub mod adapter;
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;
@@ -13,7 +14,7 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod hf;
-pub mod lora;
+pub mod peft;
 pub mod model;
 pub mod ops;
 pub mod recipe;

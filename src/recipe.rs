@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::DeviceKind;
+use crate::error::did_you_mean;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,9 +73,15 @@ pub struct LoraSection {
     pub alpha: f64,
     /// Dropout on the adapter's input during training. Default 0.05.
     pub dropout: f64,
-    /// Projections to adapt: a list of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
-    /// down_proj, or the string `all-linear` (all seven). Default [q_proj, v_proj].
-    pub target_modules: TargetModules,
+    /// Linear layers to adapt, by the checkpoint's own module names (Llama, Mistral, Qwen, Gemma:
+    /// q_proj k_proj v_proj o_proj gate_proj up_proj down_proj; Phi-3: qkv_proj o_proj
+    /// gate_up_proj down_proj; GPT-2: c_attn c_proj c_fc; GPT-NeoX, BLOOM: query_key_value dense
+    /// dense_h_to_4h dense_4h_to_h), suffixes such as `self_attn.q_proj` or full paths matched as
+    /// PEFT matches them, or the string `all-linear` (every linear layer but the output head).
+    /// Default: PEFT's default for the family ([q_proj, v_proj] for Llama, Mistral, Qwen and
+    /// Gemma; [qkv_proj] for Phi-3; [c_attn] for GPT-2; [query_key_value] for GPT-NeoX and
+    /// BLOOM).
+    pub target_modules: Option<TargetModules>,
     /// Scale by alpha / √rank instead (rsLoRA). Default false.
     pub use_rslora: bool,
     /// A PEFT adapter directory to start from instead of a fresh init. Default none.
@@ -87,15 +94,12 @@ impl Default for LoraSection {
             rank: 8,
             alpha: 16.0,
             dropout: 0.05,
-            target_modules: TargetModules::List(vec!["q_proj".into(), "v_proj".into()]),
+            target_modules: None,
             use_rslora: false,
             init_from: None,
         }
     }
 }
-
-/// The projection names LoRA can target.
-pub const PROJECTIONS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -106,30 +110,29 @@ pub enum TargetModules {
 }
 
 impl TargetModules {
-    /// The projection names, in the canonical order.
-    pub fn resolve(&self) -> Result<Vec<String>> {
-        let names: Vec<String> = match self {
-            TargetModules::Keyword(k) if k == "all-linear" => return Ok(PROJECTIONS.iter().map(|s| s.to_string()).collect()),
-            TargetModules::Keyword(k) => {
-                return Err(Error::Unsupported(format!(
-                    "lora.target_modules: `{k}` is not a list of projections or `all-linear`"
-                )))
-            }
-            TargetModules::List(v) => v.clone(),
-        };
-        if names.is_empty() {
-            return Err(Error::Unsupported("lora.target_modules: empty list".into()));
+    /// The names given, or None for `all-linear`; which layers they name is the model's to say
+    /// (`peft::resolve_targets`).
+    pub fn names(&self) -> Option<&[String]> {
+        match self {
+            TargetModules::List(v) => Some(v),
+            TargetModules::Keyword(_) => None,
         }
-        for n in &names {
-            if !PROJECTIONS.contains(&n.as_str()) {
-                return Err(Error::Unsupported(format!(
-                    "lora.target_modules: unknown projection `{n}`{} (expected some of {} or `all-linear`)",
-                    did_you_mean(n, &PROJECTIONS),
-                    PROJECTIONS.join(", ")
-                )));
-            }
+    }
+
+    /// Whether this is `all-linear`.
+    pub fn is_all_linear(&self) -> bool {
+        matches!(self, TargetModules::Keyword(_))
+    }
+
+    fn check(&self) -> Result<()> {
+        match self {
+            TargetModules::Keyword(k) if k == "all-linear" => Ok(()),
+            TargetModules::Keyword(k) => Err(Error::Unsupported(format!(
+                "lora.target_modules: `{k}` is not a list of module names or `all-linear`"
+            ))),
+            TargetModules::List(v) if v.is_empty() => Err(Error::Unsupported("lora.target_modules: empty list".into())),
+            TargetModules::List(_) => Ok(()),
         }
-        Ok(PROJECTIONS.iter().filter(|p| names.iter().any(|n| n == *p)).map(|s| s.to_string()).collect())
     }
 }
 
@@ -248,7 +251,7 @@ pub struct OutputSection {
     pub export: ExportKind,
     /// Storage dtype of the exported tensors: `bf16` (default), `f16` or `f32`.
     #[serde(default)]
-    pub export_dtype: crate::export::OutDtype,
+    pub export_dtype: crate::hf::safetensors::OutDtype,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -324,7 +327,9 @@ impl Recipe {
 
     fn validate(&self) -> Result<()> {
         let bad = |key: &str, msg: &str| Err(Error::Unsupported(format!("{key}: {msg}")));
-        self.lora.target_modules.resolve()?;
+        if let Some(t) = &self.lora.target_modules {
+            t.check()?;
+        }
         if self.lora.rank == 0 {
             return bad("lora.rank", "must be at least 1");
         }
@@ -393,32 +398,6 @@ fn unknown_field_hint(msg: &str, key: &str) -> String {
         .filter(|k| !k.contains('.'))
         .collect();
     did_you_mean(field, &candidates)
-}
-
-/// "; did you mean `x`?" for the closest candidate within a small edit distance.
-pub fn did_you_mean(word: &str, candidates: &[&str]) -> String {
-    candidates
-        .iter()
-        .map(|c| (edit_distance(word, c), *c))
-        .filter(|(d, c)| *d <= 3.max(c.len() / 3))
-        .min()
-        .map(|(_, c)| format!("; did you mean `{c}`?"))
-        .unwrap_or_default()
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
 }
 
 /// `train.lr=1e-4`: sets a key path, the value parsed as YAML (`[q_proj,v_proj]`, `null`, ...).
@@ -582,11 +561,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.train.lr, 1e-4);
-        assert_eq!(r.lora.target_modules.resolve().unwrap(), vec!["q_proj", "v_proj", "down_proj"]);
+        assert_eq!(r.lora.target_modules.as_ref().and_then(|t| t.names()).unwrap(), ["q_proj", "v_proj", "down_proj"]);
         assert_eq!(r.train.max_grad_norm, None);
         assert!(r.dataset.packed);
         let r = parse(MINIMAL, &["lora.target_modules=all-linear"]).unwrap();
-        assert_eq!(r.lora.target_modules.resolve().unwrap().len(), 7);
+        assert!(r.lora.target_modules.unwrap().is_all_linear());
         let err = parse(MINIMAL, &["train.lrate=1"]).unwrap_err().to_string();
         assert!(err.contains("did you mean `train.lr`"), "{err}");
         let err = parse(MINIMAL, &["train.batch_size=big"]).unwrap_err().to_string();
@@ -596,10 +575,8 @@ mod tests {
 
     #[test]
     fn invalid_values_are_refused() {
-        assert!(parse(MINIMAL, &["lora.target_modules=[q_proj,qproj]"])
-            .unwrap_err()
-            .to_string()
-            .contains("did you mean `q_proj`"));
+        assert!(parse(MINIMAL, &["lora.target_modules=[]"]).is_err());
+        assert!(parse(MINIMAL, &["lora.target_modules=all"]).is_err());
         assert!(parse(MINIMAL, &["lora.dropout=1.5"]).is_err());
         assert!(parse(MINIMAL, &["train.max_grad_norm=0"]).is_err());
         assert!(parse(MINIMAL, &["lora.rank=0"]).is_err());

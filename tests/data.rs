@@ -10,7 +10,7 @@ use tune::data::batch::{pack, Batch, Row};
 use tune::data::examples::{alpaca_prompt, build_example, detect_format, Example, ExampleOptions};
 use tune::data::{read_records, Record};
 use tune::hf::{Message, Tokenizer};
-use tune::model::{self, Llama};
+use tune::model::{self, CausalLm};
 use tune::recipe::{DataFormat, Recipe};
 
 fn smollm2_tokenizer() -> Tokenizer {
@@ -161,7 +161,7 @@ fn empty_and_fully_masked_datasets_are_refused() {
 #[test]
 fn packed_row_equals_examples_run_separately() {
     let device = Default::default();
-    let model: Llama<B> = model::load(&tiny("llama"), &device).unwrap();
+    let model: CausalLm<B> = model::load(&tiny("llama"), &device).unwrap();
     let examples: Vec<Example> = [(3u32, 7usize), (50, 5), (101, 9)]
         .iter()
         .map(|&(start, n)| Example { ids: (start..start + n as u32).collect(), trained: vec![true; n] })
@@ -187,14 +187,14 @@ fn packed_row_equals_examples_run_separately() {
 }
 
 /// Loss of each labelled token (weight 1) of a batch, in order.
-fn per_token_losses(model: &Llama<B>, batch: &Batch) -> Vec<f32> {
+fn per_token_losses(model: &CausalLm<B>, batch: &Batch) -> Vec<f32> {
     let device = Default::default();
     let mask = match &batch.segments {
-        Some(s) => tune::model::AttentionMask::packed(s, batch.seq, None, &device),
-        None => tune::model::AttentionMask::causal(batch.seq, 0, None, &device),
+        Some(s) => tune::model::AttentionMask::packed(s, batch.seq, &device),
+        None => tune::model::AttentionMask::Causal,
     };
     let h = model.forward_hidden(
-        tune::model::layers::token_tensor::<B>(&batch.ids, batch.rows, &device),
+        tune::model::token_tensor::<B>(&batch.ids, batch.rows, &device),
         &batch.positions,
         &mask,
         None,

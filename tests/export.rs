@@ -18,8 +18,8 @@ use std::process::Command;
 
 use common::*;
 use tune::export::{self, OutDtype};
-use tune::model::layers::token_tensor;
-use tune::model::{self, AttentionMask, Llama};
+use tune::model::token_tensor;
+use tune::model::{self, AttentionMask, CausalLm};
 
 const VARIANTS: &[(&str, &str)] = &[
     ("llama", "lora"),
@@ -47,13 +47,13 @@ fn fingerprint(path: &Path) -> String {
 }
 
 /// Logits of one sequence.
-fn logits(model: &Llama<B>, ids: &[u32]) -> Vec<f32> {
+fn logits(model: &CausalLm<B>, ids: &[u32]) -> Vec<f32> {
     let device = Default::default();
     let positions: Vec<usize> = (0..ids.len()).collect();
     let hidden = model.forward_hidden(
         token_tensor::<B>(ids, 1, &device),
         &positions,
-        &AttentionMask::causal(ids.len(), 0, model.config.sliding_window, &device),
+        &AttentionMask::Causal,
         None,
     );
     model.lm_head(hidden).into_data().iter::<f32>().collect()
@@ -100,8 +100,8 @@ fn exports_load_in_peft_and_transformers_with_matching_logits() {
             }
 
             // tune on the exported adapter = PEFT on the exported adapter.
-            let mut m: Llama<B> = model::load(&tiny(fam), &device).unwrap();
-            tune::lora::load_peft(&mut m, &out.join("adapter"), &device).unwrap();
+            let mut m: CausalLm<B> = model::load(&tiny(fam), &device).unwrap();
+            tune::peft::load_peft(&mut m, &out.join("adapter"), &device).unwrap();
             let ours = logits(&m, &ids);
             let r = rel(&ours, &refs[&format!("adapter_{name}")].f32s());
             assert!(r <= 1e-4, "{what}: tune vs PEFT on the exported adapter: {r:.2e}");
@@ -109,7 +109,7 @@ fn exports_load_in_peft_and_transformers_with_matching_logits() {
             assert!(r <= adapter_tol, "{what}: exported adapter vs original: {r:.2e} > {adapter_tol:e}");
 
             // tune on the merged directory = transformers on it ≈ PEFT base + adapter.
-            let merged: Llama<B> = model::load(&out.join("merged"), &device).unwrap();
+            let merged: CausalLm<B> = model::load(&out.join("merged"), &device).unwrap();
             let ours = logits(&merged, &ids);
             let r = rel(&ours, &refs[&format!("merged_{name}")].f32s());
             assert!(r <= 1e-4, "{what}: tune vs transformers on the merged export: {r:.2e}");

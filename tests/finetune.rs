@@ -10,13 +10,13 @@ use std::process::Command;
 use common::*;
 use tune::data::batch::Batch;
 use tune::hf::Tokenizer;
-use tune::model::{self, Llama};
+use tune::model::{self, CausalLm};
 use tune::recipe::Recipe;
 use tune::train::metrics;
 
 const STEPS: usize = 24;
 
-fn held_out_loss(model: &Llama<B>, recipe: &Recipe) -> f64 {
+fn held_out_loss(model: &CausalLm<B>, recipe: &Recipe) -> f64 {
     let tok = Tokenizer::from_model_dir(&recipe.model.path).unwrap();
     let data = tune::train::data::prepare(recipe, &tok, None).unwrap();
     let device = Default::default();
@@ -69,9 +69,9 @@ fn shipped_recipe_lowers_held_out_loss() {
     ];
     let recipe = Recipe::load(&root.join("recipes/smollm2-identity.yaml"), &overrides).unwrap();
     let device = Default::default();
-    let mut model: Llama<B> = model::load(&dir, &device).unwrap();
+    let mut model: CausalLm<B> = model::load(&dir, &device).unwrap();
     let before = held_out_loss(&model, &recipe);
-    tune::lora::load_peft(&mut model, &out.join("adapter"), &device).unwrap();
+    tune::peft::load_peft(&mut model, &out.join("adapter"), &device).unwrap();
     let after = held_out_loss(&model, &recipe);
     eprintln!("held-out loss: {before:.4} before, {after:.4} after {STEPS} steps");
     assert!(after < before - 0.2, "held-out loss {before:.4} -> {after:.4}: the fine-tune did not learn");

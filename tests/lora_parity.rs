@@ -11,20 +11,20 @@ use burn::tensor::Tensor;
 use common::*;
 use tune::data::batch::{pack, Batch, Row};
 use tune::data::examples::Example;
-use tune::lora;
-use tune::model::{self, Llama};
+use tune::peft;
+use tune::model::{self, CausalLm};
 use tune::train::optimizer::{AdamW, AdamWConfig};
 use tune::train::{batch_loss, loss_and_grads, loss_for_backward, lora_params, train_step, StepOptions};
 
 type AB = Autodiff<B>;
 const TOL: f64 = 1e-4;
 
-fn model_with_adapter(name: &str, variant: &str) -> Llama<AB> {
+fn model_with_adapter(name: &str, variant: &str) -> CausalLm<AB> {
     let device = Default::default();
-    let mut m: Llama<AB> = model::load(&tiny(name), &device).unwrap();
-    lora::load_peft(&mut m, &tiny(name).join(variant).join("adapter"), &device).unwrap();
-    for p in m.projections_mut() {
-        if let Some(l) = p.lora.as_mut() {
+    let mut m: CausalLm<AB> = model::load(&tiny(name), &device).unwrap();
+    peft::load_peft(&mut m, &tiny(name).join(variant).join("adapter"), &device).unwrap();
+    for p in m.linears_mut() {
+        if let Some(l) = p.adapter.as_mut() {
             l.a = l.a.clone().require_grad();
             l.b = l.b.clone().require_grad();
         }
@@ -79,10 +79,10 @@ fn check_loss_and_grads(name: &str, variant: &str) {
     let grads = surrogate.backward();
     let mut worst = 0f64;
     let mut checked = 0;
-    for p in model.projections() {
-        let Some(l) = &p.lora else { continue };
+    for p in model.linears() {
+        let Some(l) = &p.adapter else { continue };
         for (which, t) in [("lora_A", &l.a), ("lora_B", &l.b)] {
-            let key = format!("grad.{}", lora::peft_key(&p.name, which));
+            let key = format!("grad.{}", peft::peft_key(&p.name, which));
             let ours = peft_layout(t.grad(&grads).expect("adapter tensors have gradients"));
             let err = rel(&ours, &reference[&key].f32s());
             worst = worst.max(err);
@@ -97,9 +97,9 @@ fn check_loss_and_grads(name: &str, variant: &str) {
     let (loss, recomputed) = loss_and_grads(&model, &batch, batch.label_count(), true, &device);
     assert!((loss - chunked).abs() <= 1e-6 * chunked, "{name}/{variant}: checkpointed loss {loss} vs {chunked}");
     let mut recomputed = recomputed.into_iter();
-    for p in model.projections().into_iter().filter(|p| p.lora.is_some()) {
+    for p in model.linears().into_iter().filter(|p| p.adapter.is_some()) {
         for which in ["lora_A", "lora_B"] {
-            let key = format!("grad.{}", lora::peft_key(&p.name, which));
+            let key = format!("grad.{}", peft::peft_key(&p.name, which));
             let ours = peft_layout(recomputed.next().expect("one gradient per adapter tensor"));
             let err = rel(&ours, &reference[&key].f32s());
             assert!(err <= TOL, "{name}/{variant}: checkpointed {key} relative error {err:.2e}");
@@ -139,10 +139,10 @@ fn five_adamw_steps_match_torch() {
         }
         // The losses must move, or this test would pass with a no-op optimizer.
         assert!((ref_losses[4] - ref_losses[0]).abs() > 1e-3, "{name}: reference losses barely change");
-        for p in model.projections() {
-            let Some(l) = &p.lora else { continue };
+        for p in model.linears() {
+            let Some(l) = &p.adapter else { continue };
             for (which, t) in [("lora_A", &l.a), ("lora_B", &l.b)] {
-                let key = format!("final.{}", lora::peft_key(&p.name, which));
+                let key = format!("final.{}", peft::peft_key(&p.name, which));
                 // Adam's first update is lr·g/(|g| + 1e-8): for a gradient element near 1e-8
                 // (mistral's layers.1 down_proj lora_A has one of 1.3e-8) f32 rounding noise of
                 // that size changes the element's step by a good fraction of lr. So the weights
@@ -182,8 +182,8 @@ fn activation_checkpointing_trains_like_the_plain_step() {
         ];
         let run = |checkpointing: bool| {
             let mut model = model_with_adapter(name, "lora");
-            for p in model.projections_mut() {
-                if let Some(l) = p.lora.as_mut() {
+            for p in model.linears_mut() {
+                if let Some(l) = p.adapter.as_mut() {
                     l.dropout = 0.1;
                 }
             }

@@ -10,7 +10,7 @@ use std::process::Command;
 use common::*;
 use tune::data::{read_records, string_field, text_ids};
 use tune::hf::Tokenizer;
-use tune::model::{self, Llama};
+use tune::model::{self, CausalLm};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -26,8 +26,8 @@ fn peft_loads_the_run_adapter_and_agrees_on_eval_loss() {
 
     let base = tiny("llama-tied");
     let device = Default::default();
-    let mut m: Llama<B> = model::load(&base, &device).unwrap();
-    tune::lora::load_peft(&mut m, &tune::lora::resolve_adapter_dir(&run.join("run")).unwrap(), &device).unwrap();
+    let mut m: CausalLm<B> = model::load(&base, &device).unwrap();
+    tune::peft::load_peft(&mut m, &tune::checkpoint::resolve_adapter_dir(&run.join("run")).unwrap(), &device).unwrap();
     let tok = Tokenizer::from_model_dir(&base).unwrap();
     let data = run.join("data.jsonl");
     let sequences: Vec<Vec<u32>> = read_records(&data)

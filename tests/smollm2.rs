@@ -13,7 +13,7 @@ use common::*;
 use tune::data::text_ids;
 use tune::generate::{generate, Sampling};
 use tune::hf::{Message, Tokenizer};
-use tune::model::{self, Llama};
+use tune::model::{self, CausalLm};
 
 fn model_dir() -> Option<PathBuf> {
     let dir = smollm2_dir();
@@ -40,7 +40,7 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 fn greedy_generation_equals_transformers() {
     let Some(dir) = model_dir() else { return };
     let device = Default::default();
-    let model: Llama<B> = model::load(&dir, &device).unwrap();
+    let model: CausalLm<B> = model::load(&dir, &device).unwrap();
     let tok = Tokenizer::from_model_dir(&dir).unwrap();
     let stop = model.config.eos_token_ids.clone();
     let cases = json("smollm2/generate.json");
@@ -70,7 +70,7 @@ fn greedy_generation_equals_transformers() {
 fn eval_loss_and_logits_equal_transformers() {
     let Some(dir) = model_dir() else { return };
     let device = Default::default();
-    let model: Llama<B> = model::load(&dir, &device).unwrap();
+    let model: CausalLm<B> = model::load(&dir, &device).unwrap();
     let tok = Tokenizer::from_model_dir(&dir).unwrap();
     let reference = json("smollm2/eval_reference.json");
     let records = tune::data::read_records(&fixtures().join("smollm2/eval.jsonl")).unwrap();
@@ -94,9 +94,9 @@ fn eval_loss_and_logits_equal_transformers() {
     let input = r["input_ids"].ids();
     let positions: Vec<usize> = (0..input.len()).collect();
     let hidden = model.forward_hidden(
-        tune::model::layers::token_tensor::<B>(&input, 1, &device),
+        tune::model::token_tensor::<B>(&input, 1, &device),
         &positions,
-        &tune::model::AttentionMask::causal(input.len(), 0, None, &device),
+        &tune::model::AttentionMask::Causal,
         None,
     );
     let logits: Vec<f32> = model.lm_head(hidden).into_data().iter::<f32>().collect();

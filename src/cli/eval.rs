@@ -5,7 +5,7 @@ use tune::backend::Backend;
 use tune::backend::DeviceKind;
 use tune::data::{read_records, string_field, text_ids};
 use tune::hf::Tokenizer;
-use tune::model::Llama;
+use tune::model::CausalLm;
 use tune::{eval, model, with_backend};
 
 #[derive(clap::Args, Debug)]
@@ -64,7 +64,7 @@ fn evaluate<B: Backend>(
     adapter: Option<&std::path::Path>,
     sequences: &[Vec<u32>],
 ) -> anyhow::Result<eval::EvalReport> {
-    let model: Llama<B> = super::load_model(dir, adapter, device)?;
+    let model: CausalLm<B> = super::load_model(dir, adapter, device)?;
     let start = Instant::now();
     let report = eval::evaluate(&model, sequences, device);
     eprintln!(

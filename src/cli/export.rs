@@ -35,7 +35,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let src = export::resolve_source(&resolve(&args.src))?;
     let base = export::base_dir(args.model.as_ref().map(resolve).as_deref(), &src.adapter_dir)?;
     // Shapes catch most wrong pairings; a same-shaped model needs the recorded name.
-    if let (Some(given), Ok((c, _))) = (&base, tune::lora::read_adapter_config(&src.adapter_dir)) {
+    if let (Some(given), Ok((c, _))) = (&base, tune::peft::read_adapter_config(&src.adapter_dir)) {
         let recorded = c.base_model_name_or_path.map(PathBuf::from).filter(|p| p.is_dir());
         if let Some(recorded) = recorded.filter(|r| r.canonicalize().ok() != given.canonicalize().ok()) {
             eprintln!(

@@ -6,7 +6,7 @@ use tune::backend::Backend;
 use tune::backend::DeviceKind;
 use tune::generate::{generate, Sampling};
 use tune::hf::{GenerationConfig, Message, Tokenizer};
-use tune::model::{Llama, ModelConfig};
+use tune::model::{CausalLm, ModelConfig};
 use tune::with_backend;
 
 #[derive(clap::Args, Debug)]
@@ -71,7 +71,7 @@ fn run_on<B: Backend>(
     stop: &[u32],
 ) -> anyhow::Result<()> {
     let start = Instant::now();
-    let model: Llama<B> = super::load_model(&args.model, args.adapter.as_deref(), device)?;
+    let model: CausalLm<B> = super::load_model(&args.model, args.adapter.as_deref(), device)?;
     eprintln!("loaded {} in {:.2} s", args.model.display(), start.elapsed().as_secs_f64());
     let sampling = Sampling {
         temperature: args.temperature,

@@ -17,13 +17,25 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
     println!("model       {}", dir.display());
     println!("family      {}", c.family.name());
     println!("parameters  {} ({:.1}M)", params, params as f64 / 1e6);
-    println!("layers      {}", c.num_hidden_layers);
+    println!("layers      {}", c.num_hidden_layers());
     println!("hidden      {} (intermediate {})", c.hidden_size, c.intermediate_size);
     println!(
         "attention   {} heads, {} kv heads, head_dim {}",
         c.num_attention_heads, c.num_key_value_heads, c.head_dim
     );
-    println!("rope        theta {} scaling {:?}", c.rope_theta, c.rope_scaling);
+    match &c.positions {
+        tune::model::config::Positions::Rope(tables) => {
+            for t in tables {
+                println!("rope        theta {} on {} of {} dims, scaling {:?}", t.theta, t.rotary_dim, c.head_dim, t.scaling);
+            }
+        }
+        other => println!("positions   {other:?}"),
+    }
+    let windows: Vec<String> = c.layers.iter().map(|l| l.window.map_or("full".into(), |w| w.to_string())).collect();
+    if c.layers.iter().any(|l| l.window.is_some()) {
+        println!("windows     {}", windows.join(" "));
+    }
+    println!("linears     {} (target_modules names; all-linear = all of them)", c.linear_names().join(", "));
     println!("max_pos     {}", c.max_position_embeddings);
     println!("vocab       {}", c.vocab_size);
     println!("tied embed  {}", c.tie_word_embeddings);

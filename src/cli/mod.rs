@@ -67,12 +67,12 @@ fn load_model<B: tune::backend::Backend>(
     dir: &std::path::Path,
     adapter: Option<&std::path::Path>,
     device: &B::Device,
-) -> anyhow::Result<tune::model::Llama<B>> {
+) -> anyhow::Result<tune::model::CausalLm<B>> {
     use anyhow::Context;
     let mut model = tune::model::load(dir, device).with_context(|| format!("loading {}", dir.display()))?;
     if let Some(path) = adapter {
-        let adapter_dir = tune::lora::resolve_adapter_dir(path)?;
-        let config = tune::lora::load_peft(&mut model, &adapter_dir, device)
+        let adapter_dir = tune::checkpoint::resolve_adapter_dir(path)?;
+        let config = tune::peft::load_peft(&mut model, &adapter_dir, device)
             .with_context(|| format!("loading adapter {}", adapter_dir.display()))?;
         eprintln!(
             "adapter {}: rank {}, alpha {}, on {}",

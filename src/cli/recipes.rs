@@ -29,7 +29,7 @@ pub fn cp(name: &str, dest: &Path) -> anyhow::Result<()> {
     let name = name.trim_end_matches(".yaml");
     let Some((_, text)) = BUILTIN.iter().find(|(n, _)| *n == name) else {
         let names: Vec<&str> = BUILTIN.iter().map(|(n, _)| *n).collect();
-        anyhow::bail!("no built-in recipe `{name}`{} (see `tune ls`)", tune::recipe::did_you_mean(name, &names));
+        anyhow::bail!("no built-in recipe `{name}`{} (see `tune ls`)", tune::error::did_you_mean(name, &names));
     };
     let dest = if dest.is_dir() { dest.join(format!("{name}.yaml")) } else { dest.to_path_buf() };
     if dest.exists() {

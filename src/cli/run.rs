@@ -98,20 +98,13 @@ pub fn validate(recipe_path: &Path, overrides: &[String]) -> anyhow::Result<()> 
     let recipe = Recipe::load(recipe_path, overrides)?;
     let setup = train::setup(&recipe)?;
     let c = &setup.config;
-    // Trainable parameters from shapes alone: r·(in + out) per adapted projection.
-    let (h, q, kv, ffn) = (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size);
-    let per_layer: usize = setup
-        .lora
-        .target_modules
+    // Trainable parameters from shapes alone: r·(in + out) per adapted layer.
+    let trainable: usize = c
+        .linears()
         .iter()
-        .map(|t| match t.as_str() {
-            "q_proj" => h + q,
-            "k_proj" | "v_proj" => h + kv,
-            "o_proj" => q + h,
-            _ => h + ffn,
-        })
+        .filter(|l| setup.lora.targets(&l.path))
+        .map(|l| setup.lora.rank * (l.in_features + l.out_features))
         .sum();
-    let trainable = setup.lora.rank * per_layer * c.num_hidden_layers;
     print!("{}", recipe.to_yaml());
     println!("# model: {} ({}, {:.1}M parameters)", recipe.model.path.display(), c.family.name(), c.num_parameters() as f64 / 1e6);
     println!(

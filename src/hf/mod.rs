@@ -7,6 +7,6 @@ pub mod safetensors;
 pub mod tokenizer;
 
 pub use chat_template::{ChatTemplate, Message};
-pub use config::{GenerationConfig, HfConfig};
+pub use config::{GenerationConfig, RawConfig};
 pub use safetensors::Weights;
 pub use tokenizer::Tokenizer;

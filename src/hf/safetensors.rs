@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Component, Path, PathBuf};
+use std::str::FromStr;
 
 use half::{bf16, f16};
 use memmap2::Mmap;
@@ -319,6 +320,63 @@ fn shard_path(dir: &Path, index_path: &Path, file: &str) -> Result<PathBuf> {
         ));
     }
     Ok(path)
+}
+
+/// Storage dtype of written tensors (exports, and the recipe's `output.export_dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutDtype {
+    F32,
+    #[default]
+    Bf16,
+    F16,
+}
+
+impl FromStr for OutDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(OutDtype::F32),
+            "bf16" | "bfloat16" => Ok(OutDtype::Bf16),
+            "f16" | "float16" => Ok(OutDtype::F16),
+            _ => Err(format!("unknown dtype `{s}` (expected bf16, f16 or f32)")),
+        }
+    }
+}
+
+impl OutDtype {
+    /// The name transformers writes in config.json.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            OutDtype::F32 => "float32",
+            OutDtype::Bf16 => "bfloat16",
+            OutDtype::F16 => "float16",
+        }
+    }
+
+    pub fn safetensors(self) -> Dtype {
+        match self {
+            OutDtype::F32 => Dtype::F32,
+            OutDtype::Bf16 => Dtype::BF16,
+            OutDtype::F16 => Dtype::F16,
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            OutDtype::F32 => 4,
+            OutDtype::Bf16 | OutDtype::F16 => 2,
+        }
+    }
+
+    /// Little-endian bytes, rounding to nearest even as torch's `.to(dtype)` does.
+    pub fn encode(self, v: &[f32]) -> Vec<u8> {
+        match self {
+            OutDtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            OutDtype::Bf16 => v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect(),
+            OutDtype::F16 => v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,9 @@ use std::collections::BTreeSet;
 use crate::backend::Backend;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 
-use super::layers::Projection;
+use super::blocks::Norm;
+use super::config::{NormKind, WeightLayout};
+use super::linear::Linear;
 use crate::error::{Error, Result};
 use crate::hf::Weights;
 
@@ -17,6 +19,8 @@ pub struct Loader<'a, B: Backend> {
     /// Storage dtype of the large frozen matrices (projections, embeddings, lm_head); norms and
     /// biases stay f32.
     matrix_dtype: FloatDType,
+    /// A prefix some checkpoints were saved without (`transformer.` of GPT-2 and BLOOM).
+    optional_prefix: Option<&'static str>,
     used: RefCell<BTreeSet<String>>,
 }
 
@@ -26,6 +30,7 @@ impl<'a, B: Backend> Loader<'a, B> {
             weights,
             device,
             matrix_dtype: FloatDType::F32,
+            optional_prefix: None,
             used: RefCell::new(BTreeSet::new()),
         }
     }
@@ -36,13 +41,30 @@ impl<'a, B: Backend> Loader<'a, B> {
         self
     }
 
+    /// Reads `transformer.x` from a file that holds `x` when the file lacks the prefix.
+    pub fn with_optional_prefix(mut self, prefix: Option<&'static str>) -> Self {
+        self.optional_prefix = prefix;
+        self
+    }
+
+    /// The name as the files hold it.
+    fn stored(&self, name: &str) -> String {
+        if let Some(short) = self.optional_prefix.and_then(|p| name.strip_prefix(p)) {
+            if !self.weights.contains(name) && self.weights.contains(short) {
+                return short.to_string();
+            }
+        }
+        name.to_string()
+    }
+
     fn matrix_tensor(&self, data: Vec<f32>, shape: [usize; 2]) -> Tensor<B, 2> {
         Tensor::from_data(TensorData::new(data, shape), (&self.device, DType::from(self.matrix_dtype)))
     }
 
     fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        self.used.borrow_mut().insert(name.to_string());
-        self.weights.read_f32(name, shape)
+        let name = self.stored(name);
+        self.used.borrow_mut().insert(name.clone());
+        self.weights.read_f32(&name, shape)
     }
 
     pub fn vector(&self, name: &str, n: usize) -> Result<Tensor<B, 1>> {
@@ -56,29 +78,48 @@ impl<'a, B: Backend> Loader<'a, B> {
         Ok(self.matrix_tensor(data, [rows, cols]))
     }
 
-    /// An `nn.Linear(in, out)` at module path `name`: HF's `[out, in]` weight is transposed
-    /// while converting, so the only copy in memory is the [in, out] one.
-    pub fn projection(&self, name: &str, in_features: usize, out_features: usize, bias: bool) -> Result<Projection<B>> {
-        let w = self.read(&format!("{name}.weight"), &[out_features, in_features])?;
-        let mut t = vec![0f32; w.len()];
-        for (o, row) in w.chunks_exact(in_features).enumerate() {
-            for (i, &v) in row.iter().enumerate() {
-                t[i * out_features + o] = v;
+    /// A linear layer at module path `name`: an `nn.Linear`'s `[out, in]` weight is transposed
+    /// while converting, so the only copy in memory is the [in, out] one; a `Conv1D`'s is
+    /// already [in, out].
+    pub fn linear(&self, name: &str, in_features: usize, out_features: usize, bias: bool, layout: WeightLayout) -> Result<Linear<B>> {
+        let weight = match layout {
+            WeightLayout::OutIn => {
+                let w = self.read(&format!("{name}.weight"), &[out_features, in_features])?;
+                let mut t = vec![0f32; w.len()];
+                for (o, row) in w.chunks_exact(in_features).enumerate() {
+                    for (i, &v) in row.iter().enumerate() {
+                        t[i * out_features + o] = v;
+                    }
+                }
+                t
             }
-        }
-        drop(w);
-        let weight = self.matrix_tensor(t, [in_features, out_features]);
-        let bias = if bias {
-            Some(self.vector(&format!("{name}.bias"), out_features)?)
-        } else {
-            None
+            WeightLayout::InOut => self.read(&format!("{name}.weight"), &[in_features, out_features])?,
         };
-        Ok(Projection {
-            name: name.to_string(),
-            weight,
-            bias,
-            lora: None,
-        })
+        let weight = self.matrix_tensor(weight, [in_features, out_features]);
+        let bias = if bias { Some(self.vector(&format!("{name}.bias"), out_features)?) } else { None };
+        Ok(Linear { name: name.to_string(), weight, bias, layout, adapter: None })
+    }
+
+    /// A norm at module path `name` over `n` features: RMSNorm's weight (Gemma's stored w
+    /// becomes 1 + w, in f32 as transformers computes it), or LayerNorm's weight and bias.
+    pub fn norm(&self, name: &str, n: usize, kind: NormKind) -> Result<Norm<B>> {
+        let weight = self.read(&format!("{name}.weight"), &[n])?;
+        match kind {
+            NormKind::Rms { eps, unit_offset } => {
+                let weight = if unit_offset { weight.iter().map(|w| 1.0 + w).collect() } else { weight };
+                Ok(Norm::Rms { weight: Tensor::from_data(TensorData::new(weight, [n]), &self.device), eps })
+            }
+            NormKind::Layer { eps } => Ok(Norm::Layer {
+                weight: Tensor::from_data(TensorData::new(weight, [n]), &self.device),
+                bias: self.vector(&format!("{name}.bias"), n)?,
+                eps,
+            }),
+        }
+    }
+
+    /// A table read whole, [rows, cols] (learned positions), in the matrices' dtype.
+    pub fn vector_table(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor<B, 2>> {
+        self.matrix(name, rows, cols)
     }
 
     /// Fails on any tensor in the files the model did not ask for.
@@ -109,7 +150,13 @@ impl<'a, B: Backend> Loader<'a, B> {
 }
 
 /// Tensors some exporters write that carry nothing the model needs: precomputed rotary
-/// frequencies, and lm_head when it is tied to the embeddings (a copy of them).
+/// frequencies, GPT-2's and GPT-NeoX's causal-mask buffers, and lm_head when it is tied to the
+/// embeddings (a copy of them).
 fn ignorable(name: &str) -> bool {
-    name.ends_with("rotary_emb.inv_freq") || name == "lm_head.weight"
+    name.ends_with("rotary_emb.inv_freq")
+        || name.ends_with(".attn.bias")
+        || name.ends_with(".attn.masked_bias")
+        || name.ends_with(".attention.bias")
+        || name.ends_with(".attention.masked_bias")
+        || name == "lm_head.weight"
 }

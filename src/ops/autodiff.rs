@@ -152,7 +152,12 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         mask: Mask<Self>,
+        opts: &super::AttentionOptions,
     ) -> FloatTensor<Self> {
+        let d = super::float::<Self, 4>(q.clone()).dims()[3];
+        if !opts.is_plain(d) {
+            return super::reference::attention_general::<Self>(q, k, v, mask, opts);
+        }
         let mask = inner_mask(mask);
         match Attention
             .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
@@ -168,7 +173,7 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 );
                 prep.finish((q.primitive, k.primitive, v.primitive, mask, out.clone(), lse), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::fused_attention(q.primitive, k.primitive, v.primitive, mask)),
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_attention(q.primitive, k.primitive, v.primitive, mask, opts)),
         }
     }
 

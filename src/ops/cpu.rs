@@ -328,9 +328,9 @@ fn kernel_mask(mask: &Mask<Flex>) -> Option<Option<FlexTensor>> {
 }
 
 impl FusedOps for Flex {
-    fn cross_entropy(logits: FloatTensor<Self>, targets: &[u32], coef: &[f32]) -> (f64, FloatTensor<Self>) {
-        if !all_f32(&[&logits]) {
-            return reference::cross_entropy::<Self>(logits, targets, coef);
+    fn cross_entropy(logits: FloatTensor<Self>, targets: &[u32], coef: &[f32], softcap: Option<f64>) -> (f64, FloatTensor<Self>) {
+        if !all_f32(&[&logits]) || softcap.is_some() {
+            return reference::cross_entropy::<Self>(logits, targets, coef, softcap);
         }
         let logits = contiguous(logits);
         let shape = dims(&logits);

@@ -49,14 +49,72 @@ pub struct LoraLinear<B: Backend> {
     pub scale: f64,
 }
 
+/// What varies in attention between families, for [`FusedOps::fused_attention`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionOptions {
+    /// Multiplies q·kᵀ; 1/√head_dim unless the family says otherwise (Gemma: query_pre_attn_scalar^-½).
+    pub scale: f64,
+    /// Gemma 2's attention logit soft-capping: score -> cap·tanh(score/cap), after scaling.
+    pub softcap: Option<f64>,
+    /// Sliding window: key j is hidden from query i when (i_abs − j_abs) >= window.
+    pub window: Option<usize>,
+    /// ALiBi (BLOOM): one slope per query head; score += −slope_h · (i_abs − j_abs).
+    pub alibi: Option<Vec<f32>>,
+}
+
+impl AttentionOptions {
+    pub fn new(head_dim: usize) -> Self {
+        AttentionOptions { scale: 1.0 / (head_dim as f64).sqrt(), softcap: None, window: None, alibi: None }
+    }
+
+    /// Only the scale is set, and it is the default one: what the kernels compute.
+    pub(crate) fn is_plain(&self, head_dim: usize) -> bool {
+        self.softcap.is_none() && self.window.is_none() && self.alibi.is_none() && (self.scale - 1.0 / (head_dim as f64).sqrt()).abs() < 1e-12
+    }
+}
+
+/// The activations of the MLPs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// x·σ(x) (SwiGLU's gate).
+    Silu,
+    /// 0.5x(1 + tanh(√(2/π)(x + 0.044715x³))): gelu_new, gelu_pytorch_tanh, BLOOM's gelu.
+    GeluTanh,
+    /// x·Φ(x), with the exact erf.
+    Gelu,
+}
+
 /// The fused operations. q, k and v are laid out `[batch, seq, heads, head_dim]` as the
 /// projections produce them, so no transpose is needed before or after attention.
 pub trait FusedOps: Backend {
     /// softmax(q·kᵀ/√d + mask)·v with grouped-query heads: q `[b, s, h, d]`, k and v
     /// `[b, t, kv, d]` with h a multiple of kv (query head j uses kv head j / (h / kv), as
     /// HF's repeat_kv). Returns `[b, s, h, d]`.
-    fn fused_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: Mask<Self>) -> FloatTensor<Self> {
-        Self::attention_forward(q, k, v, mask).0
+    fn fused_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: Mask<Self>, opts: &AttentionOptions) -> FloatTensor<Self> {
+        let d = float::<Self, 4>(q.clone()).dims()[3];
+        if opts.is_plain(d) {
+            Self::attention_forward(q, k, v, mask).0
+        } else {
+            reference::attention_general::<Self>(q, k, v, mask, opts)
+        }
+    }
+
+    /// (x − mean) / sqrt(var + eps) · w + b over the last dimension of `[n, d]`.
+    fn fused_layer_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, b: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        reference::layer_norm::<Self>(x, w, b, eps)
+    }
+
+    /// act(gate) · up.
+    fn fused_glu(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
+        match act {
+            Activation::Silu => Self::fused_swiglu(gate, up),
+            _ => prim(reference::activation::<Self, 2>(float(gate), act) * float::<Self, 2>(up)),
+        }
+    }
+
+    /// act(x).
+    fn fused_activation(x: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
+        prim(reference::activation::<Self, 2>(float(x), act))
     }
 
     /// The attention output and the log-sum-exp of each query's scores, `[b, h, s]`, which
@@ -106,8 +164,8 @@ pub trait FusedOps: Backend {
 
     /// Cross-entropy of logits `[c, vocab]` against target ids, each row weighted by `coef`:
     /// returns Σ coef·nll and its gradient with respect to the logits, (softmax − one-hot)·coef.
-    fn cross_entropy(logits: FloatTensor<Self>, targets: &[u32], coef: &[f32]) -> (f64, FloatTensor<Self>) {
-        reference::cross_entropy::<Self>(logits, targets, coef)
+    fn cross_entropy(logits: FloatTensor<Self>, targets: &[u32], coef: &[f32], softcap: Option<f64>) -> (f64, FloatTensor<Self>) {
+        reference::cross_entropy::<Self>(logits, targets, coef, softcap)
     }
 
     /// x / sqrt(mean(x²) + eps) · w over the last dimension of `[n, d]`.
@@ -239,7 +297,17 @@ pub mod reference {
         (dx.map(prim), dx_lora.map(prim), prim(da), prim(db))
     }
 
-    pub fn cross_entropy<B: Backend>(logits: FloatTensor<B>, targets: &[u32], coef: &[f32]) -> (f64, FloatTensor<B>) {
+    pub fn cross_entropy<B: Backend>(logits: FloatTensor<B>, targets: &[u32], coef: &[f32], softcap: Option<f64>) -> (f64, FloatTensor<B>) {
+        let Some(cap) = softcap else {
+            return cross_entropy_plain::<B>(logits, targets, coef);
+        };
+        // c = cap·tanh(l / cap); dc/dl = 1 − (c / cap)².
+        let capped = (float::<B, 2>(logits) / cap).tanh();
+        let (loss, dc) = cross_entropy_plain::<B>(prim(capped.clone() * cap), targets, coef);
+        (loss, prim(float::<B, 2>(dc) * (capped.square().neg() + 1.0)))
+    }
+
+    fn cross_entropy_plain<B: Backend>(logits: FloatTensor<B>, targets: &[u32], coef: &[f32]) -> (f64, FloatTensor<B>) {
         use burn::tensor::{ElementConversion, Int, TensorData};
         let logits = float::<B, 2>(logits);
         let [c, vocab] = logits.dims();
@@ -254,6 +322,60 @@ pub mod reference {
         let loss = (nll * weight.clone()).sum().into_scalar().elem::<f64>();
         let one_hot = Tensor::<B, 2>::zeros([c, vocab], &device).scatter(1, ids, weight.clone(), burn::tensor::IndexingUpdateOp::Add);
         (loss, prim(exp * (weight / sum) - one_hot))
+    }
+
+    /// Attention with every option, as plain tensor ops: scale, soft-cap, ALiBi bias, window.
+    pub fn attention_general<B: Backend>(q: FloatTensor<B>, k: FloatTensor<B>, v: FloatTensor<B>, mask: Mask<B>, opts: &AttentionOptions) -> FloatTensor<B> {
+        use burn::tensor::TensorData;
+        let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
+        let [b, s, h, _] = q.dims();
+        let [_, t, kv, _] = k.dims();
+        let device = q.device();
+        let q = q.swap_dims(1, 2);
+        let k = repeat_heads(k.swap_dims(1, 2), h / kv);
+        let v = repeat_heads(v.swap_dims(1, 2), h / kv);
+        let mut scores = q.matmul(k.swap_dims(2, 3)) * opts.scale;
+        if let Some(cap) = opts.softcap {
+            scores = (scores / cap).tanh() * cap;
+        }
+        // −slope·(i − j) and the window, from the absolute positions i = qi + t − s, j = kj.
+        let dist: Vec<f32> = (0..s).flat_map(|i| (0..t).map(move |j| (i + t - s) as f32 - j as f32)).collect();
+        let dist = Tensor::<B, 2>::from_data(TensorData::new(dist, [s, t]), &device);
+        if let Some(slopes) = &opts.alibi {
+            let slopes = Tensor::<B, 1>::from_data(TensorData::new(slopes.clone(), [h]), &device).reshape([1, h, 1, 1]);
+            scores = scores - dist.clone().reshape([1, 1, s, t]) * slopes;
+        }
+        let mut masked: Tensor<B, 4, Bool> = match &mask {
+            Mask::Causal => Tensor::<B, 2, Bool>::tril_mask([s, t], (t - s) as i64, &device).unsqueeze::<4>().expand([b, h, s, t]),
+            Mask::Explicit(m) => Tensor::<B, 4, Bool>::from_primitive(m.clone()).expand([b, h, s, t]),
+        };
+        if let Some(w) = opts.window {
+            let far = dist.greater_equal_elem(w as f64).unsqueeze::<4>().expand([b, h, s, t]);
+            masked = masked.bool_or(far);
+        }
+        let scores = scores.mask_fill(masked, f32::NEG_INFINITY);
+        let p = burn::tensor::activation::softmax(scores, 3);
+        prim(p.matmul(v).swap_dims(1, 2))
+    }
+
+    pub fn layer_norm<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>, b: FloatTensor<B>, eps: f64) -> FloatTensor<B> {
+        let x = float::<B, 2>(x);
+        let mean = x.clone().mean_dim(1);
+        let centred = x - mean;
+        let var = centred.clone().square().mean_dim(1);
+        let y = centred / (var + eps).sqrt();
+        prim(y * float::<B, 1>(w).unsqueeze::<2>() + float::<B, 1>(b).unsqueeze::<2>())
+    }
+
+    pub fn activation<B: Backend, const D: usize>(x: Tensor<B, D>, act: Activation) -> Tensor<B, D> {
+        match act {
+            Activation::Silu => burn::tensor::activation::silu(x),
+            Activation::Gelu => burn::tensor::activation::gelu(x),
+            Activation::GeluTanh => {
+                let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715) * (2.0 / std::f64::consts::PI).sqrt();
+                x * (inner.tanh() + 1.0) * 0.5
+            }
+        }
     }
 
     pub fn rms_norm_forward<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>, eps: f64) -> (FloatTensor<B>, FloatTensor<B>) {

@@ -18,12 +18,13 @@ use crate::data::batch::Batch;
 use crate::error::{Error, Result};
 use crate::eval::token_nll;
 use crate::hf::Tokenizer;
-use crate::lora::{self, LoraConfig};
-use crate::model::layers::token_tensor;
+use crate::adapter::LoraConfig;
+use crate::peft;
 use crate::checkpoint;
 use crate::ops::{float, prim};
-use crate::model::llama::DecoderLayer;
-use crate::model::{self, AttentionMask, Llama, ModelConfig};
+use crate::model::blocks::{Block, Context};
+use crate::model::linear::linear_in_weight_dtype;
+use crate::model::{self, token_tensor, AttentionMask, CausalLm, ModelConfig};
 use crate::recipe::Recipe;
 use data::{prepare, step_batches, Order, Prepared};
 use metrics::StepMetrics;
@@ -32,7 +33,7 @@ use optimizer::{clip_grad_norm, AdamW, AdamWConfig};
 /// Loss of one micro-batch: the sum of the labelled tokens' losses divided by `label_total`,
 /// the number of labelled tokens in the whole optimizer step, so that summing micro-batches
 /// gives the step's mean (not a mean of micro-batch means).
-pub fn batch_loss<B: Backend>(model: &Llama<B>, batch: &Batch, label_total: usize, device: &B::Device) -> Tensor<B, 1> {
+pub fn batch_loss<B: Backend>(model: &CausalLm<B>, batch: &Batch, label_total: usize, device: &B::Device) -> Tensor<B, 1> {
     let n = batch.rows * batch.seq;
     let logits = model.lm_head(final_hidden(model, batch, device));
     let targets: Vec<i64> = batch.targets.iter().map(|&t| t as i64).collect();
@@ -42,17 +43,16 @@ pub fn batch_loss<B: Backend>(model: &Llama<B>, batch: &Batch, label_total: usiz
 }
 
 /// The last hidden states of a batch, `[rows × seq, hidden]`, under its causal or packed mask.
-fn final_hidden<B: Backend>(model: &Llama<B>, batch: &Batch, device: &B::Device) -> Tensor<B, 2> {
+fn final_hidden<B: Backend>(model: &CausalLm<B>, batch: &Batch, device: &B::Device) -> Tensor<B, 2> {
     model
-        .forward_hidden(token_tensor::<B>(&batch.ids, batch.rows, device), &batch.positions, &batch_mask(model, batch, device), None)
+        .forward_hidden(token_tensor::<B>(&batch.ids, batch.rows, device), &batch.positions, &batch_mask(batch, device), None)
         .reshape([batch.rows * batch.seq, model.config.hidden_size])
 }
 
-fn batch_mask<B: Backend>(model: &Llama<B>, batch: &Batch, device: &B::Device) -> AttentionMask<B> {
-    let window = model.config.sliding_window;
+fn batch_mask<B: Backend>(batch: &Batch, device: &B::Device) -> AttentionMask<B> {
     match &batch.segments {
-        Some(segments) => AttentionMask::packed(segments, batch.seq, window, device),
-        None => AttentionMask::causal(batch.seq, 0, window, device),
+        Some(segments) => AttentionMask::packed(segments, batch.seq, device),
+        None => AttentionMask::Causal,
     }
 }
 
@@ -65,9 +65,9 @@ pub const LOSS_CHUNK: usize = 128;
 ///
 /// The graph only needs Σ h ⊙ (d loss / d h), whose gradient with respect to the final hidden
 /// states h is exactly d loss / d h; [`head_gradient`] computes that outside the graph.
-pub fn loss_for_backward<B: AutodiffBackend<InnerBackend: Backend> + Backend>(model: &Llama<B>, batch: &Batch, label_total: usize, device: &B::Device) -> (Tensor<B, 1>, f64) {
+pub fn loss_for_backward<B: AutodiffBackend<InnerBackend: Backend> + Backend>(model: &CausalLm<B>, batch: &Batch, label_total: usize, device: &B::Device) -> (Tensor<B, 1>, f64) {
     let h = final_hidden(model, batch, device);
-    let (grad, loss) = head_gradient(h.clone().inner(), model.lm_head_weight().inner(), batch, label_total);
+    let (grad, loss) = head_gradient(h.clone().inner(), model.lm_head_weight().inner(), model.config.final_softcap, batch, label_total);
     ((h * Tensor::from_inner(grad)).sum(), loss)
 }
 
@@ -78,7 +78,7 @@ pub fn loss_for_backward<B: AutodiffBackend<InnerBackend: Backend> + Backend>(mo
 /// out: d loss / d logits = (softmax − one-hot) · w / label_total, so d loss / d h = that ·
 /// lm_headᵀ. The [tokens × vocab] logits are never held whole, nor saved for the backward pass
 /// (the lm_head is frozen, so nothing else needs them).
-fn head_gradient<B: Backend>(h: Tensor<B, 2>, w: Tensor<B, 2>, batch: &Batch, label_total: usize) -> (Tensor<B, 2>, f64) {
+fn head_gradient<B: Backend>(h: Tensor<B, 2>, w: Tensor<B, 2>, softcap: Option<f64>, batch: &Batch, label_total: usize) -> (Tensor<B, 2>, f64) {
     let [n, hidden] = h.dims();
     let device = h.device();
     let coef: Vec<f32> = batch.weights.iter().map(|w| w / label_total.max(1) as f32).collect();
@@ -91,10 +91,10 @@ fn head_gradient<B: Backend>(h: Tensor<B, 2>, w: Tensor<B, 2>, batch: &Batch, la
             grad.push(Tensor::zeros([c, hidden], &device));
             continue;
         }
-        let logits = crate::model::layers::linear_in_weight_dtype(h.clone().narrow(0, start, c), w.clone(), None);
-        let (l, dlogits) = B::cross_entropy(prim(logits), &batch.targets[start..start + c], &coef[start..start + c]);
+        let logits = linear_in_weight_dtype(h.clone().narrow(0, start, c), w.clone(), None);
+        let (l, dlogits) = B::cross_entropy(prim(logits), &batch.targets[start..start + c], &coef[start..start + c], softcap);
         loss += l;
-        grad.push(crate::model::layers::linear_in_weight_dtype(float::<_, 2>(dlogits), w.clone().transpose(), None));
+        grad.push(linear_in_weight_dtype(float::<_, 2>(dlogits), w.clone().transpose(), None));
     }
     (Tensor::cat(grad, 0), loss)
 }
@@ -109,7 +109,7 @@ fn head_gradient<B: Backend>(h: Tensor<B, 2>, w: Tensor<B, 2>, batch: &Batch, la
 /// the layers. LoRA dropout is seeded per projection, so the recomputation draws the same
 /// masks, and the gradients are those of the plain pass.
 pub fn loss_and_grads<B: AutodiffBackend<InnerBackend: Backend> + Backend>(
-    model: &Llama<B>,
+    model: &CausalLm<B>,
     batch: &Batch,
     label_total: usize,
     activation_checkpointing: bool,
@@ -122,18 +122,19 @@ pub fn loss_and_grads<B: AutodiffBackend<InnerBackend: Backend> + Backend>(
     }
 
     // Forward without a graph, keeping each layer's input.
-    let rope = model.rope.tables::<B>(&batch.positions, batch.rows, device);
-    let mask = batch_mask(model, batch, device);
-    let mut x = model.embed(token_tensor::<B>(&batch.ids, batch.rows, device));
+    let ropes = model.layer_inputs(&batch.positions, batch.rows, device);
+    let mask = batch_mask(batch, device);
+    let ctx = Context { rows: batch.rows, ropes: &ropes, mask: &mask };
+    let mut x = model.embed(token_tensor::<B>(&batch.ids, batch.rows, device), &batch.positions);
     let mut inputs = Vec::with_capacity(model.layers.len());
     for layer in &model.layers {
         inputs.push(x.clone());
-        x = without_grad(layer).forward(x, batch.rows, &rope, &mask, None);
+        x = without_grad(layer).forward(x, &ctx, None);
     }
     // The head: final norm, lm_head and cross-entropy; the gradient arriving at the last layer.
     let x = x.detach().require_grad();
     let h = model.norm.forward(x.clone());
-    let (dh, loss) = head_gradient(h.clone().inner(), model.lm_head_weight().inner(), batch, label_total);
+    let (dh, loss) = head_gradient(h.clone().inner(), model.lm_head_weight().inner(), model.config.final_softcap, batch, label_total);
     let g = (h * Tensor::from_inner(dh)).sum().backward();
     let mut dx = x.grad(&g).expect("the last layer's output requires grad");
 
@@ -142,7 +143,7 @@ pub fn loss_and_grads<B: AutodiffBackend<InnerBackend: Backend> + Backend>(
     for (i, (layer, input)) in model.layers.iter().zip(inputs).enumerate().rev() {
         // The embeddings are frozen: layer 0 needs no gradient for its input.
         let input = if i == 0 { input } else { input.detach().require_grad() };
-        let out = layer.forward(input.clone(), batch.rows, &rope, &mask, None);
+        let out = layer.forward(input.clone(), &ctx, None);
         let g = (out * Tensor::from_inner(dx.clone())).sum().backward();
         let grads: Vec<_> = layer_lora_params(layer).map(|p| p.grad(&g).expect("LoRA tensors require grad")).collect();
         per_layer.push(grads);
@@ -155,10 +156,10 @@ pub fn loss_and_grads<B: AutodiffBackend<InnerBackend: Backend> + Backend>(
 
 /// A copy of the layer whose adapters do not require gradients, so its forward pass records
 /// no graph. (`detach` would not do: burn keeps a detached leaf's `require_grad`.)
-fn without_grad<B: AutodiffBackend + Backend>(layer: &DecoderLayer<B>) -> DecoderLayer<B> {
+fn without_grad<B: AutodiffBackend + Backend>(layer: &Block<B>) -> Block<B> {
     let mut layer = layer.clone();
-    for p in layer.projections_mut() {
-        if let Some(l) = p.lora.as_mut() {
+    for p in layer.linears_mut() {
+        if let Some(l) = p.adapter.as_mut() {
             l.a = Tensor::from_inner(l.a.clone().inner());
             l.b = Tensor::from_inner(l.b.clone().inner());
         }
@@ -168,19 +169,19 @@ fn without_grad<B: AutodiffBackend + Backend>(layer: &DecoderLayer<B>) -> Decode
 
 /// The trainable tensors, in a fixed order: layer by layer, for each adapted projection,
 /// lora_A then lora_B.
-pub fn lora_params<B: Backend>(model: &Llama<B>) -> Vec<Tensor<B, 2>> {
+pub fn lora_params<B: Backend>(model: &CausalLm<B>) -> Vec<Tensor<B, 2>> {
     model.layers.iter().flat_map(layer_lora_params).cloned().collect()
 }
 
 /// One layer's part of [`lora_params`].
-fn layer_lora_params<B: Backend>(layer: &DecoderLayer<B>) -> impl Iterator<Item = &Tensor<B, 2>> {
-    layer.projections().into_iter().filter_map(|p| p.lora.as_ref()).flat_map(|l| [&l.a, &l.b])
+fn layer_lora_params<B: Backend>(layer: &Block<B>) -> impl Iterator<Item = &Tensor<B, 2>> {
+    layer.linears().into_iter().filter_map(|p| p.adapter.as_ref()).flat_map(|l| [&l.a, &l.b])
 }
 
-fn set_lora_params<B: Backend>(model: &mut Llama<B>, params: Vec<Tensor<B, 2>>) {
+fn set_lora_params<B: Backend>(model: &mut CausalLm<B>, params: Vec<Tensor<B, 2>>) {
     let mut it = params.into_iter();
-    for p in model.projections_mut() {
-        if let Some(l) = p.lora.as_mut() {
+    for p in model.linears_mut() {
+        if let Some(l) = p.adapter.as_mut() {
             l.a = it.next().expect("one tensor per lora_A");
             l.b = it.next().expect("one tensor per lora_B");
         }
@@ -209,7 +210,7 @@ pub struct StepOptions {
 /// backward per micro-batch with gradients summed, global-norm clipping, AdamW. `tune bench`
 /// times exactly this.
 pub fn train_step<B: AutodiffBackend<InnerBackend: Backend> + Backend>(
-    model: &mut Llama<B>,
+    model: &mut CausalLm<B>,
     opt: &mut AdamW<B::InnerBackend>,
     batches: &[Batch],
     options: StepOptions,
@@ -221,8 +222,8 @@ pub fn train_step<B: AutodiffBackend<InnerBackend: Backend> + Backend>(
     let mut tokens = 0;
     for (m, batch) in batches.iter().enumerate() {
         // A fresh dropout seed per micro-batch and projection, derived from the step's seed.
-        for (i, p) in model.projections_mut().into_iter().enumerate() {
-            if let Some(l) = p.lora.as_mut() {
+        for (i, p) in model.linears_mut().into_iter().enumerate() {
+            if let Some(l) = p.adapter.as_mut() {
                 l.dropout_seed = Some(crate::rng::Rng::new(options.dropout_seed ^ ((m as u64) << 32) ^ i as u64).next_u64());
             }
         }
@@ -234,8 +235,8 @@ pub fn train_step<B: AutodiffBackend<InnerBackend: Backend> + Backend>(
             Some(acc) => acc.into_iter().zip(step).map(|(a, b)| a + b).collect(),
         });
     }
-    for p in model.projections_mut() {
-        if let Some(l) = p.lora.as_mut() {
+    for p in model.linears_mut() {
+        if let Some(l) = p.adapter.as_mut() {
             l.dropout_seed = None;
         }
     }
@@ -255,6 +256,14 @@ pub struct Setup {
     pub total_steps: usize,
 }
 
+/// What `lora.target_modules` asks for.
+fn targets(recipe: &Recipe) -> peft::Targets<'_> {
+    match &recipe.lora.target_modules {
+        None => peft::Targets::Default,
+        Some(t) => t.names().map_or(peft::Targets::AllLinear, peft::Targets::List),
+    }
+}
+
 /// Checks the recipe against the model directory and the dataset, without loading weights.
 pub fn setup(recipe: &Recipe) -> Result<Setup> {
     recipe.device.check_available()?;
@@ -265,7 +274,7 @@ pub fn setup(recipe: &Recipe) -> Result<Setup> {
         rank: recipe.lora.rank,
         alpha: recipe.lora.alpha,
         dropout: recipe.lora.dropout,
-        target_modules: recipe.lora.target_modules.resolve()?,
+        target_modules: peft::resolve_targets(targets(recipe), &config)?,
         use_rslora: recipe.lora.use_rslora,
     };
     let t = &recipe.train;
@@ -276,20 +285,20 @@ pub fn setup(recipe: &Recipe) -> Result<Setup> {
 
 /// Loads the base model on the autodiff backend with LoRA attached: fresh, or from
 /// `lora.init_from`. Only the adapters require gradients.
-pub fn model_with_lora<B: AutodiffBackend<InnerBackend: Backend> + Backend>(recipe: &Recipe, setup: &mut Setup, device: &B::Device) -> Result<Llama<B>> {
-    let mut model: Llama<B> = model::load_with_dtype(&recipe.model.path, device, recipe.base_dtype().float_dtype())?;
+pub fn model_with_lora<B: AutodiffBackend<InnerBackend: Backend> + Backend>(recipe: &Recipe, setup: &mut Setup, device: &B::Device) -> Result<CausalLm<B>> {
+    let mut model: CausalLm<B> = model::load_with_dtype(&recipe.model.path, device, recipe.base_dtype().float_dtype())?;
     match &recipe.lora.init_from {
         Some(dir) => {
-            let loaded = lora::load_peft(&mut model, dir, device)?;
+            let loaded = peft::load_peft(&mut model, dir, device)?;
             // The adapter's own shape wins over the recipe's; dropout stays the recipe's.
             setup.lora = LoraConfig { dropout: recipe.lora.dropout, ..loaded };
-            for p in model.projections_mut() {
-                if let Some(l) = p.lora.as_mut() {
+            for p in model.linears_mut() {
+                if let Some(l) = p.adapter.as_mut() {
                     l.dropout = recipe.lora.dropout;
                 }
             }
         }
-        None => lora::inject(&mut model, &setup.lora, recipe.train.seed, device),
+        None => peft::inject(&mut model, &setup.lora, recipe.train.seed, device),
     }
     let params = lora_params(&model).into_iter().map(Tensor::require_grad).collect();
     set_lora_params(&mut model, params);
@@ -404,7 +413,7 @@ where
     std::fs::create_dir_all(&paths.dir).map_err(|e| Error::io(&paths.dir, e))?;
 
     // 1. The frozen base model with LoRA adapters, and AdamW over the adapters only.
-    let mut model: Llama<Autodiff<B>> = model_with_lora(recipe, &mut setup, &device)?;
+    let mut model: CausalLm<Autodiff<B>> = model_with_lora(recipe, &mut setup, &device)?;
     let t = &recipe.train;
     let adamw = AdamWConfig { betas: t.betas, eps: t.eps, weight_decay: t.weight_decay };
     let inner: Vec<_> = lora_params(&model).into_iter().map(|p| p.inner()).collect();
@@ -426,7 +435,7 @@ where
     let started = Instant::now();
     let mut tokens_seen = 0;
     let base = recipe.model.path.to_string_lossy().into_owned();
-    let save = |model: &Llama<Autodiff<B>>, opt: &AdamW<B>, step: usize, elapsed_s: f64| -> Result<PathBuf> {
+    let save = |model: &CausalLm<Autodiff<B>>, opt: &AdamW<B>, step: usize, elapsed_s: f64| -> Result<PathBuf> {
         let state = checkpoint::TrainerState {
             format_version: checkpoint::FORMAT_VERSION,
             tune_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -494,7 +503,7 @@ where
     let title = format!("tune run — {}", recipe.model.path.file_name().unwrap_or_default().to_string_lossy());
     crate::fsutil::write_atomically(&paths.plot, metrics::loss_svg(&history, &title).as_bytes())?;
     if interrupted.is_none() {
-        lora::save_peft(&model, &setup.lora, &base, &paths.adapter)?;
+        peft::save_peft(&model, &setup.lora, &base, &paths.adapter)?;
     }
     Ok(Summary {
         steps: history.last().map_or(0, |m| m.step),
@@ -543,7 +552,7 @@ fn resume<B: Backend>(
     recipe: &Recipe,
     dataset_hash: &str,
     found: &checkpoint::Found,
-    model: &mut Llama<Autodiff<B>>,
+    model: &mut CausalLm<Autodiff<B>>,
     opt: &mut AdamW<B>,
     paths: &RunPaths,
     device: &B::Device,
@@ -565,7 +574,7 @@ fn resume<B: Backend>(
             recipe.dataset.path.display()
         )));
     }
-    lora::load_peft(model, &found.dir.join("adapter"), device)?;
+    peft::load_peft(model, &found.dir.join("adapter"), device)?;
     let params: Vec<_> = lora_params(model).into_iter().map(Tensor::require_grad).collect();
     set_lora_params(model, params);
     checkpoint::load_optimizer(&found.dir, model, opt, found.state.adam_step, device)?;

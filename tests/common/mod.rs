@@ -18,7 +18,9 @@ pub fn tiny(name: &str) -> PathBuf {
 }
 
 /// The tiny random checkpoints, one per family variant.
-pub const TINY: &[&str] = &["llama", "llama-tied", "llama-linear", "mistral", "qwen2", "qwen3"];
+pub const TINY: &[&str] = &[
+    "llama", "llama-tied", "llama-linear", "mistral", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "gpt2", "gpt-neox", "bloom",
+];
 
 /// A reference tensor written by tests/fixtures/reference.py: values widened to f64 plus its shape.
 #[derive(Debug, Clone)]

@@ -1,122 +1,71 @@
-//! LoRA (Hu et al., 2021) as PEFT computes it: y = W·x + s·B(A(dropout(x))), s = alpha / r
-//! (or alpha / √r with rsLoRA). The frozen W is never merged with B·A during training.
-//!
-//! Adapters are read and written in PEFT's layout (`adapter_config.json` +
-//! `adapter_model.safetensors`, tensors `base_model.model.<module>.lora_A.weight` [r, in] and
-//! `lora_B.weight` [out, r]) so that PEFT, vLLM and llama.cpp load what tune trains.
+//! PEFT's adapter layout (`adapter_config.json` + `adapter_model.safetensors`, tensors
+//! `base_model.model.<module>.lora_A.weight` [r, in] and `lora_B.weight` [out, r]): attaching
+//! fresh or saved adapters to a model's linear layers and writing them back, so that PEFT, vLLM
+//! and llama.cpp load what tune trains.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::backend::Backend;
-use burn::tensor::module::linear;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use crate::adapter::{transpose, LoraAdapter, LoraConfig};
+use crate::backend::Backend;
 use crate::error::{read_json, Error, Result};
 use crate::hf::Weights;
-use crate::model::{Llama, Projection};
+use crate::model::config::WeightLayout;
+use crate::model::{CausalLm, ModelConfig};
 use crate::rng::Rng;
 
-#[derive(Debug, Clone)]
-pub struct LoraAdapter<B: Backend> {
-    /// lora_A transposed: [in_features, r] (PEFT stores [r, in]).
-    pub a: Tensor<B, 2>,
-    /// lora_B transposed: [r, out_features] (PEFT stores [out, r]).
-    pub b: Tensor<B, 2>,
-    /// alpha / r, or alpha / √r with rsLoRA.
-    pub scale: f64,
-    /// Dropout probability on the adapter's input; applied only while `dropout_seed` is set,
-    /// which the training loop does before each forward pass (a fresh seed per micro-batch).
-    pub dropout: f64,
-    pub dropout_seed: Option<u64>,
-}
-
-impl<B: Backend> LoraAdapter<B> {
-    pub fn rank(&self) -> usize {
-        self.a.dims()[1]
-    }
-
-    /// s·B(A(dropout(x))): two thin matmuls, never the [in, out] product.
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let x = self.dropped(x.clone()).unwrap_or(x);
-        let down = linear(x, self.a.clone(), None);
-        linear(down, self.b.clone(), None) * self.scale
-    }
-
-    /// x after the adapter's dropout, or None when no dropout applies (p = 0, or not training).
-    pub fn dropped<const D: usize>(&self, x: Tensor<B, D>) -> Option<Tensor<B, D>> {
-        match self.dropout_seed {
-            Some(seed) if self.dropout > 0.0 => {
-                let mask = dropout_mask::<B, D>(&x.dims(), self.dropout, seed, &x.device());
-                Some(x * mask)
-            }
-            _ => None,
+/// Adds fresh adapters to every targeted linear layer, in model order from one seeded
+/// generator.
+pub fn inject<B: Backend>(model: &mut CausalLm<B>, config: &LoraConfig, seed: u64, device: &B::Device) {
+    let mut rng = Rng::new(seed);
+    for l in model.linears_mut() {
+        if config.targets(&l.name) {
+            l.adapter = Some(LoraAdapter::init(l.in_features(), l.out_features(), config, &mut rng, device));
         }
     }
 }
 
-/// Inverted dropout mask: 0 with probability p, else 1/(1-p). Drawn from tune's own seeded
-/// generator so a run is reproducible on any backend and a resumed run draws the same masks.
-fn dropout_mask<B: Backend, const D: usize>(dims: &[usize; D], p: f64, seed: u64, device: &B::Device) -> Tensor<B, D> {
-    let n: usize = dims.iter().product();
-    let mut rng = Rng::new(seed);
-    let keep = (1.0 / (1.0 - p)) as f32;
-    let data: Vec<f32> = (0..n).map(|_| if rng.next_f64() < p { 0.0 } else { keep }).collect();
-    Tensor::from_data(TensorData::new(data, *dims), device)
+/// Which layers a run adapts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Targets<'a> {
+    /// PEFT's default for the family.
+    Default,
+    /// Every linear layer but the output head, as PEFT resolves `all-linear`.
+    AllLinear,
+    /// Module names, suffixes or paths, checked against the model's linear layers.
+    List(&'a [String]),
 }
 
-/// The LoRA shape of a run.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LoraConfig {
-    pub rank: usize,
-    pub alpha: f64,
-    pub dropout: f64,
-    /// Projection names (`q_proj`, ...).
-    pub target_modules: Vec<String>,
-    pub use_rslora: bool,
-}
-
-impl LoraConfig {
-    pub fn scale(&self) -> f64 {
-        if self.use_rslora {
-            self.alpha / (self.rank as f64).sqrt()
-        } else {
-            self.alpha / self.rank as f64
+/// `target_modules` for a model, as module names in the model's order.
+pub fn resolve_targets(targets: Targets, config: &ModelConfig) -> Result<Vec<String>> {
+    let names = config.linear_names();
+    let targets = match targets {
+        Targets::AllLinear => return Ok(names),
+        Targets::Default => return Ok(config.family.default_targets.iter().map(|s| s.to_string()).collect()),
+        Targets::List(t) => t,
+    };
+    if targets.is_empty() {
+        return Err(Error::Unsupported("lora.target_modules: empty list".into()));
+    }
+    let linears = config.linears();
+    for t in targets {
+        if !linears.iter().any(|l| crate::adapter::targets(t, &l.path)) {
+            let candidates: Vec<&str> = names.iter().map(String::as_str).collect();
+            return Err(Error::Unsupported(format!(
+                "lora.target_modules: `{t}` names no linear layer of this {} model{} (its linear layers: {}, or `all-linear`)",
+                config.family.name(),
+                crate::error::did_you_mean(t, &candidates),
+                names.join(", ")
+            )));
         }
     }
-}
-
-/// Adds fresh adapters to every targeted projection: A like PyTorch's nn.Linear init
-/// (kaiming_uniform with a = √5, i.e. U(−1/√in, 1/√in)), B zeros, so training starts at the
-/// base model exactly.
-pub fn inject<B: Backend>(model: &mut Llama<B>, config: &LoraConfig, seed: u64, device: &B::Device) {
-    let mut rng = Rng::new(seed);
-    for p in targeted(model, &config.target_modules) {
-        let (fan_in, out) = (p.in_features(), p.out_features());
-        let bound = 1.0 / (fan_in as f64).sqrt();
-        // Drawn in PEFT's [r, in] order, then stored transposed.
-        let a_rows: Vec<f32> = (0..config.rank * fan_in)
-            .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
-            .collect();
-        let a = transpose(&a_rows, config.rank, fan_in);
-        p.lora = Some(LoraAdapter {
-            a: Tensor::from_data(TensorData::new(a, [fan_in, config.rank]), device),
-            b: Tensor::zeros([config.rank, out], device),
-            scale: config.scale(),
-            dropout: config.dropout,
-            dropout_seed: None,
-        });
-    }
-}
-
-/// The projections whose kind is in `targets`, in model order.
-pub fn targeted<'m, B: Backend>(model: &'m mut Llama<B>, targets: &[String]) -> Vec<&'m mut Projection<B>> {
-    model
-        .projections_mut()
-        .into_iter()
-        .filter(|p| targets.iter().any(|t| t == p.kind()))
-        .collect()
+    // The model's own order, so adapters and their files do not depend on how the list was written.
+    let mut out: Vec<String> = names.iter().filter(|n| targets.contains(n)).cloned().collect();
+    out.extend(targets.iter().filter(|t| !names.contains(t)).cloned());
+    Ok(out)
 }
 
 /// `adapter_config.json` as PEFT writes and reads it (the fields tune uses or checks).
@@ -179,28 +128,9 @@ pub fn peft_key(module: &str, which: &str) -> String {
     format!("base_model.model.{module}.{which}.weight")
 }
 
-/// The adapter directory behind `path`: a PEFT adapter directory itself, a checkpoint or
-/// finished run directory (its `adapter/`), or a run that has only checkpoints (the latest
-/// complete one's adapter).
-pub fn resolve_adapter_dir(path: &Path) -> Result<std::path::PathBuf> {
-    if path.join(ADAPTER_CONFIG).is_file() {
-        return Ok(path.to_path_buf());
-    }
-    let inside = path.join("adapter");
-    if inside.join(ADAPTER_CONFIG).is_file() {
-        return Ok(inside);
-    }
-    if let Some(latest) = crate::checkpoint::list(path).pop() {
-        return Ok(latest.dir.join("adapter"));
-    }
-    Err(Error::Model(format!(
-        "{}: not an adapter (no {ADAPTER_CONFIG}), nor a run or checkpoint directory holding one",
-        path.display()
-    )))
-}
-
 /// Reads and checks `adapter_config.json`. Refuses what tune would get wrong silently (DoRA,
-/// biases, per-module ranks, fan_in_fan_out, modules_to_save). The returned LoraConfig's
+/// biases, per-module ranks, modules_to_save); `fan_in_fan_out` is checked against the model
+/// when the adapter is attached. The returned LoraConfig's
 /// target_modules is empty: the tensors, not the config, say which projections are adapted.
 pub fn read_adapter_config(dir: &Path) -> Result<(AdapterConfig, LoraConfig)> {
     let config_path = dir.join(ADAPTER_CONFIG);
@@ -220,9 +150,6 @@ pub fn read_adapter_config(dir: &Path) -> Result<(AdapterConfig, LoraConfig)> {
     }
     if c.bias != "none" {
         return refuse(&format!("bias `{}` (only \"none\")", c.bias));
-    }
-    if c.fan_in_fan_out {
-        return refuse("fan_in_fan_out: true");
     }
     if !c.rank_pattern.is_empty() || !c.alpha_pattern.is_empty() {
         return refuse("rank_pattern / alpha_pattern");
@@ -259,32 +186,46 @@ pub fn split_peft_key(key: &str) -> Option<(&str, &str)> {
 
 /// Reads a PEFT adapter directory and attaches it to the model. Refuses what tune would get
 /// wrong silently (see `read_adapter_config`) and any tensor that does not fit the model,
-/// naming it.
-pub fn load_peft<B: Backend>(model: &mut Llama<B>, dir: &Path, device: &B::Device) -> Result<LoraConfig> {
+/// naming it. The returned config's target_modules are the adapted layers' short names, in
+/// model order.
+pub fn load_peft<B: Backend>(model: &mut CausalLm<B>, dir: &Path, device: &B::Device) -> Result<LoraConfig> {
     let (c, config) = read_adapter_config(dir)?;
+    // PEFT sets fan_in_fan_out for Conv1D layers itself (with a warning), so false is fine on
+    // GPT-2; true on nn.Linear layers would mean transposed weights, which these are not.
+    if c.fan_in_fan_out && model.config.layout == WeightLayout::OutIn {
+        return Err(Error::Unsupported(format!(
+            "{}: fan_in_fan_out: true, but this {} model's linear layers are nn.Linear ([out, in]); the adapter is for another model",
+            dir.join(ADAPTER_CONFIG).display(),
+            model.config.family.name()
+        )));
+    }
     let weights = Weights::open_file(&dir.join(ADAPTER_WEIGHTS))?;
     let mut used = std::collections::BTreeSet::new();
-    let mut targets = std::collections::BTreeSet::new();
-    for p in model.projections_mut() {
-        let a_key = peft_key(&p.name, "lora_A");
-        let b_key = peft_key(&p.name, "lora_B");
+    let mut targets: Vec<String> = Vec::new();
+    for l in model.linears_mut() {
         // Some writers keep PEFT's adapter name in the key.
-        let alt = |k: &str| k.replace(".weight", ".default.weight");
-        let pick = |k: String| if weights.contains(&k) { Some(k) } else { Some(alt(&k)).filter(|k| weights.contains(k)) };
-        let (Some(a_key), Some(b_key)) = (pick(a_key), pick(b_key)) else {
+        let pick = |which: &str| {
+            let key = peft_key(&l.name, which);
+            let alt = key.replace(".weight", ".default.weight");
+            [key, alt].into_iter().find(|k| weights.contains(k))
+        };
+        let (Some(a_key), Some(b_key)) = (pick("lora_A"), pick("lora_B")) else {
             continue;
         };
-        let (fan_in, out) = (p.in_features(), p.out_features());
+        let (fan_in, out) = (l.in_features(), l.out_features());
         let a = weights.read_f32(&a_key, &[c.r, fan_in])?;
         let b = weights.read_f32(&b_key, &[out, c.r])?;
-        p.lora = Some(LoraAdapter {
+        l.adapter = Some(LoraAdapter {
             a: Tensor::from_data(TensorData::new(transpose(&a, c.r, fan_in), [fan_in, c.r]), device),
             b: Tensor::from_data(TensorData::new(transpose(&b, out, c.r), [c.r, out]), device),
             scale: config.scale(),
             dropout: config.dropout,
             dropout_seed: None,
         });
-        targets.insert(p.kind().to_string());
+        let short = l.short_name().to_string();
+        if !targets.contains(&short) {
+            targets.push(short);
+        }
         used.insert(a_key);
         used.insert(b_key);
     }
@@ -292,39 +233,24 @@ pub fn load_peft<B: Backend>(model: &mut Llama<B>, dir: &Path, device: &B::Devic
         return Err(Error::Tensor {
             path: dir.join(ADAPTER_WEIGHTS),
             name: extra.to_string(),
-            msg: "does not match any projection of the base model (an adapter for another model?)".into(),
+            msg: format!("does not match any linear layer of the base {} model (an adapter for another model?)", model.config.family.name()),
         });
     }
     if used.is_empty() {
         return Err(Error::Model(format!("{}: the adapter holds no lora_A/lora_B tensors", dir.display())));
     }
     let mut config = config;
-    config.target_modules = crate::recipe::PROJECTIONS
-        .iter()
-        .filter(|p| targets.contains(**p))
-        .map(|s| s.to_string())
-        .collect();
+    config.target_modules = targets;
     Ok(config)
-}
-
-/// Row-major [rows, cols] -> [cols, rows].
-pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; data.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = data[r * cols + c];
-        }
-    }
-    out
 }
 
 /// Writes the model's adapters in PEFT layout into `dir` (created; must not hold an adapter
 /// already unless `overwrite`). Files go to a temporary directory first and are renamed into
 /// place, so a crash never leaves a half-written adapter.
-pub fn save_peft<B: Backend>(model: &Llama<B>, config: &LoraConfig, base_model: &str, dir: &Path) -> Result<()> {
+pub fn save_peft<B: Backend>(model: &CausalLm<B>, config: &LoraConfig, base_model: &str, dir: &Path) -> Result<()> {
     let mut tensors: Vec<crate::hf::safetensors::OwnedTensor> = Vec::new();
-    for p in model.projections() {
-        let Some(l) = &p.lora else { continue };
+    for p in model.linears() {
+        let Some(l) = &p.adapter else { continue };
         let (fan_in, r, out) = (p.in_features(), l.rank(), p.out_features());
         let a: Vec<f32> = l.a.to_data().iter::<f32>().collect();
         let b: Vec<f32> = l.b.to_data().iter::<f32>().collect();
@@ -339,7 +265,8 @@ pub fn save_peft<B: Backend>(model: &Llama<B>, config: &LoraConfig, base_model: 
         "lora_dropout": config.dropout,
         "target_modules": config.target_modules,
         "bias": "none",
-        "fan_in_fan_out": false,
+        // PEFT's flag for Conv1D layers (GPT-2), whose weights are stored [in, out].
+        "fan_in_fan_out": model.config.layout == WeightLayout::InOut,
         "use_rslora": config.use_rslora,
         "use_dora": false,
         "modules_to_save": null,
@@ -361,11 +288,7 @@ pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// Number of trainable parameters the config adds to a model.
-pub fn trainable_parameters<B: Backend>(model: &Llama<B>) -> usize {
-    model
-        .projections()
-        .iter()
-        .filter_map(|p| p.lora.as_ref().map(|l| l.rank() * (p.in_features() + p.out_features())))
-        .sum()
+/// Number of trainable parameters of the model's adapters.
+pub fn trainable_parameters<B: Backend>(model: &CausalLm<B>) -> usize {
+    model.linears().iter().filter_map(|p| p.adapter.as_ref().map(LoraAdapter::num_parameters)).sum()
 }

@@ -1,0 +1,138 @@
+//! Adapters: the trainable part attached to a frozen linear layer. Today LoRA (Hu et al., 2021)
+//! as PEFT computes it: y = W·x + s·B(A(dropout(x))), s = alpha / r (or alpha / √r with
+//! rsLoRA); W is never merged with B·A during training.
+//!
+//! This module knows nothing of models or files: `model::Linear` holds an adapter, and
+//! `crate::peft` reads and writes them in PEFT's layout.
+
+use burn::tensor::module::linear;
+use burn::tensor::{Tensor, TensorData};
+
+use crate::backend::Backend;
+use crate::rng::Rng;
+
+#[derive(Debug, Clone)]
+pub struct LoraAdapter<B: Backend> {
+    /// lora_A transposed: [in_features, r] (PEFT stores [r, in]).
+    pub a: Tensor<B, 2>,
+    /// lora_B transposed: [r, out_features] (PEFT stores [out, r]).
+    pub b: Tensor<B, 2>,
+    /// alpha / r, or alpha / √r with rsLoRA.
+    pub scale: f64,
+    /// Dropout probability on the adapter's input; applied only while `dropout_seed` is set,
+    /// which the training loop does before each forward pass (a fresh seed per micro-batch).
+    pub dropout: f64,
+    pub dropout_seed: Option<u64>,
+}
+
+impl<B: Backend> LoraAdapter<B> {
+    /// A fresh adapter: A like PyTorch's nn.Linear init (kaiming_uniform with a = √5, i.e.
+    /// U(−1/√in, 1/√in)), drawn in PEFT's [r, in] order; B zeros, so training starts at the
+    /// base model exactly.
+    pub fn init(fan_in: usize, out: usize, config: &LoraConfig, rng: &mut Rng, device: &B::Device) -> Self {
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let a_rows: Vec<f32> = (0..config.rank * fan_in).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
+        let a = transpose(&a_rows, config.rank, fan_in);
+        LoraAdapter {
+            a: Tensor::from_data(TensorData::new(a, [fan_in, config.rank]), device),
+            b: Tensor::zeros([config.rank, out], device),
+            scale: config.scale(),
+            dropout: config.dropout,
+            dropout_seed: None,
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.a.dims()[1]
+    }
+
+    /// Trainable parameters.
+    pub fn num_parameters(&self) -> usize {
+        self.a.shape().num_elements() + self.b.shape().num_elements()
+    }
+
+    /// s·B(A(dropout(x))): two thin matmuls, never the [in, out] product.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = self.dropped(x.clone()).unwrap_or(x);
+        let down = linear(x, self.a.clone(), None);
+        linear(down, self.b.clone(), None) * self.scale
+    }
+
+    /// x after the adapter's dropout, or None when no dropout applies (p = 0, or not training).
+    pub fn dropped<const D: usize>(&self, x: Tensor<B, D>) -> Option<Tensor<B, D>> {
+        match self.dropout_seed {
+            Some(seed) if self.dropout > 0.0 => {
+                let mask = dropout_mask::<B, D>(&x.dims(), self.dropout, seed, &x.device());
+                Some(x * mask)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Inverted dropout mask: 0 with probability p, else 1/(1-p). Drawn from tune's own seeded
+/// generator so a run is reproducible on any backend and a resumed run draws the same masks.
+fn dropout_mask<B: Backend, const D: usize>(dims: &[usize; D], p: f64, seed: u64, device: &B::Device) -> Tensor<B, D> {
+    let n: usize = dims.iter().product();
+    let mut rng = Rng::new(seed);
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let data: Vec<f32> = (0..n).map(|_| if rng.next_f64() < p { 0.0 } else { keep }).collect();
+    Tensor::from_data(TensorData::new(data, *dims), device)
+}
+
+/// The LoRA shape of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Module names (`q_proj`, `c_attn`), suffixes (`self_attn.q_proj`) or full paths, matched as
+    /// PEFT matches them: a module is targeted when its path equals one or ends with `.` + one.
+    pub target_modules: Vec<String>,
+    pub use_rslora: bool,
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+
+    /// PEFT's rule for a list of target_modules.
+    pub fn targets(&self, module_path: &str) -> bool {
+        self.target_modules.iter().any(|t| targets(t, module_path))
+    }
+}
+
+/// Whether target `t` names the module at `path` (equal, or a `.`-separated suffix of it).
+pub fn targets(t: &str, path: &str) -> bool {
+    path == t || (path.len() > t.len() && path.ends_with(t) && path.as_bytes()[path.len() - t.len() - 1] == b'.')
+}
+
+/// Row-major [rows, cols] -> [cols, rows].
+pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = data[r * cols + c];
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn targets_match_as_peft_matches() {
+        let path = "model.layers.0.self_attn.q_proj";
+        for t in ["q_proj", "self_attn.q_proj", path] {
+            assert!(super::targets(t, path), "{t}");
+        }
+        for t in ["proj", "_proj", "k_proj", "attn.q_proj.x", "layers.0.self_attn"] {
+            assert!(!super::targets(t, path), "{t}");
+        }
+    }
+}

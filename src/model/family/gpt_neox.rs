@@ -1,0 +1,120 @@
+//! GPT-NeoX (Black et al., 2022) and Pythia, as transformers' `modeling_gpt_neox.py` computes
+//! them.
+//!
+//! LayerNorm (bias) blocks with a parallel residual, x + attn(ln₁(x)) + mlp(ln₂(x)) (or the
+//! sequential form when `use_parallel_residual` is false); q, k and v from one
+//! `query_key_value` whose output is laid out per head, [q | k | v] for each head in turn;
+//! rotary embeddings on the first `rotary_pct` (¼) of each head; an exact-GELU MLP; an untied
+//! head `embed_out`.
+
+use serde::Deserialize;
+
+use crate::error::Result;
+use crate::hf::config::{RawConfig, RopeParameters, RopeParametersField, TokenIds};
+use crate::model::config::*;
+
+/// The module paths of `GPTNeoXForCausalLM`.
+pub const NAMES: Names = Names {
+    embed_tokens: "gpt_neox.embed_in",
+    embed_positions: None,
+    embed_norm: None,
+    layers: "gpt_neox.layers",
+    attn_norm: "input_layernorm",
+    attn_out_norm: None,
+    mlp_norm: "post_attention_layernorm",
+    mlp_out_norm: None,
+    qkv: QkvNames::Fused("attention.query_key_value"),
+    o_proj: "attention.dense",
+    q_norm: "",
+    k_norm: "",
+    mlp: MlpNames::Plain { up: "mlp.dense_h_to_4h", down: "mlp.dense_4h_to_h" },
+    final_norm: "gpt_neox.final_layer_norm",
+    lm_head: "embed_out",
+    optional_prefix: None,
+};
+
+/// `GPTNeoXConfig`'s fields that shape the network (transformers' names and defaults).
+#[derive(Debug, Clone, Deserialize)]
+pub struct GptNeoXConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "gelu")]
+    pub hidden_act: String,
+    /// 4.x: the rotated fraction of each head (5.x: `partial_rotary_factor`).
+    #[serde(alias = "partial_rotary_factor")]
+    pub rotary_pct: Option<f64>,
+    /// 4.x: the rotary base (5.x: in `rope_parameters`).
+    #[serde(alias = "rope_theta")]
+    pub rotary_emb_base: Option<f64>,
+    pub rope_scaling: Option<RopeParameters>,
+    pub rope_parameters: Option<RopeParametersField>,
+    #[serde(default = "positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "yes")]
+    pub use_parallel_residual: bool,
+    #[serde(default = "yes")]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<TokenIds>,
+    pub eos_token_id: Option<TokenIds>,
+}
+
+fn gelu() -> String {
+    "gelu".into()
+}
+fn positions() -> usize {
+    2048
+}
+fn eps() -> f64 {
+    1e-5
+}
+fn yes() -> bool {
+    true
+}
+
+/// Reads a GPT-NeoX config.json.
+pub fn config(raw: &RawConfig) -> Result<ModelConfig> {
+    let c: GptNeoXConfig = raw.parse()?;
+    let (heads, kv, d) = super::heads(raw, c.hidden_size, c.num_attention_heads, None, None)?;
+    let act = super::activation(raw, "hidden_act", &c.hidden_act)?;
+    let block = c.rope_parameters.as_ref().and_then(|p| p.for_layer_type("full_attention")).or(c.rope_scaling.as_ref());
+    let fraction = c.rotary_pct.or(block.and_then(|b| b.partial_rotary_factor)).unwrap_or(0.25);
+    let rotary_dim = (d as f64 * fraction) as usize;
+    let rope = super::rope(raw, block, c.rotary_emb_base.unwrap_or(10_000.0), rotary_dim, c.max_position_embeddings, None)?;
+    Ok(ModelConfig {
+        family: super::Family::from_model_type("gpt_neox").expect("registered"),
+        names: &NAMES,
+        vocab_size: c.vocab_size,
+        hidden_size: c.hidden_size,
+        intermediate_size: c.intermediate_size,
+        num_attention_heads: heads,
+        num_key_value_heads: kv,
+        head_dim: d,
+        max_position_embeddings: c.max_position_embeddings,
+        norm: NormKind::Layer { eps: c.layer_norm_eps },
+        positions: Positions::Rope(vec![rope]),
+        attention: AttentionConfig {
+            qkv: QkvLayout::FusedPerHead,
+            qkv_bias: c.attention_bias,
+            o_bias: c.attention_bias,
+            qk_norm: false,
+            scale: 1.0 / (d as f64).sqrt(),
+            softcap: None,
+        },
+        mlp: MlpConfig { kind: MlpKind::Plain, act, bias: true },
+        residual: if c.use_parallel_residual { Residual::Parallel } else { Residual::Sequential },
+        layers: vec![LayerConfig { window: None, rope: 0 }; c.num_hidden_layers],
+        layout: WeightLayout::OutIn,
+        embed_scale: None,
+        final_softcap: None,
+        tie_word_embeddings: c.tie_word_embeddings,
+        bos_token_id: super::first_id(&c.bos_token_id),
+        eos_token_ids: super::all_ids(&c.eos_token_id),
+    })
+}

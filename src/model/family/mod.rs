@@ -1,0 +1,201 @@
+//! The model families: one file each, holding its config.json struct (transformers' field names
+//! and defaults), its block choices and its tensor name map.
+//!
+//! To add a family: write `<name>.rs` with a `config(&RawConfig) -> Result<ModelConfig>` and a
+//! `Names` table, then add one line to [`FAMILIES`]. Every linear layer of every family is a
+//! [`crate::model::Linear`], so LoRA attaches to the new family without code of its own.
+
+pub mod bloom;
+pub mod gemma2;
+pub mod gemma3;
+pub mod gpt2;
+pub mod gpt_neox;
+pub mod llama;
+pub mod mistral;
+pub mod phi3;
+pub mod qwen2;
+pub mod qwen3;
+
+use crate::error::{Error, Result};
+use crate::hf::config::{RawConfig, RopeParameters, TokenIds};
+
+use super::config::{Activation, ModelConfig, RopeConfig, RopeScaling};
+
+/// A `model_type` tune can load.
+#[derive(Debug, Clone, Copy)]
+pub struct Family {
+    /// transformers' `model_type`.
+    pub model_type: &'static str,
+    /// The transformers classes (`*ForCausalLM`) and the models it covers, for `tune inspect`
+    /// and the README.
+    pub models: &'static str,
+    /// PEFT's default `target_modules` for the model_type.
+    pub default_targets: &'static [&'static str],
+    config: fn(&RawConfig) -> Result<ModelConfig>,
+}
+
+/// Every family, by model_type. `gemma3` is the multimodal Gemma 3 (4B and up): its text tower
+/// is read from `text_config`.
+pub const FAMILIES: &[Family] = &[
+    Family { model_type: "llama", models: "Llama 2/3/3.1/3.2, SmolLM/SmolLM2", default_targets: &["q_proj", "v_proj"], config: llama::config },
+    Family { model_type: "mistral", models: "Mistral 7B", default_targets: &["q_proj", "v_proj"], config: mistral::config },
+    Family { model_type: "qwen2", models: "Qwen2, Qwen2.5", default_targets: &["q_proj", "v_proj"], config: qwen2::config },
+    Family { model_type: "qwen3", models: "Qwen3", default_targets: &["q_proj", "v_proj"], config: qwen3::config },
+    Family { model_type: "gemma3_text", models: "Gemma 3 270M, 1B", default_targets: &["q_proj", "v_proj"], config: gemma3::config },
+    Family { model_type: "gemma3", models: "Gemma 3 4B+ (text tower only)", default_targets: &["q_proj", "v_proj"], config: gemma3::config_multimodal },
+    Family { model_type: "gemma2", models: "Gemma 2", default_targets: &["q_proj", "v_proj"], config: gemma2::config },
+    Family { model_type: "phi3", models: "Phi-3/3.5-mini, Phi-4-mini", default_targets: &["qkv_proj"], config: phi3::config },
+    Family { model_type: "gpt2", models: "GPT-2", default_targets: &["c_attn"], config: gpt2::config },
+    Family { model_type: "gpt_neox", models: "GPT-NeoX, Pythia", default_targets: &["query_key_value"], config: gpt_neox::config },
+    Family { model_type: "bloom", models: "BLOOM, BLOOMZ", default_targets: &["query_key_value"], config: bloom::config },
+];
+
+impl PartialEq for Family {
+    fn eq(&self, other: &Self) -> bool {
+        self.model_type == other.model_type
+    }
+}
+
+impl Family {
+    pub fn from_model_type(model_type: &str) -> Option<Family> {
+        FAMILIES.iter().copied().find(|f| f.model_type == model_type)
+    }
+
+    pub fn name(self) -> &'static str {
+        self.model_type
+    }
+
+    pub fn supported() -> Vec<&'static str> {
+        FAMILIES.iter().map(|f| f.model_type).collect()
+    }
+
+    pub fn config(self, raw: &RawConfig) -> Result<ModelConfig> {
+        (self.config)(raw)
+    }
+}
+
+/// Head counts and size, as every family checks them.
+pub(crate) fn heads(raw: &RawConfig, hidden: usize, heads: usize, kv_heads: Option<usize>, head_dim: Option<usize>) -> Result<(usize, usize, usize)> {
+    let kv = kv_heads.unwrap_or(heads);
+    if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
+        return Err(raw.err(format!(
+            "num_attention_heads ({heads}) must be a positive multiple of num_key_value_heads ({kv})"
+        )));
+    }
+    let d = match head_dim {
+        Some(d) => d,
+        None if hidden.is_multiple_of(heads) => hidden / heads,
+        None => {
+            return Err(raw.err(format!(
+                "hidden_size ({hidden}) is not divisible by num_attention_heads ({heads}) and no head_dim is given"
+            )))
+        }
+    };
+    if d == 0 {
+        return Err(raw.err("head_dim must be positive"));
+    }
+    Ok((heads, kv, d))
+}
+
+/// transformers' activation names (ACT2FN) that tune computes.
+pub(crate) fn activation(raw: &RawConfig, key: &str, name: &str) -> Result<Activation> {
+    match name {
+        "silu" | "swish" => Ok(Activation::Silu),
+        "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Ok(Activation::GeluTanh),
+        "gelu" => Ok(Activation::Gelu),
+        other => Err(Error::Unsupported(format!(
+            "{}: {key} `{other}` is not supported (supported: silu, gelu, gelu_new, gelu_pytorch_tanh)",
+            raw.path.display()
+        ))),
+    }
+}
+
+/// A rotary table from a rope block (4.x `rope_scaling`, or a 5.x `rope_parameters` entry).
+/// `theta` is the base when the block does not carry one.
+pub(crate) fn rope(
+    raw: &RawConfig,
+    params: Option<&RopeParameters>,
+    theta: f64,
+    rotary_dim: usize,
+    max_position_embeddings: usize,
+    original_max: Option<usize>,
+) -> Result<RopeConfig> {
+    if rotary_dim == 0 || rotary_dim % 2 != 0 {
+        return Err(raw.err(format!("the rotary dimension ({rotary_dim}) must be even and positive")));
+    }
+    let theta = params.and_then(|p| p.rope_theta).unwrap_or(theta);
+    let need = |v: Option<f64>, key: &str| v.ok_or_else(|| raw.err(format!("rope scaling: missing key `{key}`")));
+    let scaling = match params.and_then(|p| p.rope_type.as_deref().map(|t| (p, t))) {
+        None | Some((_, "default")) => RopeScaling::None,
+        Some((p, "linear")) => RopeScaling::Linear { factor: need(p.factor, "factor")? },
+        Some((p, "llama3")) => RopeScaling::Llama3 {
+            factor: need(p.factor, "factor")?,
+            low_freq_factor: need(p.low_freq_factor, "low_freq_factor")?,
+            high_freq_factor: need(p.high_freq_factor, "high_freq_factor")?,
+            original_max_position_embeddings: p
+                .original_max_position_embeddings
+                .ok_or_else(|| raw.err("rope scaling: missing key `original_max_position_embeddings`"))?,
+        },
+        Some((p, "longrope")) => {
+            let factors = |v: &Option<Vec<f64>>, key: &str| -> Result<Vec<f64>> {
+                let v = v.clone().ok_or_else(|| raw.err(format!("longrope: missing key `{key}`")))?;
+                if v.len() != rotary_dim / 2 {
+                    return Err(raw.err(format!(
+                        "longrope: `{key}` has {} entries, expected rotary dim / 2 = {}",
+                        v.len(),
+                        rotary_dim / 2
+                    )));
+                }
+                Ok(v)
+            };
+            // transformers: the original context is the config's own field, else the block's,
+            // else max_position_embeddings (then no switch ever happens).
+            let original = original_max.or(p.original_max_position_embeddings).unwrap_or(max_position_embeddings);
+            let factor = if original_max.is_some() || p.original_max_position_embeddings.is_some() {
+                max_position_embeddings as f64 / original as f64
+            } else {
+                p.factor.unwrap_or(1.0)
+            };
+            let attention_factor = p.attention_factor.unwrap_or(if factor <= 1.0 {
+                1.0
+            } else {
+                (1.0 + factor.ln() / (original as f64).ln()).sqrt()
+            });
+            RopeScaling::LongRope {
+                short_factor: factors(&p.short_factor, "short_factor")?,
+                long_factor: factors(&p.long_factor, "long_factor")?,
+                original_max_position_embeddings: original,
+                attention_factor,
+            }
+        }
+        Some((_, other)) => {
+            return Err(Error::Unsupported(format!(
+                "{}: rope_type `{other}` is not supported (supported: default, linear, llama3, longrope)",
+                raw.path.display()
+            )))
+        }
+    };
+    Ok(RopeConfig { theta, scaling, rotary_dim })
+}
+
+pub(crate) fn first_id(ids: &Option<TokenIds>) -> Option<u32> {
+    ids.as_ref().and_then(|t| t.to_vec().first().copied())
+}
+
+pub(crate) fn all_ids(ids: &Option<TokenIds>) -> Vec<u32> {
+    ids.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+}
+
+/// Reads `dir/config.json` by its model_type.
+pub fn read(dir: &std::path::Path) -> Result<ModelConfig> {
+    let raw = RawConfig::from_model_dir(dir)?;
+    let model_type = raw.model_type()?;
+    let family = Family::from_model_type(model_type).ok_or_else(|| {
+        Error::Unsupported(format!(
+            "{}: model_type `{model_type}` is not supported (supported: {})",
+            raw.path.display(),
+            Family::supported().join(", ")
+        ))
+    })?;
+    family.config(&raw)
+}

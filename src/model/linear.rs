@@ -1,0 +1,85 @@
+//! The linear layer every projection of every family is, and where adapters attach.
+
+use burn::tensor::module::linear;
+use burn::tensor::Tensor;
+
+use crate::adapter::LoraAdapter;
+use crate::backend::Backend;
+use crate::ops::{float, prim};
+
+use super::config::WeightLayout;
+
+/// `y = x·W (+ b)`, plus an optional adapter. Its name is the checkpoint's module path, which is
+/// also PEFT's name for it.
+#[derive(Debug, Clone)]
+pub struct Linear<B: Backend> {
+    /// Module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub name: String,
+    /// `[in_features, out_features]`: an `nn.Linear`'s `[out, in]` transposed once at load (so
+    /// the forward pass is a plain matmul), a `Conv1D`'s kept as stored.
+    pub weight: Tensor<B, 2>,
+    pub bias: Option<Tensor<B, 1>>,
+    /// How the weight is stored in the checkpoint (and so in a merged export).
+    pub layout: WeightLayout,
+    pub adapter: Option<LoraAdapter<B>>,
+}
+
+impl<B: Backend> Linear<B> {
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    /// The last component of the path (`q_proj`), which is what `target_modules` names.
+    pub fn short_name(&self) -> &str {
+        self.name.rsplit('.').next().unwrap_or(&self.name)
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match &self.adapter {
+            // One fused operation when base and adapter share x's dtype (an f32 base): the
+            // adapter's output is accumulated into the base's, and the backward pass needs
+            // neither the base's output nor W·x's gradient for W.
+            Some(lora) if self.weight.dtype() == x.dtype() => {
+                let dims = x.dims();
+                let n = x.shape().num_elements() / dims[D - 1];
+                let x = x.reshape([n, dims[D - 1]]);
+                let x_lora = lora.dropped(x.clone());
+                let p = crate::ops::LoraLinear {
+                    w: prim(self.weight.clone()),
+                    bias: self.bias.clone().map(prim),
+                    a: prim(lora.a.clone()),
+                    b: prim(lora.b.clone()),
+                    scale: lora.scale,
+                };
+                let y: Tensor<B, 2> = float(B::lora_linear(prim(x), x_lora.map(prim), p));
+                let mut out = dims;
+                out[D - 1] = self.out_features();
+                y.reshape(out)
+            }
+            Some(lora) => linear_in_weight_dtype(x.clone(), self.weight.clone(), self.bias.clone()) + lora.forward(x),
+            None => linear_in_weight_dtype(x, self.weight.clone(), self.bias.clone()),
+        }
+    }
+}
+
+/// `x·w + b` computed in w's dtype (bf16 for a bf16 base) and returned in x's, so a frozen base
+/// stored in bf16 never needs an f32 copy of itself.
+pub fn linear_in_weight_dtype<B: burn::tensor::backend::Backend, const D: usize>(
+    x: Tensor<B, D>,
+    w: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
+    let (xd, wd) = (x.dtype(), w.dtype());
+    if xd == wd {
+        return linear(x, w, bias);
+    }
+    let y = linear(x.cast(wd), w, None).cast(xd);
+    match bias {
+        Some(b) => y + b.unsqueeze::<D>(),
+        None => y,
+    }
+}

@@ -39,7 +39,14 @@ pub fn generate<B: Backend>(
     let mut cache = KvCache::new(model.layers.len());
     let mut generated = Vec::new();
     let mut input: Vec<u32> = prompt.to_vec();
+    let mut all: Vec<u32> = prompt.to_vec();
     while generated.len() < max_new_tokens && !input.is_empty() {
+        // LongRoPE switches to its long factors once the sequence passes the original
+        // context; transformers' Phi-3 then recomputes the whole cache with them, once.
+        if model.rope_switches_between(cache.len(), all.len()) {
+            cache = KvCache::new(model.layers.len());
+            input = all.clone();
+        }
         let past = cache.len();
         let positions: Vec<usize> = (past..past + input.len()).collect();
         let mask = AttentionMask::Causal;
@@ -53,6 +60,7 @@ pub fn generate<B: Backend>(
             break;
         }
         input = vec![next];
+        all.push(next);
     }
     generated
 }

@@ -41,9 +41,9 @@ fn missing_directory_and_files() {
 #[test]
 fn unknown_model_type_names_the_supported_ones() {
     let dir = model_copy("type");
-    let config = std::fs::read_to_string(dir.join("config.json")).unwrap().replace("\"llama\"", "\"gpt_neox\"");
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap().replace("\"llama\"", "\"falcon\"");
     std::fs::write(dir.join("config.json"), config).unwrap();
-    fails_with(&["inspect", s(&dir)], &["config.json", "gpt_neox", "llama, mistral, qwen2, qwen3"]);
+    fails_with(&["inspect", s(&dir)], &["config.json", "falcon", "llama, mistral, qwen2, qwen3, gemma3_text", "gpt2, gpt_neox, bloom"]);
 }
 
 #[test]

@@ -42,23 +42,34 @@ fn peft_loads_the_run_adapter_and_agrees_on_eval_loss() {
     assert!(rel <= 1e-6, "tune eval --adapter {} vs PEFT {peft} (rel {rel:.2e})", ours.loss);
 }
 
-/// Running the recipe again writes the adapter that was committed (and checked by PEFT).
+/// Running the recipe twice writes the same adapter bit for bit, and that adapter is the one
+/// committed (and checked by PEFT) up to the rounding of another CPU's kernels: the fixture was
+/// written on an AVX-512 machine, gemm's AVX2 kernels sum in another order, and six AdamW steps
+/// at lr 1e-2 amplify that (measured 1.4e-4 at most on an AMD EPYC without AVX-512; a wrong
+/// step moves the weights by ~1e-2).
 #[test]
 fn the_run_is_reproducible() {
-    let out = std::env::temp_dir().join(format!("tune-tiny-run-{}", std::process::id()));
-    let status = Command::new(env!("CARGO_BIN_EXE_tune"))
-        .current_dir(root())
-        .args(["run", "tests/fixtures/tiny-run/recipe.yaml", &format!("output.dir={}", out.display())])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let run = |tag: &str| {
+        let out = std::env::temp_dir().join(format!("tune-tiny-run-{tag}-{}", std::process::id()));
+        let status = Command::new(env!("CARGO_BIN_EXE_tune"))
+            .current_dir(root())
+            .args(["run", "tests/fixtures/tiny-run/recipe.yaml", &format!("output.dir={}", out.display()), "--overwrite"])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let bytes = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+        let tensors = read_reference(&out.join("adapter/adapter_model.safetensors"));
+        let _ = std::fs::remove_dir_all(&out);
+        (bytes, tensors)
+    };
+    let (first, fresh) = run("a");
+    let (second, _) = run("b");
+    assert!(first == second, "two runs of the same recipe wrote different adapters");
     let committed = read_reference(&fixtures().join("tiny-run/run/adapter/adapter_model.safetensors"));
-    let fresh = read_reference(&out.join("adapter/adapter_model.safetensors"));
     assert_eq!(committed.len(), fresh.len());
     for (k, v) in &committed {
         let (d, s) = max_abs_diff(&fresh[k].f32s(), &v.f32s());
-        assert!(d <= 1e-6 * s.max(1.0), "{k}: differs by {d}");
+        assert!(d <= 1e-3 * s.max(1.0), "{k}: differs by {d}");
     }
-    let _ = std::fs::remove_dir_all(&out);
 }

@@ -1,9 +1,8 @@
 //! The real SmolLM2-135M-Instruct against transformers' outputs (tests/fixtures/smollm2/, written
 //! by tests/fixtures/reference.py), and an end-to-end fine-tune with a shipped recipe.
 //!
-//! The model comes from scripts/fetch-smollm2.sh (scripts/test.sh fetches it and sets
-//! TUNE_REQUIRE_SMOLLM2=1, so in CI these tests always run). A plain `cargo test` on a machine
-//! without the model skips them with a message.
+//! The model comes from scripts/fetch-smollm2.sh. These tests are `#[ignore]`d; scripts/test.sh
+//! fetches the model and runs them with `--include-ignored`, where a missing model fails them.
 
 mod common;
 
@@ -15,16 +14,8 @@ use tune::generate::{generate, Sampling};
 use tune::hf::{Message, Tokenizer};
 use tune::model::{self, CausalLm};
 
-fn model_dir() -> Option<PathBuf> {
-    let dir = smollm2_dir();
-    if dir.join("model.safetensors").is_file() {
-        return Some(dir);
-    }
-    if std::env::var_os("TUNE_REQUIRE_SMOLLM2").is_some() {
-        panic!("SmolLM2 not found at {} (run scripts/fetch-smollm2.sh)", dir.display());
-    }
-    eprintln!("SKIPPED: SmolLM2 not found at {}; run scripts/fetch-smollm2.sh (scripts/test.sh does)", dir.display());
-    None
+fn model_dir() -> PathBuf {
+    require_model(smollm2_dir(), "scripts/fetch-smollm2.sh")
 }
 
 fn json(path: &str) -> serde_json::Value {
@@ -37,8 +28,9 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 }
 
 #[test]
+#[ignore = "needs SmolLM2 (scripts/fetch-smollm2.sh); scripts/test.sh runs it"]
 fn greedy_generation_equals_transformers() {
-    let Some(dir) = model_dir() else { return };
+    let dir = model_dir();
     let device = Default::default();
     let model: CausalLm<B> = model::load(&dir, &device).unwrap();
     let tok = Tokenizer::from_model_dir(&dir).unwrap();
@@ -67,8 +59,9 @@ fn greedy_generation_equals_transformers() {
 }
 
 #[test]
+#[ignore = "needs SmolLM2 (scripts/fetch-smollm2.sh); scripts/test.sh runs it"]
 fn eval_loss_and_logits_equal_transformers() {
-    let Some(dir) = model_dir() else { return };
+    let dir = model_dir();
     let device = Default::default();
     let model: CausalLm<B> = model::load(&dir, &device).unwrap();
     let tok = Tokenizer::from_model_dir(&dir).unwrap();

@@ -234,6 +234,17 @@ impl ModelConfig {
         self.layers.len()
     }
 
+    /// LongRoPE's original context, past which it rotates with other factors.
+    pub fn positions_switch_at(&self) -> Option<usize> {
+        match &self.positions {
+            Positions::Rope(tables) => tables.iter().find_map(|t| match t.scaling {
+                RopeScaling::LongRope { original_max_position_embeddings, .. } => Some(original_max_position_embeddings),
+                _ => None,
+            }),
+            _ => None,
+        }
+    }
+
     /// The norm epsilon (every norm of a model shares it).
     pub fn norm_eps(&self) -> f64 {
         match self.norm {

@@ -146,6 +146,12 @@ impl<B: Backend> CausalLm<B> {
         })
     }
 
+    /// Whether a LongRoPE table changes factors between a cache of `past` positions and a
+    /// sequence of `total`: the cached keys were rotated with the short factors.
+    pub fn rope_switches_between(&self, past: usize, total: usize) -> bool {
+        self.config.positions_switch_at().is_some_and(|original| past <= original && total > original)
+    }
+
     /// The rotary tables of one forward pass.
     fn rope_tables(&self, positions: &[usize], rows: usize, device: &B::Device) -> Vec<super::blocks::RopeTables<B>> {
         self.ropes.iter().map(|r| r.tables::<B>(positions, rows, device)).collect()

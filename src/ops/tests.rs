@@ -17,6 +17,17 @@ fn random<B: FusedOps, const D: usize>(shape: [usize; D]) -> Tensor<B, D> {
 /// f32 rounding differs between the two orders of computation by ~1e-5 of the largest value.
 const TOL: f32 = 1e-4;
 
+/// burn-ndarray's own matmul and reductions sum in another order than the naive graph, which on
+/// CPUs without FMA-friendly kernels (seen on an AMD EPYC without AVX-512) leaves up to ~5e-4
+/// between the two; a wrong formula is off by O(1).
+fn tol<B: FusedOps>() -> f32 {
+    if std::any::type_name::<B>().contains("NdArray") {
+        1e-3
+    } else {
+        TOL
+    }
+}
+
 /// Largest |a − b| relative to the largest |b|.
 fn rel_diff<B: FusedOps, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
     let scale: f32 = b.clone().abs().max().into_scalar().elem();
@@ -49,13 +60,13 @@ fn check_attention<B: FusedOps>([b, s, t, h, kv]: [usize; 5], mask: AttentionMas
     };
     let fused = float::<A<B>, 4>(A::<B>::fused_attention(prim(q.clone()), prim(k.clone()), prim(v.clone()), fused_mask, &super::AttentionOptions::new(d)));
     let naive = naive_attention(q.clone(), k.clone(), v.clone(), masked);
-    assert!(rel_diff(fused.clone(), naive.clone()) < TOL, "{what}: outputs differ");
+    assert!(rel_diff(fused.clone(), naive.clone()) < tol::<B>(), "{what}: outputs differ");
     let gf = (fused * up.clone()).sum().backward();
     let gn = (naive * up).sum().backward();
     for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
         let (f, n) = (x.grad(&gf).unwrap(), x.grad(&gn).unwrap());
         let r = rel_diff(f, n);
-        assert!(r < TOL, "{what}: d{name} differs by {r}");
+        assert!(r < tol::<B>(), "{what}: d{name} differs by {r}");
     }
 }
 
@@ -91,9 +102,9 @@ fn elementwise_cases<B: FusedOps>() {
     let up = random::<A<B>, 2>([70, 24]);
     let fused = float::<A<B>, 2>(A::<B>::fused_rms_norm(prim(x.clone()), prim(w.clone()), 1e-5));
     let naive = float::<A<B>, 2>(super::reference::rms_norm_forward::<A<B>>(prim(x.clone()), prim(w), 1e-5).0);
-    assert!(rel_diff(fused.clone(), naive.clone()) < TOL, "rms_norm output");
+    assert!(rel_diff(fused.clone(), naive.clone()) < tol::<B>(), "rms_norm output");
     let (gf, gn) = ((fused * up.clone()).sum().backward(), (naive * up).sum().backward());
-    assert!(rel_diff(x.grad(&gf).unwrap(), x.grad(&gn).unwrap()) < TOL, "rms_norm dx");
+    assert!(rel_diff(x.grad(&gf).unwrap(), x.grad(&gn).unwrap()) < tol::<B>(), "rms_norm dx");
 
     let x = random::<A<B>, 4>([2, 70, 3, 8]).require_grad();
     let cos = random::<A<B>, 4>([2, 70, 1, 8]);
@@ -103,19 +114,19 @@ fn elementwise_cases<B: FusedOps>() {
     let up = random::<A<B>, 4>([2, 70, 3, 8]);
     let fused = float::<A<B>, 4>(A::<B>::fused_rope(prim(x.clone()), prim(cos.clone()), prim(sin.clone())));
     let naive = float::<A<B>, 4>(super::reference::fused_rope::<A<B>>(prim(x.clone()), prim(cos), prim(sin)));
-    assert!(rel_diff(fused.clone(), naive.clone()) < TOL, "rope output");
+    assert!(rel_diff(fused.clone(), naive.clone()) < tol::<B>(), "rope output");
     let (gf, gn) = ((fused * up.clone()).sum().backward(), (naive * up).sum().backward());
-    assert!(rel_diff(x.grad(&gf).unwrap(), x.grad(&gn).unwrap()) < TOL, "rope dx");
+    assert!(rel_diff(x.grad(&gf).unwrap(), x.grad(&gn).unwrap()) < tol::<B>(), "rope dx");
 
     let gate = random::<A<B>, 2>([70, 40]).require_grad();
     let upp = random::<A<B>, 2>([70, 40]).require_grad();
     let g_out = random::<A<B>, 2>([70, 40]);
     let fused = float::<A<B>, 2>(A::<B>::fused_swiglu(prim(gate.clone()), prim(upp.clone())));
     let naive = burn::tensor::activation::silu(gate.clone()) * upp.clone();
-    assert!(rel_diff(fused.clone(), naive.clone()) < TOL, "swiglu output");
+    assert!(rel_diff(fused.clone(), naive.clone()) < tol::<B>(), "swiglu output");
     let (gf, gn) = ((fused * g_out.clone()).sum().backward(), (naive * g_out).sum().backward());
-    assert!(rel_diff(gate.grad(&gf).unwrap(), gate.grad(&gn).unwrap()) < TOL, "swiglu d gate");
-    assert!(rel_diff(upp.grad(&gf).unwrap(), upp.grad(&gn).unwrap()) < TOL, "swiglu d up");
+    assert!(rel_diff(gate.grad(&gf).unwrap(), gate.grad(&gn).unwrap()) < tol::<B>(), "swiglu d gate");
+    assert!(rel_diff(upp.grad(&gf).unwrap(), upp.grad(&gn).unwrap()) < tol::<B>(), "swiglu d up");
 }
 
 /// A frozen linear layer with bias and its adapter, with and without LoRA dropout.
@@ -141,13 +152,13 @@ fn lora_linear_cases<B: FusedOps>() {
         };
         let fused = float::<A<B>, 2>(A::<B>::lora_linear(prim(x.clone()), x_lora().map(prim), p(&w)));
         let naive = float::<A<B>, 2>(super::reference::lora_linear::<A<B>>(prim(x.clone()), x_lora().map(prim), p(&w)));
-        assert!(rel_diff(fused.clone(), naive.clone()) < TOL, "lora_linear output (dropout {dropout})");
+        assert!(rel_diff(fused.clone(), naive.clone()) < tol::<B>(), "lora_linear output (dropout {dropout})");
         let (gf, gn) = ((fused * up.clone()).sum().backward(), (naive * up).sum().backward());
         for (name, t) in [("x", &x), ("lora_A", &a), ("lora_B", &b)] {
             let (f, n) = (t.grad(&gf), t.grad(&gn));
             assert!(f.is_some() && n.is_some(), "d{name} (dropout {dropout}): fused {} naive {}", f.is_some(), n.is_some());
             let r = rel_diff(f.unwrap(), n.unwrap());
-            assert!(r < TOL, "lora_linear d{name} (dropout {dropout}) differs by {r}");
+            assert!(r < tol::<B>(), "lora_linear d{name} (dropout {dropout}) differs by {r}");
         }
     }
 }

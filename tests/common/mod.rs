@@ -79,6 +79,24 @@ pub fn smollm2_dir() -> PathBuf {
     PathBuf::from(models).join("smollm2-135m-instruct")
 }
 
+/// The real Gemma 3 270M: $TUNE_GEMMA3 or scripts/fetch-gemma3.sh's default.
+pub fn gemma3_dir() -> PathBuf {
+    if let Ok(p) = std::env::var("TUNE_GEMMA3") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let models = std::env::var("TUNE_MODELS").unwrap_or_else(|_| format!("{home}/.cache/tune/models"));
+    PathBuf::from(models).join("gemma3-270m")
+}
+
+/// A real model directory a test needs. Such tests are `#[ignore]`d (so a plain `cargo test`
+/// does not claim them passed), and scripts/test.sh fetches the models and runs them with
+/// `--include-ignored`: then a missing model fails the test.
+pub fn require_model(dir: PathBuf, script: &str) -> PathBuf {
+    assert!(dir.join("model.safetensors").is_file(), "no model at {} (run {script})", dir.display());
+    dir
+}
+
 /// Writes a tiny random Llama (hidden 32, 2 layers, GQA, vocab 32) with the hand-written test
 /// tokenizer of tests/fixtures/tokenizer into `dir`, for tests that run `tune` end to end fast.
 pub fn write_tiny_model(dir: &Path, seed: u64) {

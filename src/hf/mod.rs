@@ -6,7 +6,7 @@ pub mod config;
 pub mod safetensors;
 pub mod tokenizer;
 
-pub use chat_template::{ChatTemplate, Message};
+pub use chat_template::{ChatDate, ChatTemplate, Message};
 pub use config::{GenerationConfig, HfConfig};
 pub use safetensors::Weights;
 pub use tokenizer::Tokenizer;

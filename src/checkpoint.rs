@@ -1,6 +1,7 @@
 //! Step checkpoints: `output.dir/checkpoints/step_NNNNNN/` holds
 //!
-//! - `adapter/`: the adapter in PEFT layout (f32), loadable on its own
+//! - `adapter/`: the adapter in PEFT layout (f32), loadable on its own, with the chat template
+//!   the run trains with (`chat_template.jinja`) when it has one
 //! - `optimizer.safetensors`: AdamW's moments, `exp_avg.<module>.lora_A` etc., in tune's layout
 //!   ([in, r] for lora_A, [r, out] for lora_B)
 //! - `trainer_state.json`: step, epoch, position in the example stream, seed, hashes of the
@@ -72,7 +73,9 @@ fn step_dir(run_dir: &Path, step: usize) -> PathBuf {
     checkpoints_dir(run_dir).join(format!("step_{step:06}"))
 }
 
-/// Writes a checkpoint of the current training state.
+/// Writes a checkpoint of the current training state. `chat_template` (the template the run
+/// trains with) goes into the adapter directory as `chat_template.jinja`.
+#[allow(clippy::too_many_arguments)]
 pub fn save<B: Backend, O: Backend>(
     run_dir: &Path,
     model: &Llama<B>,
@@ -81,11 +84,13 @@ pub fn save<B: Backend, O: Backend>(
     opt: &AdamW<O>,
     state: &TrainerState,
     recipe_yaml: &str,
+    chat_template: Option<&str>,
 ) -> Result<PathBuf> {
     let dir = step_dir(run_dir, state.step);
     let names = param_names(model);
     crate::fsutil::write_dir_atomically(&dir, |tmp| {
         lora::save_peft(model, lora_config, base_model, &tmp.join("adapter"))?;
+        crate::hf::adapter_template::write(&tmp.join("adapter"), chat_template)?;
         let mut tensors: Vec<crate::hf::safetensors::OwnedTensor> = Vec::new();
         for (name, (m, v)) in names.iter().zip(opt.exp_avg.iter().zip(&opt.exp_avg_sq)) {
             for (prefix, t) in [("exp_avg", m), ("exp_avg_sq", v)] {

@@ -8,6 +8,9 @@
 //! - **Merged**: W + s·B·A for every adapted projection, written as a full Hugging Face
 //!   checkpoint (config, shards + index, tokenizer and chat template files).
 //!
+//! An adapter's `chat_template.jinja` (the template it was trained with) goes into both: beside
+//! the exported adapter, and as the merged model's chat template in place of the base's.
+//!
 //! Both read the adapter straight from its safetensors file and the base model from its
 //! memory-mapped shards, one tensor at a time: no burn model is built, and a merged export
 //! holds at most one output shard in memory.
@@ -21,7 +24,7 @@ use safetensors::Dtype;
 
 use crate::checkpoint;
 use crate::error::{Error, Result};
-use crate::hf::Weights;
+use crate::hf::{adapter_template, Weights};
 use crate::lora::{self, AdapterConfig, LoraConfig, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 
 /// Storage dtype of exported tensors.
@@ -370,6 +373,7 @@ pub fn export_adapter(src: &Source, out: &Path, opts: &Options) -> Result<Writte
     crate::fsutil::write_dir_atomically(out, |tmp| {
         crate::hf::safetensors::write(&tmp.join(ADAPTER_WEIGHTS), &tensors, opts.dtype.safetensors())?;
         write_text(&tmp.join(ADAPTER_CONFIG), &(serde_json::to_string_pretty(&adapter_config).expect("json") + "\n"))?;
+        adapter_template::copy(&src.adapter_dir, tmp)?;
         write_text(&tmp.join("README.md"), &card)
     })?;
     Ok(written(out))
@@ -490,6 +494,7 @@ pub fn export_merged(src: &Source, out: &Path, max_shard_bytes: u64, opts: &Opti
     let n = shards.len();
     let file_name = |i: usize| if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) };
     let card = merged_card(src, &base_dir, &config, opts.dtype);
+    let template = adapter_template::read(&src.adapter_dir)?;
 
     crate::fsutil::write_dir_atomically(out, |tmp| {
         let mut weight_map = BTreeMap::new();
@@ -516,6 +521,11 @@ pub fn export_merged(src: &Source, out: &Path, max_shard_bytes: u64, opts: &Opti
                 let to = tmp.join(f);
                 std::fs::copy(&from, &to).map_err(|e| Error::io(&to, e))?;
             }
+        }
+        // The adapter's chat template (the one it was trained with) replaces the base's.
+        if let Some((source, _)) = &template {
+            let _ = std::fs::remove_file(tmp.join("chat_template.json"));
+            adapter_template::install_in_model_dir(tmp, source)?;
         }
         write_text(&tmp.join("README.md"), &card)
     })?;

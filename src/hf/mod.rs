@@ -1,6 +1,7 @@
 //! Everything read from a Hugging Face model directory: config.json, safetensors weights,
-//! tokenizer.json and the chat template.
+//! tokenizer.json and the chat template (and the chat template an adapter carries).
 
+pub mod adapter_template;
 pub mod chat_template;
 pub mod config;
 pub mod safetensors;

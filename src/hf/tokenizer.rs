@@ -220,6 +220,16 @@ impl Tokenizer {
         Ok(())
     }
 
+    /// Uses the chat template saved with an adapter (`chat_template.jinja` in its directory)
+    /// instead of the model's, when it has one; returns that file.
+    pub fn use_adapter_chat_template(&mut self, adapter_dir: &Path) -> Result<Option<PathBuf>> {
+        let Some((source, path)) = crate::hf::adapter_template::read(adapter_dir)? else {
+            return Ok(None);
+        };
+        self.set_chat_template(&source, &path.display().to_string())?;
+        Ok(Some(path))
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -4,7 +4,7 @@ use crate::data::batch::{pack, Batch, Row};
 use crate::data::examples::{build_example, detect_format, ExampleOptions};
 use crate::data::read_records;
 use crate::error::{Error, Result};
-use crate::hf::Tokenizer;
+use crate::hf::{adapter_template, Tokenizer};
 use crate::recipe::{DataFormat, Recipe};
 use crate::rng::Rng;
 
@@ -15,6 +15,31 @@ pub struct Prepared {
     pub examples: usize,
     pub label_tokens: usize,
     pub pad_id: u32,
+    /// The chat template the run trains with, saved with its adapters (`chat_template.jinja`):
+    /// set for chat data, and whenever the template is not the model's own.
+    pub chat_template: Option<String>,
+}
+
+/// The chat template the recipe asks for instead of the model's, and where it comes from:
+/// `dataset.chat_template`, else the `lora.init_from` adapter's `chat_template.jinja`.
+fn chosen_template(recipe: &Recipe) -> Result<Option<(String, String)>> {
+    if let Some(chosen) = recipe.dataset.chat_template_source()? {
+        return Ok(Some(chosen));
+    }
+    match &recipe.lora.init_from {
+        Some(dir) => Ok(adapter_template::read(dir)?.map(|(source, path)| (source, path.display().to_string()))),
+        None => Ok(None),
+    }
+}
+
+/// The model's tokenizer with the chat template the run renders chat with (see
+/// [`chosen_template`], else the model's own).
+pub fn tokenizer(recipe: &Recipe) -> Result<Tokenizer> {
+    let mut tokenizer = Tokenizer::from_model_dir(&recipe.model.path)?;
+    if let Some((source, origin)) = chosen_template(recipe)? {
+        tokenizer.set_chat_template(&source, &origin)?;
+    }
+    Ok(tokenizer)
 }
 
 /// Reads, tokenizes, masks and (optionally) packs the recipe's dataset.
@@ -28,6 +53,13 @@ pub fn prepare(recipe: &Recipe, tokenizer: &Tokenizer, config_eos: Option<u32>) 
         Some(f) => f,
         None => detect_format(&d.path, first)?,
     };
+    if format == DataFormat::Chat && tokenizer.chat_template().is_none() {
+        return Err(Error::Model(format!(
+            "{}: chat data needs a chat template, and the model in {} has none (no chat_template in tokenizer_config.json, no chat_template.jinja); set dataset.chat_template to a built-in (`chatml`) or a Jinja file",
+            d.path.display(),
+            recipe.model.path.display()
+        )));
+    }
     let eos = tokenizer.eos_token_id().or(config_eos);
     let opts = ExampleOptions { max_seq_len: d.max_seq_len, train_on_input: d.train_on_input, add_eos: d.add_eos, eos };
     let examples = records
@@ -42,7 +74,9 @@ pub fn prepare(recipe: &Recipe, tokenizer: &Tokenizer, config_eos: Option<u32>) 
             "every label is masked: no token is trained on (are the responses empty, or all cut off by max_seq_len?)",
         ));
     }
-    Ok(Prepared { format, rows, examples: examples.len(), label_tokens, pad_id: eos.unwrap_or(0) })
+    let own_template = recipe.dataset.chat_template.is_none() && recipe.lora.init_from.as_ref().is_none_or(|dir| !dir.join(adapter_template::FILE).is_file());
+    let chat_template = if format == DataFormat::Chat || !own_template { tokenizer.chat_template().map(|t| t.source().to_string()) } else { None };
+    Ok(Prepared { format, rows, examples: examples.len(), label_tokens, pad_id: eos.unwrap_or(0), chat_template })
 }
 
 /// The stream of row indices: epoch after epoch, each in file order or shuffled with a seed

@@ -259,7 +259,7 @@ pub struct Setup {
 pub fn setup(recipe: &Recipe) -> Result<Setup> {
     recipe.device.check_available()?;
     let config = ModelConfig::from_model_dir(&recipe.model.path)?;
-    let tokenizer = Tokenizer::from_model_dir(&recipe.model.path)?;
+    let tokenizer = data::tokenizer(recipe)?;
     let data = prepare(recipe, &tokenizer, config.eos_token_ids.first().copied())?;
     let lora = LoraConfig {
         rank: recipe.lora.rank,
@@ -440,7 +440,7 @@ where
             recipe_hash: checkpoint::fingerprint(recipe_yaml.as_bytes()),
             dataset_hash: dataset_hash.clone(),
         };
-        let dir = checkpoint::save(&paths.dir, model, &setup.lora, &base, opt, &state, &recipe_yaml)?;
+        let dir = checkpoint::save(&paths.dir, model, &setup.lora, &base, opt, &state, &recipe_yaml, setup.data.chat_template.as_deref())?;
         // Older checkpoints go only once the new one is complete.
         checkpoint::prune(&paths.dir, recipe.output.keep_last)?;
         Ok(dir)
@@ -495,6 +495,7 @@ where
     crate::fsutil::write_atomically(&paths.plot, metrics::loss_svg(&history, &title).as_bytes())?;
     if interrupted.is_none() {
         lora::save_peft(&model, &setup.lora, &base, &paths.adapter)?;
+        crate::hf::adapter_template::write(&paths.adapter, setup.data.chat_template.as_deref())?;
     }
     Ok(Summary {
         steps: history.last().map_or(0, |m| m.step),

@@ -5,7 +5,8 @@
 //! - `optimizer.safetensors`: AdamW's moments, `exp_avg.<module>.lora_A` etc., in tune's layout
 //!   ([in, r] for lora_A, [r, out] for lora_B)
 //! - `trainer_state.json`: step, epoch, position in the example stream, seed, hashes of the
-//!   recipe and the dataset file, tune version, format version
+//!   recipe and the dataset file, the date chat templates render `strftime_now` with, tune
+//!   version, format version
 //! - `recipe.yaml`: the recipe the run was started with
 //! - `.complete`: written last
 //!
@@ -49,6 +50,10 @@ pub struct TrainerState {
     pub elapsed_s: f64,
     pub recipe_hash: String,
     pub dataset_hash: String,
+    /// The date (UTC, `YYYY-MM-DD`) the run's chat templates render `strftime_now` with: chosen
+    /// when the run started, reused when it resumes. Absent in checkpoints of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_date: Option<crate::hf::ChatDate>,
 }
 
 /// FNV-1a, 64 bit: a content fingerprint (not a security measure).
@@ -152,6 +157,15 @@ pub fn open(dir: &Path) -> Result<Found> {
 /// Complete checkpoints of a run, oldest first. Damaged or partial ones are skipped with a
 /// warning on stderr.
 pub fn list(run_dir: &Path) -> Vec<Found> {
+    scan(run_dir, true)
+}
+
+/// The latest complete checkpoint of a run, as [`list`] finds it, without the warnings.
+pub fn latest_quietly(run_dir: &Path) -> Option<Found> {
+    scan(run_dir, false).pop()
+}
+
+fn scan(run_dir: &Path, warn: bool) -> Vec<Found> {
     let Ok(entries) = std::fs::read_dir(checkpoints_dir(run_dir)) else {
         return Vec::new();
     };
@@ -162,7 +176,9 @@ pub fn list(run_dir: &Path) -> Vec<Found> {
         .filter_map(|p| match open(&p) {
             Ok(f) => Some(f),
             Err(e) => {
-                eprintln!("warning: skipping {e}");
+                if warn {
+                    eprintln!("warning: skipping {e}");
+                }
                 None
             }
         })

@@ -132,6 +132,13 @@ fn builtin_template_goes_with_every_adapter_and_generate_uses_it() {
     }
     assert_eq!(read(run.join("export/adapter/chat_template.jinja")), CHATML);
     assert_eq!(read(run.join("export/merged/chat_template.jinja")), CHATML);
+    // The run's chat date (strftime_now) is recorded in its checkpoints.
+    let state: serde_json::Value = serde_json::from_str(&read(
+        run.join("checkpoints/step_000002/trainer_state.json"),
+    ))
+    .unwrap();
+    let date: tune::hf::ChatDate = state["chat_date"].as_str().unwrap().parse().unwrap();
+    assert!(date <= tune::hf::ChatDate::today(), "{state}");
     // `tune export` of a checkpoint carries it too.
     let out = root.join("exported");
     let (code, stderr) = tune(&[

@@ -1,10 +1,12 @@
 //! Step checkpoints: `output.dir/checkpoints/step_NNNNNN/` holds
 //!
-//! - `adapter/`: the adapter in PEFT layout (f32), loadable on its own
+//! - `adapter/`: the adapter in PEFT layout (f32), loadable on its own, with the chat template
+//!   the run trains with (`chat_template.jinja`) when it has one
 //! - `optimizer.safetensors`: AdamW's moments, `exp_avg.<module>.lora_A` etc., in tune's layout
 //!   ([in, r] for lora_A, [r, out] for lora_B)
 //! - `trainer_state.json`: step, epoch, position in the example stream, seed, hashes of the
-//!   recipe and the dataset file, tune version, format version
+//!   recipe and the dataset file, the date chat templates render `strftime_now` with, tune
+//!   version, format version
 //! - `recipe.yaml`: the recipe the run was started with
 //! - `.complete`: written last
 //!
@@ -49,6 +51,10 @@ pub struct TrainerState {
     pub elapsed_s: f64,
     pub recipe_hash: String,
     pub dataset_hash: String,
+    /// The date (UTC, `YYYY-MM-DD`) the run's chat templates render `strftime_now` with: chosen
+    /// when the run started, reused when it resumes. Absent in checkpoints of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_date: Option<crate::hf::ChatDate>,
 }
 
 /// FNV-1a, 64 bit: a content fingerprint (not a security measure).
@@ -94,7 +100,9 @@ pub fn resolve_adapter_dir(path: &Path) -> Result<PathBuf> {
     )))
 }
 
-/// Writes a checkpoint of the current training state.
+/// Writes a checkpoint of the current training state. `chat_template` (the template the run
+/// trains with) goes into the adapter directory as `chat_template.jinja`.
+#[allow(clippy::too_many_arguments)]
 pub fn save<B: Backend, O: Backend>(
     run_dir: &Path,
     model: &CausalLm<B>,
@@ -103,11 +111,13 @@ pub fn save<B: Backend, O: Backend>(
     opt: &AdamW<O>,
     state: &TrainerState,
     recipe_yaml: &str,
+    chat_template: Option<&str>,
 ) -> Result<PathBuf> {
     let dir = step_dir(run_dir, state.step);
     let names = param_names(model);
     crate::fsutil::write_dir_atomically(&dir, |tmp| {
         peft::save_peft(model, lora_config, base_model, &tmp.join("adapter"))?;
+        crate::hf::adapter_template::write(&tmp.join("adapter"), chat_template)?;
         let mut tensors: Vec<crate::hf::safetensors::OwnedTensor> = Vec::new();
         for (name, (m, v)) in names.iter().zip(opt.exp_avg.iter().zip(&opt.exp_avg_sq)) {
             for (prefix, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
@@ -169,6 +179,15 @@ pub fn open(dir: &Path) -> Result<Found> {
 /// Complete checkpoints of a run, oldest first. Damaged or partial ones are skipped with a
 /// warning on stderr.
 pub fn list(run_dir: &Path) -> Vec<Found> {
+    scan(run_dir, true)
+}
+
+/// The latest complete checkpoint of a run, as [`list`] finds it, without the warnings.
+pub fn latest_quietly(run_dir: &Path) -> Option<Found> {
+    scan(run_dir, false).pop()
+}
+
+fn scan(run_dir: &Path, warn: bool) -> Vec<Found> {
     let Ok(entries) = std::fs::read_dir(checkpoints_dir(run_dir)) else {
         return Vec::new();
     };
@@ -179,7 +198,9 @@ pub fn list(run_dir: &Path) -> Vec<Found> {
         .filter_map(|p| match open(&p) {
             Ok(f) => Some(f),
             Err(e) => {
-                eprintln!("warning: skipping {e}");
+                if warn {
+                    eprintln!("warning: skipping {e}");
+                }
                 None
             }
         })

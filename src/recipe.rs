@@ -161,6 +161,60 @@ pub struct DatasetSection {
     /// text/alpaca: append the EOS token to each example (never twice). Default true.
     #[serde(default = "yes")]
     pub add_eos: bool,
+    /// chat: the chat template to render conversations with, instead of the model's own: a
+    /// built-in name (`chatml`: `<|im_start|>{role}\n{content}<|im_end|>\n` per message and
+    /// `<|im_start|>assistant\n` as the generation prompt, transformers' ChatML) or a Jinja file
+    /// (any value holding a `/` or a `.`: `./template`, `chat.jinja`; relative to the current
+    /// directory, `~` expands). Needed for chat data on a model without a template (a base
+    /// model). Default: the `lora.init_from` adapter's `chat_template.jinja` if it has one, else
+    /// the model's own. The template a run trains with is saved with its adapters as
+    /// `chat_template.jinja`, which `tune generate --adapter` and `tune export` use.
+    #[serde(default)]
+    pub chat_template: Option<String>,
+}
+
+impl DatasetSection {
+    /// The Jinja source `chat_template` names (a built-in's, or the file's) and where it comes
+    /// from (the built-in's name or the file), if set.
+    pub fn chat_template_source(&self) -> Result<Option<(String, String)>> {
+        let Some(value) = &self.chat_template else {
+            return Ok(None);
+        };
+        if let Some(source) = crate::hf::chat_template::builtin(value) {
+            return Ok(Some((source.to_string(), format!("built-in chat template `{value}`"))));
+        }
+        check_chat_template(value)?;
+        let path = Path::new(value);
+        let source = std::fs::read_to_string(path).map_err(|e| {
+            Error::Unsupported(format!("dataset.chat_template: cannot read {}: {e}", path.display()))
+        })?;
+        Ok(Some((source, path.display().to_string())))
+    }
+}
+
+/// A `dataset.chat_template` value without `/` or `.` names a built-in template; any other is a
+/// path to a Jinja file.
+fn names_builtin_template(value: &str) -> bool {
+    !value.contains(['/', '.'])
+}
+
+/// The built-in name exists, or the file does.
+fn check_chat_template(value: &str) -> Result<()> {
+    let builtins: Vec<&str> = crate::hf::chat_template::BUILTIN_TEMPLATES.iter().map(|(n, _)| *n).collect();
+    if names_builtin_template(value) {
+        if builtins.contains(&value) {
+            return Ok(());
+        }
+        return Err(Error::Unsupported(format!(
+            "dataset.chat_template: unknown built-in template `{value}`{} (built-ins: {}; a Jinja file is a path holding a `/` or a `.`, e.g. ./{value}.jinja)",
+            did_you_mean(value, &builtins),
+            builtins.join(", ")
+        )));
+    }
+    if !Path::new(value).is_file() {
+        return Err(Error::Unsupported(format!("dataset.chat_template: {value}: no such file (built-ins: {})", builtins.join(", "))));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -279,7 +333,7 @@ const KEYS: &[&str] = &[
     "model", "model.path", "model.dtype",
     "lora", "lora.rank", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.use_rslora", "lora.init_from",
     "dataset", "dataset.path", "dataset.format", "dataset.max_seq_len", "dataset.train_on_input", "dataset.packed",
-    "dataset.shuffle", "dataset.add_eos",
+    "dataset.shuffle", "dataset.add_eos", "dataset.chat_template",
     "train", "train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum", "train.lr", "train.weight_decay",
     "train.betas", "train.eps", "train.warmup_steps", "train.schedule", "train.max_grad_norm", "train.seed",
     "train.activation_checkpointing",
@@ -315,6 +369,9 @@ impl Recipe {
         self.dataset.path = resolve(&self.dataset.path);
         self.output.dir = resolve(&self.output.dir);
         self.lora.init_from = self.lora.init_from.as_deref().map(resolve);
+        if let Some(t) = self.dataset.chat_template.as_mut().filter(|t| !names_builtin_template(t)) {
+            *t = resolve(Path::new(t.as_str())).to_string_lossy().into_owned();
+        }
         self.model.dtype = Some(self.base_dtype());
         self.validate()?;
         Ok(self)
@@ -353,6 +410,9 @@ impl Recipe {
         }
         if self.train.max_grad_norm.is_some_and(|n| n.is_nan() || n <= 0.0) {
             return bad("train.max_grad_norm", "must be positive, or null to turn clipping off");
+        }
+        if let Some(t) = &self.dataset.chat_template {
+            check_chat_template(t)?;
         }
         Ok(())
     }
@@ -580,6 +640,38 @@ mod tests {
         assert!(parse(MINIMAL, &["lora.dropout=1.5"]).is_err());
         assert!(parse(MINIMAL, &["train.max_grad_norm=0"]).is_err());
         assert!(parse(MINIMAL, &["lora.rank=0"]).is_err());
+    }
+
+    #[test]
+    fn chat_template_is_a_builtin_or_a_file() {
+        let r = parse(MINIMAL, &["dataset.chat_template=chatml"]).unwrap();
+        assert_eq!(r.dataset.chat_template.as_deref(), Some("chatml"));
+        let (source, origin) = r.dataset.chat_template_source().unwrap().unwrap();
+        assert_eq!(source, crate::hf::chat_template::CHATML);
+        assert!(origin.contains("chatml"), "{origin}");
+        assert_eq!(parse(MINIMAL, &[]).unwrap().dataset.chat_template_source().unwrap(), None);
+
+        // An unknown name lists the built-ins.
+        let err = parse(MINIMAL, &["dataset.chat_template=chatlm"]).unwrap_err().to_string();
+        assert!(err.contains("dataset.chat_template") && err.contains("unknown built-in template `chatlm`"), "{err}");
+        assert!(err.contains("did you mean `chatml`?") && err.contains("built-ins: chatml"), "{err}");
+
+        // A path: relative to the current directory, `~` expanded, and it must exist.
+        let dir = crate::fsutil::TempDir::new("recipe-template", &[("t.jinja", "{{ messages[0].content }}")]);
+        let file = dir.0.join("t.jinja");
+        let r = parse(MINIMAL, &[&format!("dataset.chat_template={}", file.display())]).unwrap();
+        assert_eq!(r.dataset.chat_template_source().unwrap().unwrap().0, "{{ messages[0].content }}");
+        let missing = dir.0.join("nope.jinja");
+        let err = parse(MINIMAL, &[&format!("dataset.chat_template={}", missing.display())]).unwrap_err().to_string();
+        assert!(err.contains("dataset.chat_template") && err.contains(&missing.display().to_string()), "{err}");
+        assert!(err.contains("no such file"), "{err}");
+        let relative = "model:\n  path: /m\ndataset:\n  path: /d.jsonl\n  chat_template: templates/missing.jinja\noutput:\n  dir: /out\n";
+        let err = parse(relative, &[]).unwrap_err().to_string();
+        let expected = std::env::current_dir().unwrap().join("templates/missing.jinja");
+        assert!(err.contains(&expected.display().to_string()), "{err}");
+        let home = "model:\n  path: /m\ndataset:\n  path: /d.jsonl\n  chat_template: ~/missing-tune-template.jinja\noutput:\n  dir: /out\n";
+        let err = parse(home, &[]).unwrap_err().to_string();
+        assert!(!err.contains('~') && err.contains("missing-tune-template.jinja"), "{err}");
     }
 
     #[test]

@@ -208,3 +208,121 @@ fn per_token_losses(model: &CausalLm<B>, batch: &Batch) -> Vec<f32> {
     let nll: Vec<f32> = tune::eval::token_nll(logits, targets).into_data().iter::<f32>().collect();
     nll.into_iter().zip(&batch.weights).filter(|(_, &w)| w > 0.0).map(|(l, _)| l).collect()
 }
+
+/// Gemma 3's tokenizer (262k SentencePiece-style BPE): `$TUNE_GEMMA3` or scripts/gemma3-270m/,
+/// a directory with tokenizer_config.json and tokenizer.json or tokenizer.json.gz (unpacked with
+/// gzip into a temporary directory). None when neither is there.
+fn gemma3_tokenizer() -> Option<Tokenizer> {
+    let dir = std::env::var_os("TUNE_GEMMA3")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gemma3-270m"));
+    if dir.join("tokenizer.json").is_file() {
+        return Some(Tokenizer::from_model_dir(&dir).unwrap());
+    }
+    let gz = dir.join("tokenizer.json.gz");
+    if !gz.is_file() {
+        return None;
+    }
+    let tmp = std::env::temp_dir().join(format!("tune-gemma3-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let out = std::process::Command::new("gzip").arg("-dc").arg(&gz).output().expect("gzip unpacks tokenizer.json.gz");
+    assert!(out.status.success(), "gzip -dc {}", gz.display());
+    std::fs::write(tmp.join("tokenizer.json"), out.stdout).unwrap();
+    std::fs::copy(dir.join("tokenizer_config.json"), tmp.join("tokenizer_config.json")).unwrap();
+    let tok = Tokenizer::from_model_dir(&tmp).unwrap();
+    let _ = std::fs::remove_dir_all(&tmp);
+    Some(tok)
+}
+
+#[derive(serde::Deserialize)]
+struct MaskFixture {
+    templates: std::collections::HashMap<String, String>,
+    cases: Vec<MaskCase>,
+}
+
+#[derive(serde::Deserialize, Clone)]
+struct MaskCase {
+    tokenizer: String,
+    template: String,
+    paired: Option<String>,
+    conversation: usize,
+    messages: Vec<Message>,
+    text: String,
+    ids: Vec<u32>,
+    assistant_masks: Option<Vec<u8>>,
+}
+
+/// tests/fixtures/chat/masks.json (reference.py --chat-masks): for SmolLM2's byte-level BPE and
+/// Gemma 3's SentencePiece-style tokenizer, chat examples have exactly transformers' ids (the
+/// rendering tokenized once) and, with {% generation %} tags, exactly its
+/// return_assistant_tokens_mask; without tags, the mask equals the tagged twin's (tags around
+/// each assistant content and the template's end-of-turn text after it). Multi-turn, leading and
+/// trailing spaces and newlines, an empty reply, unicode.
+#[test]
+fn chat_masks_match_transformers_for_every_tokenizer() {
+    let fixture: MaskFixture = serde_json::from_str(&std::fs::read_to_string(fixtures().join("chat/masks.json")).unwrap()).unwrap();
+    // scripts/gemma3-270m/ is committed, so the Gemma cases always run.
+    let gemma = Some(gemma3_tokenizer().expect("no Gemma 3 tokenizer in scripts/gemma3-270m/ or $TUNE_GEMMA3"));
+    let mut tokenizers = [("smollm2", Some(smollm2_tokenizer())), ("gemma3", gemma)];
+    let (mut checked, mut masks, mut paired, mut split_differs) = (0, 0, 0, 0);
+    let mut failures = Vec::new();
+    for case in &fixture.cases {
+        let Some(tok) = tokenizers.iter_mut().find(|(n, _)| *n == case.tokenizer).and_then(|(_, t)| t.as_mut()) else {
+            continue;
+        };
+        tok.set_chat_template(&fixture.templates[&case.template], &case.template).unwrap();
+        let label = format!("[{} / {} / conversation {}]", case.tokenizer, case.template, case.conversation);
+        let template = tok.chat_template().unwrap();
+        let text = template.render(&case.messages, false).unwrap();
+        if text != case.text {
+            failures.push(format!("{label} renders {text:?}, transformers {:?}", case.text));
+            continue;
+        }
+        let messages = serde_json::json!({ "messages": case.messages }).to_string();
+        let ex = build_example(Path::new("d.jsonl"), &record(&messages), DataFormat::Chat, tok, opts(tok, false)).unwrap();
+        checked += 1;
+        if ex.ids != case.ids {
+            failures.push(format!("{label} ids differ from transformers'\n  tune {:?}\n  hf   {:?}", ex.ids, case.ids));
+            continue;
+        }
+        let trained: Vec<u8> = ex.trained.iter().map(|&t| t as u8).collect();
+        if let Some(expected) = &case.assistant_masks {
+            masks += 1;
+            if &trained != expected {
+                failures.push(format!("{label} mask differs from return_assistant_tokens_mask\n  tune {trained:?}\n  hf   {expected:?}"));
+            }
+        }
+        if let Some(twin) = &case.paired {
+            let twin = fixture
+                .cases
+                .iter()
+                .find(|c| c.tokenizer == case.tokenizer && &c.template == twin && c.conversation == case.conversation)
+                .unwrap();
+            assert_eq!(twin.text, case.text, "{label}: the tagged twin renders another text");
+            paired += 1;
+            if Some(&trained) != twin.assistant_masks.as_ref() {
+                failures.push(format!("{label} mask differs from its tagged twin's\n  tune {trained:?}\n  hf   {:?}", twin.assistant_masks));
+            }
+            // Tokenizing the rendering piece by piece (at the turn boundaries) is not the same.
+            let (_, turns) = tune::data::examples::assistant_turns(template, &case.messages).unwrap();
+            let mut cuts: Vec<usize> = turns.iter().flat_map(|t| [t.start, t.end]).collect();
+            cuts.push(text.len());
+            let (mut pieces, mut at) = (Vec::new(), 0);
+            for c in cuts {
+                pieces.extend(tok.encode(&text[at..c], false).unwrap());
+                at = c;
+            }
+            split_differs += usize::from(pieces != case.ids);
+        }
+        // train_on_input: the same ids, every token trained.
+        let all = build_example(Path::new("d.jsonl"), &record(&messages), DataFormat::Chat, tok, opts(tok, true)).unwrap();
+        assert_eq!(all.ids, case.ids, "{label}");
+        assert!(all.trained.iter().all(|&t| t), "{label}");
+    }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    let expected = fixture.cases.iter().filter(|c| tokenizers.iter().any(|(n, t)| *n == c.tokenizer && t.is_some())).count();
+    assert_eq!(checked, expected);
+    assert!(masks > 0 && paired > 0, "{masks} masks, {paired} paired");
+    assert!(split_differs > 0, "no case where tokenizing turn by turn differs: the fixture does not test the single tokenization");
+    eprintln!("{checked} cases: {masks} transformers masks, {paired} tagged twins; {split_differs} would tokenize differently turn by turn");
+}

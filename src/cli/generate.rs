@@ -29,7 +29,8 @@ pub struct Args {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// A LoRA adapter: a PEFT adapter directory or a run directory.
+    /// A LoRA adapter: a PEFT adapter directory or a run directory. Its chat_template.jinja,
+    /// when it has one, is used instead of the model's chat template.
     #[arg(long)]
     adapter: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
@@ -39,14 +40,21 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     // The model directory first: its errors say more than a missing tokenizer would.
     tune::model::ModelConfig::from_model_dir(&args.model)?;
-    let tokenizer = Tokenizer::from_model_dir(&args.model)?;
+    let mut tokenizer = Tokenizer::from_model_dir(&args.model)?;
+    // An adapter's own chat template (the one it was trained with) wins over the model's.
+    if let (Some(adapter), false) = (&args.adapter, args.raw) {
+        if let Some(path) = tokenizer.use_adapter_chat_template(&tune::checkpoint::resolve_adapter_dir(adapter)?)? {
+            eprintln!("chat template: {}", path.display());
+        }
+    }
     let prompt_ids = if args.raw {
         tokenizer.encode(&args.prompt, true)?
     } else {
         let template = tokenizer.chat_template().ok_or_else(|| {
             anyhow::anyhow!(
-                "{}: the model has no chat template (tokenizer_config.json `chat_template` or chat_template.jinja); use --raw to feed the prompt as plain text",
-                args.model.display()
+                "{}: the model has no chat template (tokenizer_config.json `chat_template` or chat_template.jinja){}; use --raw to feed the prompt as plain text",
+                args.model.display(),
+                if args.adapter.is_some() { ", nor has the adapter (chat_template.jinja)" } else { "" }
             )
         })?;
         let text = template.render(

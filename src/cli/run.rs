@@ -96,7 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 pub fn validate(recipe_path: &Path, overrides: &[String]) -> anyhow::Result<()> {
     let recipe = Recipe::load(recipe_path, overrides)?;
-    let setup = train::setup(&recipe)?;
+    let setup = train::setup(&recipe, tune::hf::ChatDate::today())?;
     let c = &setup.config;
     // Trainable parameters from shapes alone: r·(in + out) per adapted layer.
     let trainable: usize = c

@@ -3,16 +3,28 @@
 //! - `text`   {"text"}: loss on every token.
 //! - `alpaca` {"instruction", "input"?, "output"}: the Stanford Alpaca prompt, loss on the
 //!   response only unless train_on_input.
-//! - `chat`   {"messages": [{"role", "content"}, ...]}: the model's chat template, loss on the
+//! - `chat`   {"messages": [{"role", "content"}, ...]}: the chat template, loss on the
 //!   assistant turns only unless train_on_input.
+//!
+//! A conversation is rendered once and its text tokenized once (as `apply_chat_template`
+//! tokenizes it), so its ids are exactly those of the whole rendering, whatever the tokenizer.
+//! The assistant turns are byte ranges of that text: the `{% generation %}` blocks of a
+//! template that has them (exactly what transformers' `return_assistant_tokens_mask` marks),
+//! otherwise, per assistant message, from the end of the conversation before it rendered with
+//! the generation prompt to the end of the conversation through it (the message's content and
+//! what the template writes after it: its end-of-turn token and separator). A token is trained
+//! when its character range overlaps a turn's range, transformers' rule: so a token that
+//! straddles a boundary (a header's newline merged with a content's leading newline, say) is
+//! trained, and a zero-width token only when it lies strictly inside a turn.
 
+use std::ops::Range;
 use std::path::Path;
 
 use serde_json::Value;
 
 use super::{json_kind, string_field, text_ids, Record};
 use crate::error::{Error, Result};
-use crate::hf::{Message, Tokenizer};
+use crate::hf::{ChatTemplate, Message, Tokenizer};
 use crate::recipe::DataFormat;
 
 /// One tokenized example. `trained[i]` says whether ids[i] is a label: the loss includes the
@@ -115,41 +127,52 @@ pub fn build_example(
             let messages = chat_messages(path, record)?;
             let template = tokenizer.chat_template().ok_or_else(|| {
                 Error::Model(format!(
-                    "{}: chat data needs the model's chat template, and {} has none",
+                    "{}: chat data needs a chat template, and {} has none (set dataset.chat_template)",
                     path.display(),
                     tokenizer.path().display()
                 ))
             })?;
-            // The rendered conversation is cut at each assistant turn by rendering prefixes:
-            // up to a turn with the generation prompt, then through the turn. What lies between
-            // is the assistant's text (and its end-of-turn token), whatever the template.
-            let full = template.render(&messages, false)?;
-            let mut done = 0usize;
-            for (i, m) in messages.iter().enumerate() {
-                if m.role != "assistant" {
-                    continue;
-                }
-                let before = template.render(&messages[..i], true)?;
-                let through = template.render(&messages[..=i], false)?;
-                if !full.starts_with(&before) || !full.starts_with(&through) || before.len() < done || through.len() < before.len() {
-                    return Err(Error::format(
-                        path,
-                        format!(
-                            "line {}: the chat template renders earlier turns differently once later turns follow, so assistant turns cannot be located; use train_on_input: true or another template",
-                            record.line
-                        ),
-                    ));
-                }
-                ex.push(&tokenizer.encode(&full[done..before.len()], false)?, opts.train_on_input);
-                ex.push(&tokenizer.encode(&full[before.len()..through.len()], false)?, true);
-                done = through.len();
-            }
-            ex.push(&tokenizer.encode(&full[done..], false)?, opts.train_on_input);
+            let (text, turns) = assistant_turns(template, &messages).map_err(|e| match e {
+                Error::Template(msg) => Error::format(path, format!("line {}: chat template: {msg}", record.line)),
+                e => e,
+            })?;
+            // The template already holds any special tokens, as with apply_chat_template.
+            let (ids, offsets) = tokenizer.encode_with_offsets(&text, false)?;
+            ex.ids = ids;
+            ex.trained = offsets
+                .iter()
+                .map(|&(start, end)| opts.train_on_input || turns.iter().any(|t| start < t.end && end > t.start))
+                .collect();
         }
     }
     ex.ids.truncate(opts.max_seq_len);
     ex.trained.truncate(opts.max_seq_len);
     Ok(ex)
+}
+
+/// The rendered conversation and the byte ranges of its assistant turns (see the module doc).
+pub fn assistant_turns(template: &ChatTemplate, messages: &[Message]) -> Result<(String, Vec<Range<usize>>)> {
+    if template.has_generation_tags() {
+        return template.render_with_generation(messages, false);
+    }
+    let full = template.render(messages, false)?;
+    let mut turns = Vec::new();
+    let mut done = 0usize;
+    for (i, m) in messages.iter().enumerate() {
+        if m.role != "assistant" {
+            continue;
+        }
+        let before = template.render(&messages[..i], true)?;
+        let through = template.render(&messages[..=i], false)?;
+        if !full.starts_with(&before) || !full.starts_with(&through) || before.len() < done || through.len() < before.len() {
+            return Err(Error::Template(
+                "the chat template renders earlier turns differently once later turns follow, so assistant turns cannot be located; use train_on_input: true, or a template that marks them with {% generation %} tags".into(),
+            ));
+        }
+        turns.push(before.len()..through.len());
+        done = through.len();
+    }
+    Ok((full, turns))
 }
 
 fn chat_messages(path: &Path, record: &Record) -> Result<Vec<Message>> {

@@ -79,6 +79,7 @@ pub fn export_merged(src: &Source, out: &Path, max_shard_bytes: u64, opts: &Opti
     let n = shards.len();
     let file_name = |i: usize| if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) };
     let card = merged_card(src, &base_dir, &config, opts.dtype);
+    let template = crate::hf::adapter_template::read(&src.adapter_dir)?;
 
     crate::fsutil::write_dir_atomically(out, |tmp| {
         let mut weight_map = BTreeMap::new();
@@ -105,6 +106,11 @@ pub fn export_merged(src: &Source, out: &Path, max_shard_bytes: u64, opts: &Opti
                 let to = tmp.join(f);
                 std::fs::copy(&from, &to).map_err(|e| Error::io(&to, e))?;
             }
+        }
+        // The adapter's chat template (the one it was trained with) replaces the base's.
+        if let Some((source, _)) = &template {
+            let _ = std::fs::remove_file(tmp.join("chat_template.json"));
+            crate::hf::adapter_template::install_in_model_dir(tmp, source)?;
         }
         write_text(&tmp.join("README.md"), &card)
     })?;

@@ -5,6 +5,9 @@
 //!   convert_lora_to_gguf, Ollama, mistral.rs);
 //! - `merged.rs`: W + s·B·A for every adapted layer, as a full Hugging Face checkpoint.
 //!
+//! An adapter's `chat_template.jinja` (the template it was trained with) goes into both: beside
+//! the exported adapter, and as the merged model's chat template in place of the base's.
+//!
 //! Both read the adapter straight from its safetensors file and the base model from its
 //! memory-mapped shards, one tensor at a time: no burn model is built, and a merged export
 //! holds at most one output shard in memory. This file holds what they share: the source, the

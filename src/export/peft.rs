@@ -66,6 +66,7 @@ pub fn export_adapter(src: &Source, out: &Path, opts: &Options) -> Result<Writte
     crate::fsutil::write_dir_atomically(out, |tmp| {
         crate::hf::safetensors::write(&tmp.join(ADAPTER_WEIGHTS), &tensors, opts.dtype.safetensors())?;
         write_text(&tmp.join(ADAPTER_CONFIG), &(serde_json::to_string_pretty(&adapter_config).expect("json") + "\n"))?;
+        crate::hf::adapter_template::copy(&src.adapter_dir, tmp)?;
         write_text(&tmp.join("README.md"), &card)
     })?;
     Ok(written(out))

@@ -8,12 +8,18 @@
 //! `messages`, `tools=None`, `documents=None`, `add_generation_prompt` and the tokenizer's special
 //! tokens. Python's string and dict methods (`.strip()`, `.split()`, `.items()`, ...) come from
 //! minijinja-contrib's pycompat layer, and values print as Python prints them (`None`, `True`).
+//!
+//! Two differences are deliberate: `strftime_now` formats a fixed date when one is set
+//! ([`ChatTemplate::set_date`], so a training run renders the same text every day), and
+//! [`ChatTemplate::render_with_generation`] reports where each `{% generation %}` block's output
+//! lies in the text (transformers' `return_assistant_tokens_mask` needs the same positions).
 
 use std::fmt::Write as _;
+use std::ops::Range;
 use std::path::Path;
 
 use minijinja::value::{Kwargs, Rest, ValueKind};
-use minijinja::{Environment, ErrorKind, UndefinedBehavior, Value};
+use minijinja::{Environment, ErrorKind, State, UndefinedBehavior, Value};
 
 use crate::error::{read_json, read_to_string, Error, Result};
 
@@ -36,6 +42,114 @@ impl Message {
 /// The name the template is registered under; it has no extension, so nothing is auto-escaped.
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// ChatML as transformers defines it (its former default chat template, and the format its chat
+/// templating guide recommends for new models): `<|im_start|>{role}\n{content}<|im_end|>\n` per
+/// message, and `<|im_start|>assistant\n` as the generation prompt.
+pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// The templates `dataset.chat_template` can name, as (name, Jinja source).
+pub const BUILTIN_TEMPLATES: &[(&str, &str)] = &[("chatml", CHATML)];
+
+/// The source of a built-in template.
+pub fn builtin(name: &str) -> Option<&'static str> {
+    BUILTIN_TEMPLATES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, source)| *source)
+}
+
+/// A calendar date (UTC) for `strftime_now`, which then formats midnight UTC of that day.
+/// Written as `YYYY-MM-DD`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ChatDate {
+    /// Days since 1970-01-01.
+    days: i64,
+}
+
+impl ChatDate {
+    /// Today's date in UTC.
+    pub fn today() -> Self {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        ChatDate {
+            days: secs.div_euclid(86_400),
+        }
+    }
+
+    pub fn from_ymd(year: i64, month: u32, day: u32) -> Option<Self> {
+        if !(1..=12).contains(&month) || day == 0 || day > days_in_month(year, month) {
+            return None;
+        }
+        Some(ChatDate {
+            days: days_from_civil(year, month, day),
+        })
+    }
+
+    /// Seconds since the Unix epoch at midnight UTC of this date.
+    pub fn unix_seconds(self) -> i64 {
+        self.days * 86_400
+    }
+}
+
+fn days_in_month(year: i64, month: u32) -> u32 {
+    match month {
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+impl std::fmt::Display for ChatDate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (y, m, d) = civil_from_days(self.days);
+        write!(f, "{y:04}-{m:02}-{d:02}")
+    }
+}
+
+impl std::str::FromStr for ChatDate {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("`{s}` is not a date (expected YYYY-MM-DD)");
+        let mut parts = s.splitn(3, '-');
+        let (Some(y), Some(m), Some(d)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(bad());
+        };
+        if y.len() != 4 || m.len() != 2 || d.len() != 2 {
+            return Err(bad());
+        }
+        let num = |t: &str| t.parse::<u32>().map_err(|_| bad());
+        ChatDate::from_ymd(num(y)? as i64, num(m)?, num(d)?).ok_or_else(bad)
+    }
+}
+
+impl serde::Serialize for ChatDate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ChatDate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The context variable that carries a fixed `strftime_now` time (Unix seconds) into a render.
+const NOW_VAR: &str = "__tune_strftime_now";
+/// Set (to true) in a render that reports generation blocks.
+const TRACK_VAR: &str = "__tune_track_generation";
+/// The filter a `{% generation %}` block becomes.
+const GENERATION_FILTER: &str = "__tune_generation";
+/// What marks the start and end of a generation block's output while tracking: Unicode
+/// noncharacters, which are reserved for a program's internal use and never meant to appear in
+/// text.
+const GENERATION_START: char = '\u{FDD0}';
+const GENERATION_END: char = '\u{FDD1}';
+
 /// A compiled chat template with the tokens it renders with.
 #[derive(Clone)]
 pub struct ChatTemplate {
@@ -43,6 +157,8 @@ pub struct ChatTemplate {
     source: String,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    date: Option<ChatDate>,
+    has_generation: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -51,6 +167,7 @@ impl std::fmt::Debug for ChatTemplate {
             .field("source", &self.source)
             .field("bos_token", &self.bos_token)
             .field("eos_token", &self.eos_token)
+            .field("date", &self.date)
             .finish()
     }
 }
@@ -81,14 +198,34 @@ impl ChatTemplate {
         });
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
-        env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(source))
+        env.add_filter(GENERATION_FILTER, generation_filter);
+        let (rewritten, has_generation) = rewrite_generation_tags(source);
+        env.add_template_owned(TEMPLATE_NAME, rewritten)
             .map_err(template_error)?;
         Ok(ChatTemplate {
             env,
             source: source.to_string(),
             bos_token: bos_token.map(str::to_string),
             eos_token: eos_token.map(str::to_string),
+            date: None,
+            has_generation,
         })
+    }
+
+    /// Makes `strftime_now` format midnight UTC of `date` instead of the current time (`None`:
+    /// the current time, as transformers does).
+    pub fn set_date(&mut self, date: Option<ChatDate>) {
+        self.date = date;
+    }
+
+    /// The date `strftime_now` formats, when fixed.
+    pub fn date(&self) -> Option<ChatDate> {
+        self.date
+    }
+
+    /// Whether the template uses transformers' `{% generation %}` tags.
+    pub fn has_generation_tags(&self) -> bool {
+        self.has_generation
     }
 
     /// The chat template of a model directory: `chat_template.jinja` if present, else
@@ -186,6 +323,59 @@ impl ChatTemplate {
     /// add_generation_prompt=...)` does. `raise_exception(msg)` in the template becomes an
     /// `Error::Template` holding `msg`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_ctx(messages, add_generation_prompt, false)
+    }
+
+    /// Renders as [`ChatTemplate::render`] does, and returns the byte ranges of the text that
+    /// `{% generation %}` blocks produced, in the order the blocks ended (as transformers
+    /// records them). Their output must reach the text unchanged: a block whose output is
+    /// captured and altered (by `{% set %}...{% endset %}` and a filter, say) is an error.
+    pub fn render_with_generation(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<(String, Vec<Range<usize>>)> {
+        let plain = self.render_ctx(messages, add_generation_prompt, false)?;
+        if !self.has_generation {
+            return Ok((plain, Vec::new()));
+        }
+        let is_marker = |c: char| c == GENERATION_START || c == GENERATION_END;
+        if messages
+            .iter()
+            .any(|m| m.content.contains(is_marker) || m.role.contains(is_marker))
+        {
+            return Err(Error::Template(
+                "a message holds U+FDD0 or U+FDD1, the noncharacters that mark {% generation %} blocks while rendering".into(),
+            ));
+        }
+        let marked = self.render_ctx(messages, add_generation_prompt, true)?;
+        let mut text = String::with_capacity(marked.len());
+        let mut open = Vec::new();
+        let mut spans = Vec::new();
+        for c in marked.chars() {
+            match c {
+                GENERATION_START => open.push(text.len()),
+                GENERATION_END => match open.pop() {
+                    Some(start) => spans.push(start..text.len()),
+                    None => open.push(usize::MAX),
+                },
+                c => text.push(c),
+            }
+        }
+        if !open.is_empty() || text != plain {
+            return Err(Error::Template(
+                "the template alters the output of its {% generation %} blocks after rendering them (captured with set or a filter block), so the generated text cannot be located".into(),
+            ));
+        }
+        Ok((text, spans))
+    }
+
+    fn render_ctx(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        track_generation: bool,
+    ) -> Result<String> {
         let mut ctx: Vec<(&str, Value)> = vec![
             ("messages", Value::from_serialize(messages)),
             ("tools", Value::from(())),
@@ -199,6 +389,12 @@ impl ChatTemplate {
         }
         if let Some(eos) = &self.eos_token {
             ctx.push(("eos_token", Value::from(eos.as_str())));
+        }
+        if let Some(date) = self.date {
+            ctx.push((NOW_VAR, Value::from(date.unix_seconds())));
+        }
+        if track_generation {
+            ctx.push((TRACK_VAR, Value::from(true)));
         }
         let ctx: Value = ctx.into_iter().collect();
         let template = self
@@ -248,27 +444,41 @@ fn template_error(e: minijinja::Error) -> Error {
 
 /// transformers' `{% generation %}...{% endgeneration %}` marks assistant text for
 /// `return_assistant_tokens_mask`; it renders its body unchanged. minijinja has no custom tags,
-/// so the tags become `{% if true %}` / `{% endif %}`, keeping their whitespace control.
-fn rewrite_generation_tags(source: &str) -> String {
+/// so the tags become a filter block, `{% filter __tune_generation %}` / `{% endfilter %}`,
+/// keeping their whitespace control (both are block tags, so trim_blocks and lstrip_blocks treat
+/// them alike). The filter returns the body, between markers when a render tracks the blocks.
+/// Returns the rewritten source and whether it had any generation tag.
+fn rewrite_generation_tags(source: &str) -> (String, bool) {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
+    let mut found = false;
     while let Some(start) = rest.find("{%") {
         out.push_str(&rest[..start]);
         let tag = &rest[start..];
         if let Some((len, replacement)) = generation_tag(tag) {
             out.push_str(&replacement);
             rest = &tag[len..];
+            found = true;
         } else {
             out.push_str("{%");
             rest = &tag[2..];
         }
     }
     out.push_str(rest);
-    out
+    (out, found)
+}
+
+/// The body of a generation block: unchanged, or between the markers when tracking.
+fn generation_filter(state: &State, body: String) -> String {
+    if state.lookup(TRACK_VAR).is_some_and(|v| v.is_true()) {
+        format!("{GENERATION_START}{body}{GENERATION_END}")
+    } else {
+        body
+    }
 }
 
 /// If `tag` starts with `{% generation %}` or `{% endgeneration %}` (with any `-`/`+` markers),
-/// its length and the equivalent `if` tag.
+/// its length and the equivalent filter-block tag.
 fn generation_tag(tag: &str) -> Option<(usize, String)> {
     let mut i = 2;
     let bytes = tag.as_bytes();
@@ -291,8 +501,8 @@ fn generation_tag(tag: &str) -> Option<(usize, String)> {
     }
     let word = &tag[word_start..i];
     let body = match word {
-        "generation" => "if true",
-        "endgeneration" => "endif",
+        "generation" => "filter __tune_generation",
+        "endgeneration" => "endfilter",
         _ => return None,
     };
     while bytes.get(i).is_some_and(|b| b.is_ascii_whitespace()) {
@@ -696,12 +906,16 @@ fn json_string(out: &mut String, s: &str, ensure_ascii: bool) {
 // ---------------------------------------------------------------------------------------------
 // strftime_now
 
-/// `datetime.now().strftime(format)`, in UTC.
-fn strftime_now(format: String) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+/// `datetime.now().strftime(format)`, in UTC; midnight UTC of the template's date when one is
+/// set ([`ChatTemplate::set_date`]).
+fn strftime_now(state: &State, format: String) -> String {
+    let fixed = state.lookup(NOW_VAR).and_then(|v| v.as_i64());
+    let secs = fixed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
+    });
     strftime(&format, secs)
 }
 
@@ -1175,6 +1389,104 @@ mod tests {
             .render(&[], false)
             .unwrap();
         assert!(now.len() == 4 && now.starts_with('2'), "{now}");
+    }
+
+    /// A template that prints the date (as Llama 3.1's does) renders midnight UTC of the date
+    /// set, whatever the day it runs on; without a date it prints today's.
+    #[test]
+    fn strftime_now_formats_the_fixed_date() {
+        let source = "{{ strftime_now('%d %b %Y') }}|{{ strftime_now('%Y-%m-%d %H:%M:%S %A') }}";
+        let mut t = ChatTemplate::new(source, None, None).unwrap();
+        t.set_date(Some("2024-07-26".parse().unwrap()));
+        assert_eq!(
+            t.render(&[], false).unwrap(),
+            "26 Jul 2024|2024-07-26 00:00:00 Friday"
+        );
+        // A clone keeps the date; setting another on the clone leaves the original alone.
+        let mut other = t.clone();
+        other.set_date(Some(ChatDate::from_ymd(2000, 2, 29).unwrap()));
+        assert_eq!(
+            other.render(&[], false).unwrap(),
+            "29 Feb 2000|2000-02-29 00:00:00 Tuesday"
+        );
+        assert!(t.render(&[], false).unwrap().starts_with("26 Jul 2024|"));
+        t.set_date(None);
+        let today = ChatDate::today().to_string();
+        let now = t.render(&[], false).unwrap();
+        assert!(now.ends_with(&strftime("%A", ChatDate::today().unix_seconds())));
+        assert!(now.contains(&today), "{now} vs {today}");
+    }
+
+    #[test]
+    fn chat_dates_parse_and_print() {
+        let d: ChatDate = "2026-12-01".parse().unwrap();
+        assert_eq!(d.to_string(), "2026-12-01");
+        assert_eq!(serde_json::to_string(&d).unwrap(), "\"2026-12-01\"");
+        assert_eq!(
+            serde_json::from_str::<ChatDate>("\"1970-01-01\"")
+                .unwrap()
+                .unix_seconds(),
+            0
+        );
+        for bad in [
+            "2026-13-01",
+            "2026-02-30",
+            "2025-02-29",
+            "26-12-01",
+            "2026-1-01",
+            "x",
+        ] {
+            assert!(bad.parse::<ChatDate>().is_err(), "{bad}");
+        }
+        assert!("2024-02-29".parse::<ChatDate>().is_ok());
+        assert!(ChatDate::today() > "2024-01-01".parse().unwrap());
+    }
+
+    /// The byte ranges of `{% generation %}` blocks, with whitespace control and nesting in a
+    /// loop, and without changing the text.
+    #[test]
+    fn generation_blocks_are_located() {
+        let source = "{% for m in messages %}{% if m.role == 'assistant' %}A:\n  {%- generation -%}\n  {{ m.content }}<end>\n  {%- endgeneration %}\n{% else %}{{ m.role }}: {{ m.content }}\n{% endif %}{% endfor %}";
+        let t = ChatTemplate::new(source, None, None).unwrap();
+        assert!(t.has_generation_tags());
+        let messages = [
+            Message::new("user", "hi"),
+            Message::new("assistant", " é😀 "),
+            Message::new("user", "x"),
+            Message::new("assistant", ""),
+        ];
+        let (text, spans) = t.render_with_generation(&messages, false).unwrap();
+        assert_eq!(text, t.render(&messages, false).unwrap());
+        // What jinja2 renders in transformers' environment, and the blocks it records.
+        assert_eq!(text, "user: hi\nA: é😀 <end>user: x\nA:<end>");
+        let pieces: Vec<&str> = spans.iter().map(|r| &text[r.clone()]).collect();
+        assert_eq!(pieces, [" é😀 <end>", "<end>"]);
+
+        // Without tags: no spans, and the plain rendering.
+        let plain = ChatTemplate::new(CHATML, None, None).unwrap();
+        assert!(!plain.has_generation_tags());
+        let (text, spans) = plain.render_with_generation(&messages, false).unwrap();
+        assert_eq!(text, plain.render(&messages, false).unwrap());
+        assert!(spans.is_empty());
+
+        // A block whose output the template captures and alters cannot be located.
+        let captured = ChatTemplate::new(
+            "{% for m in messages %}{% set x %}{% generation %} {{ m.content }} {% endgeneration %}{% endset %}{{ x | trim }}{% endfor %}",
+            None,
+            None,
+        )
+        .unwrap();
+        let err = captured
+            .render_with_generation(&messages, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("generation"), "{err}");
+        // Nor can a message holding the markers.
+        let err = t
+            .render_with_generation(&[Message::new("assistant", "a\u{FDD0}")], false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("U+FDD0"), "{err}");
     }
 
     use crate::fsutil::TempDir;

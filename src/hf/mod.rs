@@ -1,12 +1,13 @@
 //! Everything read from a Hugging Face model directory: config.json, safetensors weights,
-//! tokenizer.json and the chat template.
+//! tokenizer.json and the chat template (and the chat template an adapter carries).
 
+pub mod adapter_template;
 pub mod chat_template;
 pub mod config;
 pub mod safetensors;
 pub mod tokenizer;
 
-pub use chat_template::{ChatTemplate, Message};
+pub use chat_template::{ChatDate, ChatTemplate, Message};
 pub use config::{GenerationConfig, RawConfig};
 pub use safetensors::Weights;
 pub use tokenizer::Tokenizer;

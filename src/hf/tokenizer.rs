@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use crate::error::{read_json, Error, Result};
 use crate::hf::chat_template::ChatTemplate;
 
+/// The byte range in the encoded text of each token, `(start, end)`.
+pub type TokenOffsets = Vec<(usize, usize)>;
+
 /// A Hugging Face tokenizer loaded from a model directory.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -104,6 +107,21 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// Token ids of `text` and each token's byte range in `text` (the `tokenizers` offsets:
+    /// byte-level BPE trims a token's leading space from its range, and a token the
+    /// post-processor adds has an empty range).
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<(Vec<u32>, TokenOffsets)> {
+        let encoding = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| self.error(format!("cannot encode text: {e}")))?;
+        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
+    }
+
     /// The text of `ids`; `skip_special_tokens` drops special tokens (BOS, EOS, chat markers).
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner
@@ -180,9 +198,36 @@ impl Tokenizer {
         self.eos_token().and_then(|t| self.token_to_id(t))
     }
 
-    /// The chat template, if the model directory has one.
+    /// The chat template, if the model directory has one (or one was set).
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.chat_template.as_ref()
+    }
+
+    /// The chat template, to fix its date ([`ChatTemplate::set_date`]).
+    pub fn chat_template_mut(&mut self) -> Option<&mut ChatTemplate> {
+        self.chat_template.as_mut()
+    }
+
+    /// Replaces the model's chat template with `source`, compiled with this tokenizer's special
+    /// tokens. `origin` (a file, or a built-in's name) names the template in compile errors.
+    pub fn set_chat_template(&mut self, source: &str, origin: &str) -> Result<()> {
+        let template =
+            ChatTemplate::new(source, self.bos_token(), self.eos_token()).map_err(|e| match e {
+                Error::Template(msg) => Error::Template(format!("{origin}: {msg}")),
+                e => e,
+            })?;
+        self.chat_template = Some(template);
+        Ok(())
+    }
+
+    /// Uses the chat template saved with an adapter (`chat_template.jinja` in its directory)
+    /// instead of the model's, when it has one; returns that file.
+    pub fn use_adapter_chat_template(&mut self, adapter_dir: &Path) -> Result<Option<PathBuf>> {
+        let Some((source, path)) = crate::hf::adapter_template::read(adapter_dir)? else {
+            return Ok(None);
+        };
+        self.set_chat_template(&source, &path.display().to_string())?;
+        Ok(Some(path))
     }
 
     /// Vocabulary size including added tokens.

@@ -1,10 +1,11 @@
 //! The recipe's dataset, tokenized into rows, and the order rows are visited in.
 
+use crate::checkpoint;
 use crate::data::batch::{pack, Batch, Row};
 use crate::data::examples::{build_example, detect_format, ExampleOptions};
 use crate::data::read_records;
 use crate::error::{Error, Result};
-use crate::hf::Tokenizer;
+use crate::hf::{adapter_template, ChatDate, Tokenizer};
 use crate::recipe::{DataFormat, Recipe};
 use crate::rng::Rng;
 
@@ -15,6 +16,46 @@ pub struct Prepared {
     pub examples: usize,
     pub label_tokens: usize,
     pub pad_id: u32,
+    /// The chat template the run trains with, saved with its adapters (`chat_template.jinja`):
+    /// set for chat data, and whenever the template is not the model's own.
+    pub chat_template: Option<String>,
+}
+
+/// The chat template the recipe asks for instead of the model's, and where it comes from:
+/// `dataset.chat_template`, else the `lora.init_from` adapter's `chat_template.jinja`.
+fn chosen_template(recipe: &Recipe) -> Result<Option<(String, String)>> {
+    if let Some(chosen) = recipe.dataset.chat_template_source()? {
+        return Ok(Some(chosen));
+    }
+    match &recipe.lora.init_from {
+        Some(dir) => Ok(adapter_template::read(dir)?.map(|(source, path)| (source, path.display().to_string()))),
+        None => Ok(None),
+    }
+}
+
+/// The model's tokenizer with the chat template the run renders chat with (see
+/// [`chosen_template`], else the model's own), its `strftime_now` fixed to `chat_date`.
+pub fn tokenizer(recipe: &Recipe, chat_date: ChatDate) -> Result<Tokenizer> {
+    let mut tokenizer = Tokenizer::from_model_dir(&recipe.model.path)?;
+    if let Some((source, origin)) = chosen_template(recipe)? {
+        tokenizer.set_chat_template(&source, &origin)?;
+    }
+    if let Some(t) = tokenizer.chat_template_mut() {
+        t.set_date(Some(chat_date));
+    }
+    Ok(tokenizer)
+}
+
+/// The date a run's chat templates render `strftime_now` with: the one recorded in the
+/// checkpoint a resumed run continues from, so that it tokenizes exactly as before on any day;
+/// else (a fresh run, or a checkpoint from before tune recorded it) today's, in UTC.
+pub fn chat_date(recipe: &Recipe, start: &super::Start) -> ChatDate {
+    let state = match start {
+        super::Start::Resume(Some(dir)) => checkpoint::open(dir).ok().map(|f| f.state),
+        super::Start::Resume(None) => checkpoint::latest_quietly(&recipe.output.dir).map(|f| f.state),
+        super::Start::Fresh | super::Start::Overwrite => None,
+    };
+    state.and_then(|s| s.chat_date).unwrap_or_else(ChatDate::today)
 }
 
 /// Reads, tokenizes, masks and (optionally) packs the recipe's dataset.
@@ -28,6 +69,13 @@ pub fn prepare(recipe: &Recipe, tokenizer: &Tokenizer, config_eos: Option<u32>) 
         Some(f) => f,
         None => detect_format(&d.path, first)?,
     };
+    if format == DataFormat::Chat && tokenizer.chat_template().is_none() {
+        return Err(Error::Model(format!(
+            "{}: chat data needs a chat template, and the model in {} has none (no chat_template in tokenizer_config.json, no chat_template.jinja); set dataset.chat_template to a built-in (`chatml`) or a Jinja file",
+            d.path.display(),
+            recipe.model.path.display()
+        )));
+    }
     let eos = tokenizer.eos_token_id().or(config_eos);
     let opts = ExampleOptions { max_seq_len: d.max_seq_len, train_on_input: d.train_on_input, add_eos: d.add_eos, eos };
     let examples = records
@@ -42,7 +90,9 @@ pub fn prepare(recipe: &Recipe, tokenizer: &Tokenizer, config_eos: Option<u32>) 
             "every label is masked: no token is trained on (are the responses empty, or all cut off by max_seq_len?)",
         ));
     }
-    Ok(Prepared { format, rows, examples: examples.len(), label_tokens, pad_id: eos.unwrap_or(0) })
+    let own_template = recipe.dataset.chat_template.is_none() && recipe.lora.init_from.as_ref().is_none_or(|dir| !dir.join(adapter_template::FILE).is_file());
+    let chat_template = if format == DataFormat::Chat || !own_template { tokenizer.chat_template().map(|t| t.source().to_string()) } else { None };
+    Ok(Prepared { format, rows, examples: examples.len(), label_tokens, pad_id: eos.unwrap_or(0), chat_template })
 }
 
 /// The stream of row indices: epoch after epoch, each in file order or shuffled with a seed
@@ -96,6 +146,64 @@ pub fn step_batches(prepared: &Prepared, order: &mut Order, step: usize, batch_s
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fsutil::TempDir;
+    use crate::train::Start;
+
+    /// A complete checkpoint directory (its files empty but trainer_state.json) recording
+    /// `chat_date`, or none as tune wrote before it recorded one.
+    fn fake_checkpoint(run_dir: &std::path::Path, step: usize, chat_date: Option<&str>) -> std::path::PathBuf {
+        let dir = run_dir.join(format!("checkpoints/step_{step:06}"));
+        std::fs::create_dir_all(dir.join("adapter")).unwrap();
+        for f in [".complete", "optimizer.safetensors", "recipe.yaml", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"] {
+            std::fs::write(dir.join(f), "").unwrap();
+        }
+        let mut state = serde_json::json!({
+            "format_version": checkpoint::FORMAT_VERSION, "tune_version": "0", "step": step, "total_steps": 10,
+            "epoch": 0.5, "stream_position": 8, "seed": 42, "adam_step": step, "elapsed_s": 1.0,
+            "recipe_hash": "0", "dataset_hash": "0",
+        });
+        if let Some(d) = chat_date {
+            state["chat_date"] = d.into();
+        }
+        std::fs::write(dir.join("trainer_state.json"), state.to_string()).unwrap();
+        dir
+    }
+
+    /// A run resumed on another day renders `strftime_now` with the date its checkpoint
+    /// recorded, so it tokenizes exactly as before; a fresh run (or an old checkpoint) uses today.
+    #[test]
+    fn resumed_runs_render_with_the_recorded_date() {
+        let run = TempDir::new("chat-date", &[("date.jinja", "{{ strftime_now('%Y-%m-%d %H:%M') }}")]);
+        let tokenizer_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer");
+        let text = format!(
+            "model:\n  path: {}\ndataset:\n  path: /d.jsonl\n  chat_template: {}\noutput:\n  dir: {}\n",
+            tokenizer_dir.display(),
+            run.0.join("date.jinja").display(),
+            run.0.display()
+        );
+        let recipe = Recipe::parse(&text, std::path::Path::new("r.yaml"), &[]).unwrap();
+        let today = ChatDate::today();
+        assert_eq!(chat_date(&recipe, &Start::Fresh), today);
+        assert_eq!(chat_date(&recipe, &Start::Resume(None)), today, "no checkpoint yet");
+
+        let older = fake_checkpoint(&run.0, 2, Some("2001-02-03"));
+        let latest = fake_checkpoint(&run.0, 4, Some("2001-02-04"));
+        let recorded: ChatDate = "2001-02-04".parse().unwrap();
+        assert_eq!(chat_date(&recipe, &Start::Resume(None)), recorded);
+        assert_eq!(chat_date(&recipe, &Start::Resume(Some(latest.clone()))), recorded);
+        assert_eq!(chat_date(&recipe, &Start::Resume(Some(older))), "2001-02-03".parse().unwrap());
+        assert_eq!(chat_date(&recipe, &Start::Overwrite), today);
+        assert_eq!(checkpoint::open(&latest).unwrap().state.chat_date, Some(recorded));
+
+        // The tokenizer of the run renders that date, at midnight UTC.
+        let tokenizer = tokenizer(&recipe, recorded).unwrap();
+        assert_eq!(tokenizer.chat_template().unwrap().render(&[], false).unwrap(), "2001-02-04 00:00");
+
+        // A checkpoint written before tune recorded the date: today's, as it did then.
+        let old = fake_checkpoint(&run.0, 6, None);
+        assert_eq!(checkpoint::open(&old).unwrap().state.chat_date, None);
+        assert_eq!(chat_date(&recipe, &Start::Resume(None)), today);
+    }
 
     #[test]
     fn unshuffled_order_is_file_order_wrapping() {

@@ -265,10 +265,10 @@ fn targets(recipe: &Recipe) -> peft::Targets<'_> {
 }
 
 /// Checks the recipe against the model directory and the dataset, without loading weights.
-pub fn setup(recipe: &Recipe) -> Result<Setup> {
+pub fn setup(recipe: &Recipe, chat_date: crate::hf::ChatDate) -> Result<Setup> {
     recipe.device.check_available()?;
     let config = ModelConfig::from_model_dir(&recipe.model.path)?;
-    let tokenizer = Tokenizer::from_model_dir(&recipe.model.path)?;
+    let tokenizer = data::tokenizer(recipe, chat_date)?;
     let data = prepare(recipe, &tokenizer, config.eos_token_ids.first().copied())?;
     let lora = LoraConfig {
         rank: recipe.lora.rank,
@@ -403,7 +403,8 @@ where
     B::Device: Default,
 {
     let device = B::Device::default();
-    let mut setup = setup(recipe)?;
+    let chat_date = data::chat_date(recipe, &start);
+    let mut setup = setup(recipe, chat_date)?;
     let paths = RunPaths::new(&recipe.output.dir);
     let recipe_yaml = recipe.to_yaml();
     let dataset_hash = checkpoint::file_fingerprint(&recipe.dataset.path)?;
@@ -448,8 +449,9 @@ where
             elapsed_s,
             recipe_hash: checkpoint::fingerprint(recipe_yaml.as_bytes()),
             dataset_hash: dataset_hash.clone(),
+            chat_date: Some(chat_date),
         };
-        let dir = checkpoint::save(&paths.dir, model, &setup.lora, &base, opt, &state, &recipe_yaml)?;
+        let dir = checkpoint::save(&paths.dir, model, &setup.lora, &base, opt, &state, &recipe_yaml, setup.data.chat_template.as_deref())?;
         // Older checkpoints go only once the new one is complete.
         checkpoint::prune(&paths.dir, recipe.output.keep_last)?;
         Ok(dir)
@@ -504,6 +506,7 @@ where
     crate::fsutil::write_atomically(&paths.plot, metrics::loss_svg(&history, &title).as_bytes())?;
     if interrupted.is_none() {
         peft::save_peft(&model, &setup.lora, &base, &paths.adapter)?;
+        crate::hf::adapter_template::write(&paths.adapter, setup.data.chat_template.as_deref())?;
     }
     Ok(Summary {
         steps: history.last().map_or(0, |m| m.step),

@@ -22,17 +22,20 @@ SHAPES = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
                          max_position_embeddings=8192, rms_norm_eps=1e-5),
+    # GPT-2 small (124M): the shape of `tune bench`'s GPT-2 row
+    "gpt2-124m": dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257),
 }
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = "all-linear"  # as tune bench: every linear layer but the head
 
 
 def make_random(shape, out):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     torch.manual_seed(0)
-    config = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2)
+    spec = dict(SHAPES[shape])
+    config = AutoConfig.for_model(spec.pop("model_type", "llama"), **spec, bos_token_id=1, eos_token_id=2)
     with torch.device("cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True, max_shard_size="20GB")
     print(f"wrote a random {shape} model to {out}", file=sys.stderr)
 

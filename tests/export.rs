@@ -29,6 +29,12 @@ const VARIANTS: &[(&str, &str)] = &[
     ("mistral", "lora"),
     ("qwen2", "lora"),
     ("qwen3", "lora"),
+    ("gemma3", "lora"),
+    ("gemma2", "lora"),
+    ("phi3", "lora"),
+    ("gpt2", "lora"),
+    ("gpt-neox", "lora"),
+    ("bloom", "lora"),
 ];
 
 fn temp(tag: &str) -> PathBuf {
@@ -120,6 +126,26 @@ fn exports_load_in_peft_and_transformers_with_matching_logits() {
             std::fs::remove_dir_all(&out).unwrap();
         }
     }
+}
+
+/// GPT-2's Conv1D layers: the adapter says fan_in_fan_out (as PEFT's do), and the merged
+/// weights keep the stored [in, out] layout, with B·A added transposed.
+#[test]
+fn gpt2_exports_keep_the_conv1d_layout() {
+    let out = temp("gpt2");
+    export_both("gpt2", "lora", OutDtype::F32, &out);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["fan_in_fan_out"], true);
+    assert_eq!(config["target_modules"], serde_json::json!(["c_attn", "c_fc", "c_proj"]));
+    let base = tune::hf::Weights::open(&tiny("gpt2")).unwrap();
+    let merged = tune::hf::Weights::open(&out.join("merged")).unwrap();
+    for name in ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight"] {
+        let shape = base.meta(name).unwrap().shape;
+        assert_eq!(merged.meta(name).unwrap().shape, shape, "{name}");
+        assert_eq!(shape[0], 64, "{name}: Conv1D is stored [in, out]");
+    }
+    std::fs::remove_dir_all(&out).unwrap();
 }
 
 #[test]

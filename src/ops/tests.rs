@@ -17,12 +17,12 @@ fn random<B: FusedOps, const D: usize>(shape: [usize; D]) -> Tensor<B, D> {
 /// f32 rounding differs between the two orders of computation by ~1e-5 of the largest value.
 const TOL: f32 = 1e-4;
 
-/// burn-ndarray's own matmul and reductions sum in another order than the naive graph, which on
-/// CPUs without FMA-friendly kernels (seen on an AMD EPYC without AVX-512) leaves up to ~5e-4
-/// between the two; a wrong formula is off by O(1).
+/// burn-ndarray's own matmul and reductions sum in another order than the naive graph; on an
+/// AMD EPYC without AVX-512 the two differ by up to ~1e-3 of the largest gradient on these
+/// unseeded random inputs (seen: 4.6e-4, 1.05e-3). A wrong formula is off by O(1).
 fn tol<B: FusedOps>() -> f32 {
     if std::any::type_name::<B>().contains("NdArray") {
-        1e-3
+        5e-3
     } else {
         TOL
     }

@@ -199,3 +199,75 @@ pub fn read(dir: &std::path::Path) -> Result<ModelConfig> {
     })?;
     family.config(&raw)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::{Positions, RopeScaling};
+
+    fn raw(json: serde_json::Value) -> RawConfig {
+        RawConfig { path: "config.json".into(), value: json }
+    }
+
+    fn ropes(c: &ModelConfig) -> &[RopeConfig] {
+        match &c.positions {
+            Positions::Rope(t) => t,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// transformers 4.x wrote Gemma 3's bases at the top level and the layer pattern as a number;
+    /// 5.x writes `rope_parameters` per layer type and `layer_types`. Both read the same.
+    #[test]
+    fn gemma3_reads_both_config_forms() {
+        let common = serde_json::json!({"model_type": "gemma3_text", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32, "sliding_window": 8});
+        let mut v4 = common.clone();
+        let o = v4.as_object_mut().unwrap();
+        o.insert("rope_theta".into(), 1e6.into());
+        o.insert("rope_local_base_freq".into(), 1e4.into());
+        o.insert("rope_scaling".into(), serde_json::json!({"rope_type": "linear", "factor": 8.0}));
+        o.insert("sliding_window_pattern".into(), 3.into());
+        let mut v5 = common;
+        let o = v5.as_object_mut().unwrap();
+        o.insert("rope_parameters".into(), serde_json::json!({
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}));
+        let types: Vec<&str> = (0..6).map(|i| if (i + 1) % 3 == 0 { "full_attention" } else { "sliding_attention" }).collect();
+        o.insert("layer_types".into(), serde_json::json!(types));
+        let (a, b) = (gemma3::config(&raw(v4)).unwrap(), gemma3::config(&raw(v5)).unwrap());
+        assert_eq!(a.layers, b.layers);
+        assert_eq!(ropes(&a), ropes(&b));
+        assert_eq!(a.layers.iter().map(|l| l.window.is_none()).collect::<Vec<_>>(), [false, false, true, false, false, true]);
+        assert_eq!(ropes(&a)[0].scaling, RopeScaling::Linear { factor: 8.0 });
+        assert_eq!((ropes(&a)[0].theta, ropes(&a)[1].theta), (1e6, 1e4));
+    }
+
+    #[test]
+    fn gpt_neox_and_phi3_read_their_4x_keys() {
+        let neox = gpt_neox::config(&raw(serde_json::json!({"model_type": "gpt_neox", "vocab_size": 256, "hidden_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "rotary_pct": 0.5, "rotary_emb_base": 5e4})))
+        .unwrap();
+        assert_eq!((ropes(&neox)[0].rotary_dim, ropes(&neox)[0].theta), (8, 5e4));
+        let phi = phi3::config(&raw(serde_json::json!({"model_type": "phi3", "vocab_size": 256, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64,
+            "original_max_position_embeddings": 16,
+            "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], "long_factor": [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]}})))
+        .unwrap();
+        let RopeScaling::LongRope { attention_factor, original_max_position_embeddings, .. } = ropes(&phi)[0].scaling else {
+            panic!("longrope")
+        };
+        assert_eq!(original_max_position_embeddings, 16);
+        assert!((attention_factor - (1.0 + 4f64.ln() / 16f64.ln()).sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn multimodal_gemma3_is_refused_by_name() {
+        let err = read_raw(raw(serde_json::json!({"model_type": "gemma3", "text_config": {}}))).unwrap_err().to_string();
+        assert!(err.contains("gemma3_text") && err.contains("vision"), "{err}");
+    }
+
+    fn read_raw(r: RawConfig) -> Result<ModelConfig> {
+        Family::from_model_type(r.model_type()?).unwrap().config(&r)
+    }
+}

@@ -19,11 +19,25 @@ fn gflops(par: gemm::Parallelism, m: usize, n: usize, k: usize, rhs_transposed: 
         // SAFETY: the buffers hold m·k, k·n and m·n elements, matching the strides given.
         unsafe {
             gemm::gemm(
-                m, n, k,
-                c.as_mut_ptr(), 1, n as isize, false,
-                a.as_ptr(), 1, k as isize,
-                b.as_ptr(), rhs_cs, rhs_rs,
-                1.0, 1.0, false, false, false, par,
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                k as isize,
+                b.as_ptr(),
+                rhs_cs,
+                rhs_rs,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
             );
         }
         best = best.min(t.elapsed().as_secs_f64());

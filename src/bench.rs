@@ -4,16 +4,16 @@
 use std::path::Path;
 use std::time::Instant;
 
-use burn::backend::Autodiff;
 use crate::backend::Backend;
+use burn::backend::Autodiff;
 use serde::Serialize;
 
+use crate::adapter::LoraConfig;
 use crate::data::batch::{Batch, Row};
 use crate::data::examples::Example;
 use crate::error::Result;
-use crate::adapter::LoraConfig;
-use crate::peft;
 use crate::model::{self, CausalLm};
+use crate::peft;
 use crate::rng::Rng;
 use crate::train::optimizer::{AdamW, AdamWConfig};
 use crate::train::{lora_params, train_step, StepOptions};
@@ -120,10 +120,7 @@ pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|kb| kb.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
 }

@@ -21,11 +21,11 @@ use crate::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use crate::adapter::LoraConfig;
 use crate::error::{read_json, Error, Result};
 use crate::hf::Weights;
-use crate::adapter::LoraConfig;
-use crate::peft;
 use crate::model::CausalLm;
+use crate::peft;
 use crate::train::optimizer::AdamW;
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -94,10 +94,7 @@ pub fn resolve_adapter_dir(path: &Path) -> Result<PathBuf> {
     if let Some(latest) = list(path).pop() {
         return Ok(latest.dir.join("adapter"));
     }
-    Err(Error::Model(format!(
-        "{}: not an adapter (no {ADAPTER_CONFIG}), nor a run or checkpoint directory holding one",
-        path.display()
-    )))
+    Err(Error::Model(format!("{}: not an adapter (no {ADAPTER_CONFIG}), nor a run or checkpoint directory holding one", path.display())))
 }
 
 /// Writes a checkpoint of the current training state. `chat_template` (the template the run
@@ -246,7 +243,13 @@ pub fn prune(run_dir: &Path, keep_last: usize) -> Result<()> {
 }
 
 /// Restores AdamW's moments and step count from a checkpoint into `opt` (same parameter order).
-pub fn load_optimizer<B: Backend, O: Backend>(dir: &Path, model: &CausalLm<B>, opt: &mut AdamW<O>, adam_step: u64, device: &O::Device) -> Result<()> {
+pub fn load_optimizer<B: Backend, O: Backend>(
+    dir: &Path,
+    model: &CausalLm<B>,
+    opt: &mut AdamW<O>,
+    adam_step: u64,
+    device: &O::Device,
+) -> Result<()> {
     let weights = Weights::open_file(&dir.join(OPTIMIZER))?;
     for (i, name) in param_names(model).iter().enumerate() {
         let dims = opt.exp_avg[i].dims();

@@ -20,11 +20,7 @@ pub enum Error {
 
     /// A tensor that is missing, unexpected, or has the wrong shape.
     #[error("{path}: tensor `{name}`: {msg}")]
-    Tensor {
-        path: PathBuf,
-        name: String,
-        msg: String,
-    },
+    Tensor { path: PathBuf, name: String, msg: String },
 
     #[error("tokenizer {path}: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
@@ -41,17 +37,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            error,
-        }
+        Error::Io { path: path.into(), error }
     }
 
     pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::Format {
-            path: path.into(),
-            msg: msg.into(),
-        }
+        Error::Format { path: path.into(), msg: msg.into() }
     }
 }
 
@@ -63,12 +53,7 @@ pub fn read_to_string(path: &std::path::Path) -> Result<String> {
 /// Parses a JSON file, reporting line and column of a syntax error.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
     let text = read_to_string(path)?;
-    serde_json::from_str(&text).map_err(|e| {
-        Error::format(
-            path,
-            format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()),
-        )
-    })
+    serde_json::from_str(&text).map_err(|e| Error::format(path, format!("invalid JSON at line {} column {}: {e}", e.line(), e.column())))
 }
 
 /// "; did you mean `x`?" for the closest candidate within a small edit distance.

@@ -1,7 +1,7 @@
 //! `tune eval`: mean next-token cross-entropy over every predicted token of a dataset.
 
-use burn::tensor::activation::log_softmax;
 use crate::backend::Backend;
+use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::model::{token_tensor, AttentionMask, CausalLm};
@@ -21,10 +21,7 @@ pub struct EvalReport {
 /// −log p(target) for each row of `logits` `[n, vocab]`.
 pub fn token_nll<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
     let n = targets.dims()[0];
-    log_softmax(logits, 1)
-        .gather(1, targets.reshape([n, 1]))
-        .reshape([n])
-        .neg()
+    log_softmax(logits, 1).gather(1, targets.reshape([n, 1])).reshape([n]).neg()
 }
 
 /// Per-token losses of one sequence: entry i is −log p(ids[i+1] | ids[..=i]).
@@ -35,9 +32,7 @@ pub fn sequence_nll<B: Backend>(model: &CausalLm<B>, ids: &[u32], device: &B::De
     }
     let positions: Vec<usize> = (0..s).collect();
     let mask = AttentionMask::Causal;
-    let hidden = model
-        .forward_hidden(token_tensor::<B>(ids, 1, device), &positions, &mask, None)
-        .reshape([s, model.config.hidden_size]);
+    let hidden = model.forward_hidden(token_tensor::<B>(ids, 1, device), &positions, &mask, None).reshape([s, model.config.hidden_size]);
     let mut out = Vec::with_capacity(s - 1);
     for start in (0..s - 1).step_by(LOGIT_CHUNK) {
         let n = LOGIT_CHUNK.min(s - 1 - start);
@@ -60,9 +55,5 @@ pub fn evaluate<B: Backend>(model: &CausalLm<B>, sequences: &[Vec<u32>], device:
         sum += nll.iter().map(|&x| x as f64).sum::<f64>();
     }
     let loss = if tokens == 0 { f64::NAN } else { sum / tokens as f64 };
-    EvalReport {
-        loss,
-        tokens,
-        perplexity: loss.exp(),
-    }
+    EvalReport { loss, tokens, perplexity: loss.exp() }
 }

@@ -16,11 +16,7 @@ pub struct Sampling {
 
 impl Default for Sampling {
     fn default() -> Self {
-        Sampling {
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: 0,
-        }
+        Sampling { temperature: 0.0, top_p: 1.0, seed: 0 }
     }
 }
 
@@ -79,11 +75,7 @@ pub fn pick(logits: &[f32], sampling: Sampling, rng: &mut Rng) -> u32 {
     }
     let t = sampling.temperature as f64;
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut probs: Vec<(usize, f64)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i, ((l as f64 - max) / t).exp()))
-        .collect();
+    let mut probs: Vec<(usize, f64)> = logits.iter().enumerate().map(|(i, &l)| (i, ((l as f64 - max) / t).exp())).collect();
     let total: f64 = probs.iter().map(|p| p.1).sum();
     probs.iter_mut().for_each(|p| p.1 /= total);
     probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -120,11 +112,7 @@ mod tests {
     fn top_p_excludes_the_tail() {
         // p ≈ [0.64, 0.24, 0.09, 0.03]: top_p 0.8 keeps only the first two.
         let logits = [3.0f32, 2.0, 1.0, 0.0];
-        let sampling = Sampling {
-            temperature: 1.0,
-            top_p: 0.8,
-            seed: 1,
-        };
+        let sampling = Sampling { temperature: 1.0, top_p: 0.8, seed: 1 };
         let mut rng = Rng::new(1);
         let mut seen = [0usize; 4];
         for _ in 0..2000 {

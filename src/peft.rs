@@ -135,10 +135,7 @@ pub fn peft_key(module: &str, which: &str) -> String {
 pub fn read_adapter_config(dir: &Path) -> Result<(AdapterConfig, LoraConfig)> {
     let config_path = dir.join(ADAPTER_CONFIG);
     if !config_path.is_file() {
-        return Err(Error::Model(format!(
-            "{}: not a PEFT adapter directory (no {ADAPTER_CONFIG})",
-            dir.display()
-        )));
+        return Err(Error::Model(format!("{}: not a PEFT adapter directory (no {ADAPTER_CONFIG})", dir.display())));
     }
     let c: AdapterConfig = read_json(&config_path)?;
     let refuse = |what: &str| Err(Error::Unsupported(format!("{}: {what} is not supported", config_path.display())));
@@ -160,13 +157,8 @@ pub fn read_adapter_config(dir: &Path) -> Result<(AdapterConfig, LoraConfig)> {
     if c.r == 0 {
         return Err(Error::format(&config_path, "`r` must be at least 1"));
     }
-    let config = LoraConfig {
-        rank: c.r,
-        alpha: c.lora_alpha,
-        dropout: c.lora_dropout,
-        target_modules: Vec::new(),
-        use_rslora: c.use_rslora,
-    };
+    let config =
+        LoraConfig { rank: c.r, alpha: c.lora_alpha, dropout: c.lora_dropout, target_modules: Vec::new(), use_rslora: c.use_rslora };
     Ok((c, config))
 }
 
@@ -233,7 +225,10 @@ pub fn load_peft<B: Backend>(model: &mut CausalLm<B>, dir: &Path, device: &B::De
         return Err(Error::Tensor {
             path: dir.join(ADAPTER_WEIGHTS),
             name: extra.to_string(),
-            msg: format!("does not match any linear layer of the base {} model (an adapter for another model?)", model.config.family.name()),
+            msg: format!(
+                "does not match any linear layer of the base {} model (an adapter for another model?)",
+                model.config.family.name()
+            ),
         });
     }
     if used.is_empty() {

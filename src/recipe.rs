@@ -90,14 +90,7 @@ pub struct LoraSection {
 
 impl Default for LoraSection {
     fn default() -> Self {
-        LoraSection {
-            rank: 8,
-            alpha: 16.0,
-            dropout: 0.05,
-            target_modules: None,
-            use_rslora: false,
-            init_from: None,
-        }
+        LoraSection { rank: 8, alpha: 16.0, dropout: 0.05, target_modules: None, use_rslora: false, init_from: None }
     }
 }
 
@@ -127,9 +120,9 @@ impl TargetModules {
     fn check(&self) -> Result<()> {
         match self {
             TargetModules::Keyword(k) if k == "all-linear" => Ok(()),
-            TargetModules::Keyword(k) => Err(Error::Unsupported(format!(
-                "lora.target_modules: `{k}` is not a list of module names or `all-linear`"
-            ))),
+            TargetModules::Keyword(k) => {
+                Err(Error::Unsupported(format!("lora.target_modules: `{k}` is not a list of module names or `all-linear`")))
+            }
             TargetModules::List(v) if v.is_empty() => Err(Error::Unsupported("lora.target_modules: empty list".into())),
             TargetModules::List(_) => Ok(()),
         }
@@ -185,9 +178,8 @@ impl DatasetSection {
         }
         check_chat_template(value)?;
         let path = Path::new(value);
-        let source = std::fs::read_to_string(path).map_err(|e| {
-            Error::Unsupported(format!("dataset.chat_template: cannot read {}: {e}", path.display()))
-        })?;
+        let source = std::fs::read_to_string(path)
+            .map_err(|e| Error::Unsupported(format!("dataset.chat_template: cannot read {}: {e}", path.display())))?;
         Ok(Some((source, path.display().to_string())))
     }
 }
@@ -330,15 +322,46 @@ fn yes() -> bool {
 
 /// Every key path the schema knows, for "did you mean" hints and override checks.
 const KEYS: &[&str] = &[
-    "model", "model.path", "model.dtype",
-    "lora", "lora.rank", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.use_rslora", "lora.init_from",
-    "dataset", "dataset.path", "dataset.format", "dataset.max_seq_len", "dataset.train_on_input", "dataset.packed",
-    "dataset.shuffle", "dataset.add_eos", "dataset.chat_template",
-    "train", "train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum", "train.lr", "train.weight_decay",
-    "train.betas", "train.eps", "train.warmup_steps", "train.schedule", "train.max_grad_norm", "train.seed",
+    "model",
+    "model.path",
+    "model.dtype",
+    "lora",
+    "lora.rank",
+    "lora.alpha",
+    "lora.dropout",
+    "lora.target_modules",
+    "lora.use_rslora",
+    "lora.init_from",
+    "dataset",
+    "dataset.path",
+    "dataset.format",
+    "dataset.max_seq_len",
+    "dataset.train_on_input",
+    "dataset.packed",
+    "dataset.shuffle",
+    "dataset.add_eos",
+    "dataset.chat_template",
+    "train",
+    "train.epochs",
+    "train.max_steps",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.lr",
+    "train.weight_decay",
+    "train.betas",
+    "train.eps",
+    "train.warmup_steps",
+    "train.schedule",
+    "train.max_grad_norm",
+    "train.seed",
     "train.activation_checkpointing",
     "device",
-    "output", "output.dir", "output.save_every", "output.keep_last", "output.export", "output.export_dtype",
+    "output",
+    "output.dir",
+    "output.save_every",
+    "output.keep_last",
+    "output.export",
+    "output.export_dtype",
 ];
 
 impl Recipe {
@@ -354,8 +377,7 @@ impl Recipe {
         if overrides.is_empty() {
             return recipe.resolve_paths();
         }
-        let mut value: serde_yaml::Value =
-            serde_yaml::from_str(text).map_err(|e| Error::format(path, e.to_string()))?;
+        let mut value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| Error::format(path, e.to_string()))?;
         for o in overrides {
             apply_override(&mut value, o)?;
         }
@@ -452,28 +474,21 @@ fn unknown_field_hint(msg: &str, key: &str) -> String {
     };
     let parent = key.strip_suffix(field).unwrap_or("").trim_end_matches('.');
     let prefix = if parent.is_empty() || parent == "." { String::new() } else { format!("{parent}.") };
-    let candidates: Vec<&str> = KEYS
-        .iter()
-        .filter_map(|k| k.strip_prefix(prefix.as_str()))
-        .filter(|k| !k.contains('.'))
-        .collect();
+    let candidates: Vec<&str> = KEYS.iter().filter_map(|k| k.strip_prefix(prefix.as_str())).filter(|k| !k.contains('.')).collect();
     did_you_mean(field, &candidates)
 }
 
 /// `train.lr=1e-4`: sets a key path, the value parsed as YAML (`[q_proj,v_proj]`, `null`, ...).
 fn apply_override(root: &mut serde_yaml::Value, spec: &str) -> Result<()> {
-    let (key, raw) = spec.split_once('=').ok_or_else(|| {
-        Error::Unsupported(format!("override `{spec}`: expected key.path=value, e.g. train.lr=1e-4"))
-    })?;
+    let (key, raw) = spec
+        .split_once('=')
+        .ok_or_else(|| Error::Unsupported(format!("override `{spec}`: expected key.path=value, e.g. train.lr=1e-4")))?;
     let key = key.trim();
     if !KEYS.contains(&key) {
-        return Err(Error::Unsupported(format!(
-            "override `{spec}`: unknown key `{key}`{}",
-            did_you_mean(key, KEYS)
-        )));
+        return Err(Error::Unsupported(format!("override `{spec}`: unknown key `{key}`{}", did_you_mean(key, KEYS))));
     }
-    let mut value: serde_yaml::Value = serde_yaml::from_str(raw)
-        .map_err(|e| Error::Unsupported(format!("override `{spec}`: value is not valid YAML: {e}")))?;
+    let mut value: serde_yaml::Value =
+        serde_yaml::from_str(raw).map_err(|e| Error::Unsupported(format!("override `{spec}`: value is not valid YAML: {e}")))?;
     // YAML 1.2 reads 1e-4 as a string (no dot); the schema's floats want a number.
     if let serde_yaml::Value::String(s) = &value {
         if let Ok(f) = s.parse::<f64>() {

@@ -8,7 +8,6 @@ use std::process::Command;
 
 use common::*;
 
-
 fn fails_with(args: &[&str], needles: &[&str]) {
     let (code, stderr) = tune(args);
     assert_ne!(code, 0, "expected failure for {args:?}");
@@ -24,7 +23,6 @@ fn model_copy(tag: &str) -> PathBuf {
     write_tiny_model(&dir, 1);
     dir
 }
-
 
 #[test]
 fn missing_directory_and_files() {
@@ -102,10 +100,7 @@ fn eval_and_generate_work_on_the_tiny_model() {
     let dir = model_copy("ok");
     let data = dir.join("ok.jsonl");
     write_text_dataset(&data, 3, 1);
-    let out = Command::new(env!("CARGO_BIN_EXE_tune"))
-        .args(["eval", "--model", s(&dir), "--data", s(&data), "--json"])
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tune")).args(["eval", "--model", s(&dir), "--data", s(&data), "--json"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let (loss, ppl) = (v["loss"].as_f64().unwrap(), v["perplexity"].as_f64().unwrap());

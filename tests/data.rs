@@ -72,10 +72,7 @@ fn chat_trains_on_assistant_turns_only_and_ids_equal_the_whole_rendering() {
                          {"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "A small model."}]}"#,
     );
     let ex = build_example(Path::new("d.jsonl"), &r, DataFormat::Chat, &tok, opts(&tok, false)).unwrap();
-    assert_eq!(
-        trained_spans(&tok, &ex),
-        vec!["Hello there.<|im_end|>\n".to_string(), "A small model.<|im_end|>\n".to_string()]
-    );
+    assert_eq!(trained_spans(&tok, &ex), vec!["Hello there.<|im_end|>\n".to_string(), "A small model.<|im_end|>\n".to_string()]);
     // Tokenizing turn by turn gives the same ids as tokenizing the whole conversation.
     let messages: Vec<Message> = r.value["messages"]
         .as_array()
@@ -193,18 +190,11 @@ fn per_token_losses(model: &CausalLm<B>, batch: &Batch) -> Vec<f32> {
         Some(s) => tune::model::AttentionMask::packed(s, batch.seq, &device),
         None => tune::model::AttentionMask::Causal,
     };
-    let h = model.forward_hidden(
-        tune::model::token_tensor::<B>(&batch.ids, batch.rows, &device),
-        &batch.positions,
-        &mask,
-        None,
-    );
+    let h = model.forward_hidden(tune::model::token_tensor::<B>(&batch.ids, batch.rows, &device), &batch.positions, &mask, None);
     let logits = model.lm_head(h.reshape([batch.rows * batch.seq, model.config.hidden_size]));
     let targets: Vec<i64> = batch.targets.iter().map(|&t| t as i64).collect();
-    let targets = burn::tensor::Tensor::<B, 1, burn::tensor::Int>::from_data(
-        burn::tensor::TensorData::new(targets, [batch.targets.len()]),
-        &device,
-    );
+    let targets =
+        burn::tensor::Tensor::<B, 1, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(targets, [batch.targets.len()]), &device);
     let nll: Vec<f32> = tune::eval::token_nll(logits, targets).into_data().iter::<f32>().collect();
     nll.into_iter().zip(&batch.weights).filter(|(_, &w)| w > 0.0).map(|(l, _)| l).collect()
 }
@@ -301,7 +291,8 @@ fn chat_masks_match_transformers_for_every_tokenizer() {
             assert_eq!(twin.text, case.text, "{label}: the tagged twin renders another text");
             paired += 1;
             if Some(&trained) != twin.assistant_masks.as_ref() {
-                failures.push(format!("{label} mask differs from its tagged twin's\n  tune {trained:?}\n  hf   {:?}", twin.assistant_masks));
+                failures
+                    .push(format!("{label} mask differs from its tagged twin's\n  tune {trained:?}\n  hf   {:?}", twin.assistant_masks));
             }
             // Tokenizing the rendering piece by piece (at the turn boundaries) is not the same.
             let (_, turns) = tune::data::examples::assistant_turns(template, &case.messages).unwrap();
@@ -324,5 +315,7 @@ fn chat_masks_match_transformers_for_every_tokenizer() {
     assert_eq!(checked, expected);
     assert!(masks > 0 && paired > 0, "{masks} masks, {paired} paired");
     assert!(split_differs > 0, "no case where tokenizing turn by turn differs: the fixture does not test the single tokenization");
-    eprintln!("{checked} cases: {masks} transformers masks, {paired} tagged twins; {split_differs} would tokenize differently turn by turn");
+    eprintln!(
+        "{checked} cases: {masks} transformers masks, {paired} tagged twins; {split_differs} would tokenize differently turn by turn"
+    );
 }

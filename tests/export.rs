@@ -56,12 +56,7 @@ fn fingerprint(path: &Path) -> String {
 fn logits(model: &CausalLm<B>, ids: &[u32]) -> Vec<f32> {
     let device = Default::default();
     let positions: Vec<usize> = (0..ids.len()).collect();
-    let hidden = model.forward_hidden(
-        token_tensor::<B>(ids, 1, &device),
-        &positions,
-        &AttentionMask::Causal,
-        None,
-    );
+    let hidden = model.forward_hidden(token_tensor::<B>(ids, 1, &device), &positions, &AttentionMask::Causal, None);
     model.lm_head(hidden).into_data().iter::<f32>().collect()
 }
 
@@ -90,7 +85,14 @@ fn exports_load_in_peft_and_transformers_with_matching_logits() {
         for (dtype, name, adapter_tol, merged_tol) in [(OutDtype::F32, "f32", 1e-5, 1e-5), (OutDtype::Bf16, "bf16", 1e-2, 5e-2)] {
             let entry = &report["variants"][&key][name];
             let what = format!("{key} {name}");
-            for k in ["adapter_missing_keys", "adapter_unexpected_keys", "adapter_warnings", "merged_missing_keys", "merged_unexpected_keys", "merged_mismatched_keys"] {
+            for k in [
+                "adapter_missing_keys",
+                "adapter_unexpected_keys",
+                "adapter_warnings",
+                "merged_missing_keys",
+                "merged_unexpected_keys",
+                "merged_mismatched_keys",
+            ] {
                 assert_eq!(entry[k].as_array().map(Vec::len), Some(0), "{what}: {k} = {}", entry[k]);
             }
             // The committed verdicts are about exactly what this code writes.
@@ -205,8 +207,6 @@ fn adapter_profile_is_what_every_consumer_accepts() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
-
-
 /// Nothing named like a temporary sibling of `dir` is left in its parent.
 fn no_leftovers(dir: &Path) {
     let name = dir.file_name().unwrap().to_string_lossy().into_owned();
@@ -231,9 +231,8 @@ fn bad_exports_fail_clearly_and_leave_nothing() {
     assert!(!out.exists());
 
     // An adapter from another base model: the tensor is named.
-    let (code, err) = tune(&[
-        "export", "tests/fixtures/tiny/qwen3/lora/adapter", "--merged", s(&out), "--model", "tests/fixtures/tiny/llama",
-    ]);
+    let (code, err) =
+        tune(&["export", "tests/fixtures/tiny/qwen3/lora/adapter", "--merged", s(&out), "--model", "tests/fixtures/tiny/llama"]);
     assert_ne!(code, 0);
     assert!(err.contains("shape mismatch") && err.contains("lora_A.weight") && err.contains("another model"), "{err}");
     assert!(!out.exists());

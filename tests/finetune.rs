@@ -59,10 +59,8 @@ fn shipped_recipe_lowers_held_out_loss() {
     assert_eq!(saved.train.max_steps, Some(STEPS));
 
     // Held-out records of the same dataset: loss before and after.
-    let overrides = [
-        format!("model.path={}", dir.display()),
-        format!("dataset.path={}", root.join("datasets/identity.test.jsonl").display()),
-    ];
+    let overrides =
+        [format!("model.path={}", dir.display()), format!("dataset.path={}", root.join("datasets/identity.test.jsonl").display())];
     let recipe = Recipe::load(&root.join("recipes/smollm2-identity.yaml"), &overrides).unwrap();
     let device = Default::default();
     let mut model: CausalLm<B> = model::load(&dir, &device).unwrap();

@@ -11,10 +11,10 @@ use burn::tensor::Tensor;
 use common::*;
 use tune::data::batch::{pack, Batch, Row};
 use tune::data::examples::Example;
-use tune::peft;
 use tune::model::{self, CausalLm};
+use tune::peft;
 use tune::train::optimizer::{AdamW, AdamWConfig};
-use tune::train::{batch_loss, loss_and_grads, loss_for_backward, lora_params, train_step, StepOptions};
+use tune::train::{batch_loss, lora_params, loss_and_grads, loss_for_backward, train_step, StepOptions};
 
 type AB = Autodiff<B>;
 const TOL: f64 = 1e-4;
@@ -40,9 +40,7 @@ fn reference_batch(reference: &std::collections::HashMap<String, RefTensor>) -> 
     let rows: Vec<Row> = ids
         .chunks(seq)
         .zip(labels.chunks(seq))
-        .map(|(ids, labels)| {
-            Row::from_example(&Example { ids: ids.to_vec(), trained: labels.iter().map(|&l| l != -100.0).collect() })
-        })
+        .map(|(ids, labels)| Row::from_example(&Example { ids: ids.to_vec(), trained: labels.iter().map(|&l| l != -100.0).collect() }))
         .collect();
     Batch::new(&rows.iter().collect::<Vec<_>>(), 0)
 }
@@ -176,10 +174,7 @@ fn activation_checkpointing_trains_like_the_plain_step() {
         let rows = pack(&examples, 24);
         assert!(rows.iter().any(|r| r.segments.len() > 1), "the rows are packed");
         let half = rows.len() / 2;
-        let micro = [
-            Batch::new(&rows[..half].iter().collect::<Vec<_>>(), 0),
-            Batch::new(&rows[half..].iter().collect::<Vec<_>>(), 0),
-        ];
+        let micro = [Batch::new(&rows[..half].iter().collect::<Vec<_>>(), 0), Batch::new(&rows[half..].iter().collect::<Vec<_>>(), 0)];
         let run = |checkpointing: bool| {
             let mut model = model_with_adapter(name, "lora");
             for p in model.linears_mut() {
@@ -191,7 +186,8 @@ fn activation_checkpointing_trains_like_the_plain_step() {
             let mut opt = AdamW::new(AdamWConfig::default(), &inner);
             let mut losses = Vec::new();
             for step in 0..3 {
-                let options = StepOptions { lr: 1e-2, max_grad_norm: Some(1.0), dropout_seed: step, activation_checkpointing: checkpointing };
+                let options =
+                    StepOptions { lr: 1e-2, max_grad_norm: Some(1.0), dropout_seed: step, activation_checkpointing: checkpointing };
                 let stats = train_step(&mut model, &mut opt, &micro, options, &device);
                 losses.push((stats.loss, stats.grad_norm));
             }

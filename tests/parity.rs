@@ -8,10 +8,10 @@
 mod common;
 
 use common::*;
+use std::path::Path;
 use tune::eval::sequence_nll;
 use tune::hf::Weights;
 use tune::model::token_tensor;
-use std::path::Path;
 
 use tune::model::config::{NormKind, Positions, QkvLayout, Residual, RopeConfig, WeightLayout};
 use tune::model::{AttentionMask, CausalLm, ModelConfig, RopeScaling};
@@ -32,12 +32,7 @@ fn run(model: &CausalLm<B>, reference: &Path) -> (Vec<f32>, f64) {
     let [rows, seq] = [reference["input_ids"].shape[0], reference["input_ids"].shape[1]];
     let device = Default::default();
     let positions: Vec<usize> = (0..rows).flat_map(|_| 0..seq).collect();
-    let hidden = model.forward_hidden(
-        token_tensor::<B>(&ids, rows, &device),
-        &positions,
-        &AttentionMask::Causal,
-        None,
-    );
+    let hidden = model.forward_hidden(token_tensor::<B>(&ids, rows, &device), &positions, &AttentionMask::Causal, None);
     let logits: Vec<f32> = model.lm_head(hidden).into_data().iter::<f32>().collect();
     let mut sum = 0.0;
     let mut n = 0;

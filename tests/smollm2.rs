@@ -68,10 +68,7 @@ fn eval_loss_and_logits_equal_transformers() {
     let reference = json("smollm2/eval_reference.json");
     let records = tune::data::read_records(&fixtures().join("smollm2/eval.jsonl")).unwrap();
     let eos = tok.eos_token_id();
-    let sequences: Vec<Vec<u32>> = records
-        .iter()
-        .map(|r| text_ids(&tok, r.value["text"].as_str().unwrap(), eos).unwrap())
-        .collect();
+    let sequences: Vec<Vec<u32>> = records.iter().map(|r| text_ids(&tok, r.value["text"].as_str().unwrap(), eos).unwrap()).collect();
     for (i, (seq, want)) in sequences.iter().zip(reference["ids"].as_array().unwrap()).enumerate() {
         assert_eq!(seq, &ids(want), "token ids of line {}", i + 1);
     }
@@ -86,12 +83,8 @@ fn eval_loss_and_logits_equal_transformers() {
     let r = read_reference(&fixtures().join("smollm2/logits.safetensors"));
     let input = r["input_ids"].ids();
     let positions: Vec<usize> = (0..input.len()).collect();
-    let hidden = model.forward_hidden(
-        tune::model::token_tensor::<B>(&input, 1, &device),
-        &positions,
-        &tune::model::AttentionMask::Causal,
-        None,
-    );
+    let hidden =
+        model.forward_hidden(tune::model::token_tensor::<B>(&input, 1, &device), &positions, &tune::model::AttentionMask::Causal, None);
     let logits: Vec<f32> = model.lm_head(hidden).into_data().iter::<f32>().collect();
     let vocab = model.config.vocab_size;
     for (key, pos) in [("logits_first", 0), ("logits_last", input.len() - 1)] {

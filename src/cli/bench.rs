@@ -44,7 +44,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => BaseDtype::for_device(args.device),
     }
     .float_dtype();
-    let config = BenchConfig { seq: args.seq, batch: args.batch, rank: args.rank, steps: args.steps, warmup: 2, dtype, activation_checkpointing: args.activation_checkpointing };
+    let config = BenchConfig {
+        seq: args.seq,
+        batch: args.batch,
+        rank: args.rank,
+        steps: args.steps,
+        warmup: 2,
+        dtype,
+        activation_checkpointing: args.activation_checkpointing,
+    };
     let report = tune::with_backend!(args.device, bench_on(&model, &config))?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

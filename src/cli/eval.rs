@@ -50,10 +50,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        println!(
-            "loss {:.6}  perplexity {:.4}  over {} predicted tokens",
-            report.loss, report.perplexity, report.tokens
-        );
+        println!("loss {:.6}  perplexity {:.4}  over {} predicted tokens", report.loss, report.perplexity, report.tokens);
     }
     Ok(())
 }
@@ -67,11 +64,7 @@ fn evaluate<B: Backend>(
     let model: CausalLm<B> = super::load_model(dir, adapter, device)?;
     let start = Instant::now();
     let report = eval::evaluate(&model, sequences, device);
-    eprintln!(
-        "evaluated {} tokens in {:.1} s",
-        report.tokens,
-        start.elapsed().as_secs_f64()
-    );
+    eprintln!("evaluated {} tokens in {:.1} s", report.tokens, start.elapsed().as_secs_f64());
     Ok(report)
 }
 

@@ -57,13 +57,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 if args.adapter.is_some() { ", nor has the adapter (chat_template.jinja)" } else { "" }
             )
         })?;
-        let text = template.render(
-            &[Message {
-                role: "user".into(),
-                content: args.prompt.clone(),
-            }],
-            true,
-        )?;
+        let text = template.render(&[Message { role: "user".into(), content: args.prompt.clone() }], true)?;
         // The template already holds any special tokens, as with apply_chat_template.
         tokenizer.encode(&text, false)?
     };
@@ -71,21 +65,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     with_backend!(args.device, run_on(&args, &tokenizer, &prompt_ids, &stop))
 }
 
-fn run_on<B: Backend>(
-    device: &B::Device,
-    args: &Args,
-    tokenizer: &Tokenizer,
-    prompt_ids: &[u32],
-    stop: &[u32],
-) -> anyhow::Result<()> {
+fn run_on<B: Backend>(device: &B::Device, args: &Args, tokenizer: &Tokenizer, prompt_ids: &[u32], stop: &[u32]) -> anyhow::Result<()> {
     let start = Instant::now();
     let model: CausalLm<B> = super::load_model(&args.model, args.adapter.as_deref(), device)?;
     eprintln!("loaded {} in {:.2} s", args.model.display(), start.elapsed().as_secs_f64());
-    let sampling = Sampling {
-        temperature: args.temperature,
-        top_p: args.top_p,
-        seed: args.seed,
-    };
+    let sampling = Sampling { temperature: args.temperature, top_p: args.top_p, seed: args.seed };
     let start = Instant::now();
     let mut out = std::io::stdout().lock();
     let mut stream = tokenizer.decode_stream(true);

@@ -9,20 +9,14 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
     let has_tokenizer = dir.join("tokenizer.json").is_file();
     // A tokenizer that is present but broken is an error worth seeing, not "no tokenizer".
     let tokenizer = if has_tokenizer { Some(Tokenizer::from_model_dir(dir)?) } else { None };
-    let params = weights.num_elements() - if c.tie_word_embeddings && weights.contains("lm_head.weight") {
-        c.vocab_size * c.hidden_size
-    } else {
-        0
-    };
+    let params =
+        weights.num_elements() - if c.tie_word_embeddings && weights.contains("lm_head.weight") { c.vocab_size * c.hidden_size } else { 0 };
     println!("model       {}", dir.display());
     println!("family      {}", c.family.name());
     println!("parameters  {} ({:.1}M)", params, params as f64 / 1e6);
     println!("layers      {}", c.num_hidden_layers());
     println!("hidden      {} (intermediate {})", c.hidden_size, c.intermediate_size);
-    println!(
-        "attention   {} heads, {} kv heads, head_dim {}",
-        c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    );
+    println!("attention   {} heads, {} kv heads, head_dim {}", c.num_attention_heads, c.num_key_value_heads, c.head_dim);
     match &c.positions {
         tune::model::config::Positions::Rope(tables) => {
             for t in tables {

@@ -15,11 +15,8 @@ pub const BUILTIN: &[(&str, &str)] = &[
 
 pub fn ls() -> anyhow::Result<()> {
     for (name, text) in BUILTIN {
-        let about = text
-            .lines()
-            .find(|l| l.starts_with("# ") && !l.starts_with("# tune "))
-            .map(|l| l.trim_start_matches("# "))
-            .unwrap_or("");
+        let about =
+            text.lines().find(|l| l.starts_with("# ") && !l.starts_with("# tune ")).map(|l| l.trim_start_matches("# ")).unwrap_or("");
         println!("{name:22} {about}");
     }
     Ok(())

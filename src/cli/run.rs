@@ -64,7 +64,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         summary.elapsed_s,
         summary.tokens as f64 / summary.elapsed_s
     );
-    eprintln!("adapter:  {dir}/adapter   (try: tune generate --model {} --adapter {dir}/adapter --prompt ...)", recipe.model.path.display());
+    eprintln!(
+        "adapter:  {dir}/adapter   (try: tune generate --model {} --adapter {dir}/adapter --prompt ...)",
+        recipe.model.path.display()
+    );
     eprintln!("metrics:  {dir}/metrics.jsonl, loss curve {dir}/loss.svg");
     use tune::recipe::ExportKind;
     let out = &recipe.output;
@@ -76,12 +79,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     if adapter || merged {
         let src = tune::export::resolve_source(&out.dir)?;
-        let opts = tune::export::Options {
-            dtype: out.export_dtype,
-            base: Some(recipe.model.path.clone()),
-            base_name: None,
-            overwrite: true,
-        };
+        let opts =
+            tune::export::Options { dtype: out.export_dtype, base: Some(recipe.model.path.clone()), base_name: None, overwrite: true };
         let export_dir = out.dir.join("export");
         super::export::export(
             &src,
@@ -99,12 +98,8 @@ pub fn validate(recipe_path: &Path, overrides: &[String]) -> anyhow::Result<()> 
     let setup = train::setup(&recipe, tune::hf::ChatDate::today())?;
     let c = &setup.config;
     // Trainable parameters from shapes alone: r·(in + out) per adapted layer.
-    let trainable: usize = c
-        .linears()
-        .iter()
-        .filter(|l| setup.lora.targets(&l.path))
-        .map(|l| setup.lora.rank * (l.in_features + l.out_features))
-        .sum();
+    let trainable: usize =
+        c.linears().iter().filter(|l| setup.lora.targets(&l.path)).map(|l| setup.lora.rank * (l.in_features + l.out_features)).sum();
     print!("{}", recipe.to_yaml());
     println!("# model: {} ({}, {:.1}M parameters)", recipe.model.path.display(), c.family.name(), c.num_parameters() as f64 / 1e6);
     println!(
@@ -152,8 +147,7 @@ impl Observer for Progress {
             let bar = ProgressBar::new(total as u64);
             bar.set_position(first as u64);
             bar.set_style(
-                ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
-                    .expect("valid template"),
+                ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]").expect("valid template"),
             );
             self.bar = Some(bar);
         }

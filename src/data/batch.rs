@@ -52,7 +52,10 @@ pub fn pack(examples: &[Example], max_len: usize) -> Vec<Row> {
     row.segments.clear();
     for ex in examples {
         if !row.is_empty() && row.len() + ex.ids.len() > max_len {
-            rows.push(std::mem::replace(&mut row, Row { ids: vec![], positions: vec![], targets: vec![], weights: vec![], segments: vec![] }));
+            rows.push(std::mem::replace(
+                &mut row,
+                Row { ids: vec![], positions: vec![], targets: vec![], weights: vec![], segments: vec![] },
+            ));
         }
         row.append(ex);
     }

@@ -64,9 +64,7 @@ pub fn alpaca_prompt(instruction: &str, input: &str) -> String {
     if input.trim().is_empty() {
         ALPACA_PROMPT.replace("{instruction}", instruction)
     } else {
-        ALPACA_PROMPT_WITH_INPUT
-            .replace("{instruction}", instruction)
-            .replace("{input}", input)
+        ALPACA_PROMPT_WITH_INPUT.replace("{instruction}", instruction).replace("{input}", input)
     }
 }
 
@@ -90,13 +88,7 @@ pub fn detect_format(path: &Path, first: &Record) -> Result<DataFormat> {
     }
 }
 
-pub fn build_example(
-    path: &Path,
-    record: &Record,
-    format: DataFormat,
-    tokenizer: &Tokenizer,
-    opts: ExampleOptions,
-) -> Result<Example> {
+pub fn build_example(path: &Path, record: &Record, format: DataFormat, tokenizer: &Tokenizer, opts: ExampleOptions) -> Result<Example> {
     let mut ex = Example { ids: Vec::new(), trained: Vec::new() };
     match format {
         DataFormat::Text => {
@@ -139,10 +131,8 @@ pub fn build_example(
             // The template already holds any special tokens, as with apply_chat_template.
             let (ids, offsets) = tokenizer.encode_with_offsets(&text, false)?;
             ex.ids = ids;
-            ex.trained = offsets
-                .iter()
-                .map(|&(start, end)| opts.train_on_input || turns.iter().any(|t| start < t.end && end > t.start))
-                .collect();
+            ex.trained =
+                offsets.iter().map(|&(start, end)| opts.train_on_input || turns.iter().any(|t| start < t.end && end > t.start)).collect();
         }
     }
     ex.ids.truncate(opts.max_seq_len);

@@ -22,27 +22,18 @@ pub struct Record {
 pub fn read_records(path: &Path) -> Result<Vec<Record>> {
     let text = read_to_string(path)?;
     if text.trim_start().starts_with('[') {
-        let values: Vec<Value> = serde_json::from_str(&text).map_err(|e| {
-            Error::format(path, format!("line {}: invalid JSON array: {e}", e.line()))
-        })?;
+        let values: Vec<Value> =
+            serde_json::from_str(&text).map_err(|e| Error::format(path, format!("line {}: invalid JSON array: {e}", e.line())))?;
         // Line numbers of array elements are not tracked; report the element's index instead.
-        return Ok(values
-            .into_iter()
-            .enumerate()
-            .map(|(i, value)| Record { line: i + 1, value })
-            .collect());
+        return Ok(values.into_iter().enumerate().map(|(i, value)| Record { line: i + 1, value }).collect());
     }
     let mut records = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let value: Value = serde_json::from_str(line).map_err(|e| {
-            Error::format(
-                path,
-                format!("line {}: invalid JSON ({e}); expected one JSON object per line", i + 1),
-            )
-        })?;
+        let value: Value = serde_json::from_str(line)
+            .map_err(|e| Error::format(path, format!("line {}: invalid JSON ({e}); expected one JSON object per line", i + 1)))?;
         if !value.is_object() {
             return Err(Error::format(path, format!("line {}: expected a JSON object", i + 1)));
         }
@@ -55,14 +46,8 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
 pub fn string_field<'a>(path: &Path, record: &'a Record, key: &str) -> Result<&'a str> {
     match record.value.get(key) {
         Some(Value::String(s)) => Ok(s),
-        Some(other) => Err(Error::format(
-            path,
-            format!("line {}: `{key}` must be a string, found {}", record.line, json_kind(other)),
-        )),
-        None => Err(Error::format(
-            path,
-            format!("line {}: missing key `{key}` (expected {{\"{key}\": \"...\"}})", record.line),
-        )),
+        Some(other) => Err(Error::format(path, format!("line {}: `{key}` must be a string, found {}", record.line, json_kind(other)))),
+        None => Err(Error::format(path, format!("line {}: missing key `{key}` (expected {{\"{key}\": \"...\"}})", record.line))),
     }
 }
 

@@ -166,4 +166,3 @@ fn merged_card(src: &Source, base_dir: &Path, c: &LoraConfig, dtype: OutDtype) -
     }
     s
 }
-

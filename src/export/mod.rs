@@ -23,7 +23,6 @@ pub use peft::export_adapter;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-
 use crate::checkpoint;
 use crate::error::{Error, Result};
 use crate::hf::Weights;
@@ -158,11 +157,7 @@ pub(crate) fn read_pairs(dir: &Path, c: &AdapterConfig) -> Result<Vec<LoraPair>>
     let mut pairs = Vec::new();
     for (module, [a_name, b_name]) in halves {
         let (Some(a_name), Some(b_name)) = (a_name, b_name) else {
-            return Err(Error::Tensor {
-                path: path.clone(),
-                name: module,
-                msg: "has only one of lora_A / lora_B".into(),
-            });
+            return Err(Error::Tensor { path: path.clone(), name: module, msg: "has only one of lora_A / lora_B".into() });
         };
         let shape = |n: &str| weights.meta(n).map(|m| m.shape).unwrap_or_default();
         let (sa, sb) = (shape(&a_name), shape(&b_name));

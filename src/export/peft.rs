@@ -83,8 +83,22 @@ fn target_kinds(pairs: &[LoraPair]) -> Vec<String> {
 
 /// Every family's linear layer names, in block order.
 const MODULE_ORDER: &[&str] = &[
-    "q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query_key_value", "o_proj", "dense", "gate_proj", "up_proj",
-    "gate_up_proj", "down_proj", "c_fc", "c_proj", "dense_h_to_4h", "dense_4h_to_h",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "qkv_proj",
+    "c_attn",
+    "query_key_value",
+    "o_proj",
+    "dense",
+    "gate_proj",
+    "up_proj",
+    "gate_up_proj",
+    "down_proj",
+    "c_fc",
+    "c_proj",
+    "dense_h_to_4h",
+    "dense_4h_to_h",
 ];
 
 fn model_card(src: &Source, base: &str, c: &LoraConfig, targets: &[String], alpha: f64, fold: f64, dtype: OutDtype) -> String {
@@ -120,11 +134,12 @@ fn model_card(src: &Source, base: &str, c: &LoraConfig, targets: &[String], alph
     }
     s += &format!("- tensors stored as {}\n\n", dtype.torch_name());
     s += "## Use\n\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n";
-    s += &format!("base = AutoModelForCausalLM.from_pretrained(\"{base}\")\nmodel = PeftModel.from_pretrained(base, \"path/to/this/dir\")\n```\n\n");
+    s += &format!(
+        "base = AutoModelForCausalLM.from_pretrained(\"{base}\")\nmodel = PeftModel.from_pretrained(base, \"path/to/this/dir\")\n```\n\n"
+    );
     s += "or with tune: `tune generate --model BASE --adapter THIS_DIR --prompt \"...\"`\n";
     if let Some(recipe) = &src.recipe_yaml {
         s += &format!("\n## Recipe\n\n```yaml\n{}\n```\n", recipe.trim_end());
     }
     s
 }
-

@@ -47,9 +47,7 @@ pub fn install_in_model_dir(model_dir: &Path, source: &str) -> Result<()> {
         return Ok(());
     }
     let mut config: serde_json::Value = read_json(&config_path)?;
-    let removed = config
-        .as_object_mut()
-        .is_some_and(|c| c.remove("chat_template").is_some());
+    let removed = config.as_object_mut().is_some_and(|c| c.remove("chat_template").is_some());
     if removed {
         let text = serde_json::to_string_pretty(&config).expect("json") + "\n";
         std::fs::write(&config_path, text).map_err(|e| Error::io(&config_path, e))?;
@@ -81,15 +79,10 @@ mod tests {
         let config = r#"{"bos_token": "<s>", "chat_template": "BASE"}"#;
         let dir = TempDir::new("model-template", &[("tokenizer_config.json", config)]);
         install_in_model_dir(&dir.0, "ADAPTER").unwrap();
-        assert_eq!(
-            std::fs::read_to_string(dir.0.join(FILE)).unwrap(),
-            "ADAPTER"
-        );
+        assert_eq!(std::fs::read_to_string(dir.0.join(FILE)).unwrap(), "ADAPTER");
         let config: serde_json::Value = read_json(&dir.0.join("tokenizer_config.json")).unwrap();
         assert_eq!(config, serde_json::json!({"bos_token": "<s>"}));
-        let t = crate::hf::ChatTemplate::from_model_dir(&dir.0, None, None)
-            .unwrap()
-            .unwrap();
+        let t = crate::hf::ChatTemplate::from_model_dir(&dir.0, None, None).unwrap().unwrap();
         assert_eq!(t.source(), "ADAPTER");
     }
 }

@@ -32,10 +32,7 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message {
-            role: role.into(),
-            content: content.into(),
-        }
+        Message { role: role.into(), content: content.into() }
     }
 }
 
@@ -52,10 +49,7 @@ pub const BUILTIN_TEMPLATES: &[(&str, &str)] = &[("chatml", CHATML)];
 
 /// The source of a built-in template.
 pub fn builtin(name: &str) -> Option<&'static str> {
-    BUILTIN_TEMPLATES
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, source)| *source)
+    BUILTIN_TEMPLATES.iter().find(|(n, _)| *n == name).map(|(_, source)| *source)
 }
 
 /// A calendar date (UTC) for `strftime_now`, which then formats midnight UTC of that day.
@@ -69,22 +63,15 @@ pub struct ChatDate {
 impl ChatDate {
     /// Today's date in UTC.
     pub fn today() -> Self {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        ChatDate {
-            days: secs.div_euclid(86_400),
-        }
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        ChatDate { days: secs.div_euclid(86_400) }
     }
 
     pub fn from_ymd(year: i64, month: u32, day: u32) -> Option<Self> {
         if !(1..=12).contains(&month) || day == 0 || day > days_in_month(year, month) {
             return None;
         }
-        Some(ChatDate {
-            days: days_from_civil(year, month, day),
-        })
+        Some(ChatDate { days: days_from_civil(year, month, day) })
     }
 
     /// Seconds since the Unix epoch at midnight UTC of this date.
@@ -200,8 +187,7 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter(GENERATION_FILTER, generation_filter);
         let (rewritten, has_generation) = rewrite_generation_tags(source);
-        env.add_template_owned(TEMPLATE_NAME, rewritten)
-            .map_err(template_error)?;
+        env.add_template_owned(TEMPLATE_NAME, rewritten).map_err(template_error)?;
         Ok(ChatTemplate {
             env,
             source: source.to_string(),
@@ -231,17 +217,9 @@ impl ChatTemplate {
     /// The chat template of a model directory: `chat_template.jinja` if present, else
     /// `tokenizer_config.json`'s `chat_template` (a string, or a list of `{"name", "template"}`
     /// of which the one named "default" is taken). `Ok(None)` when the directory has none.
-    pub fn from_model_dir(
-        dir: &Path,
-        bos: Option<&str>,
-        eos: Option<&str>,
-    ) -> Result<Option<Self>> {
+    pub fn from_model_dir(dir: &Path, bos: Option<&str>, eos: Option<&str>) -> Result<Option<Self>> {
         let config_path = dir.join("tokenizer_config.json");
-        let config: Option<serde_json::Value> = if config_path.is_file() {
-            Some(read_json(&config_path)?)
-        } else {
-            None
-        };
+        let config: Option<serde_json::Value> = if config_path.is_file() { Some(read_json(&config_path)?) } else { None };
         Self::from_model_dir_with_config(dir, config.as_ref(), bos, eos)
     }
 
@@ -255,9 +233,7 @@ impl ChatTemplate {
         let jinja_path = dir.join("chat_template.jinja");
         if jinja_path.is_file() {
             let source = read_to_string(&jinja_path)?;
-            return Self::new(&source, bos, eos)
-                .map(Some)
-                .map_err(|e| in_file(&jinja_path, e));
+            return Self::new(&source, bos, eos).map(Some).map_err(|e| in_file(&jinja_path, e));
         }
         let config_path = dir.join("tokenizer_config.json");
         let Some(value) = config.and_then(|c| c.get("chat_template")) else {
@@ -288,30 +264,17 @@ impl ChatTemplate {
                 match default {
                     Some(t) => t,
                     None => {
-                        let names: Vec<&str> = list
-                            .iter()
-                            .filter_map(|e| e.get("name").and_then(|n| n.as_str()))
-                            .collect();
+                        let names: Vec<&str> = list.iter().filter_map(|e| e.get("name").and_then(|n| n.as_str())).collect();
                         return Err(Error::format(
                             &config_path,
-                            format!(
-                                "`chat_template` lists several templates ({}) but none is named \"default\"",
-                                names.join(", ")
-                            ),
+                            format!("`chat_template` lists several templates ({}) but none is named \"default\"", names.join(", ")),
                         ));
                     }
                 }
             }
-            _ => {
-                return Err(Error::format(
-                    &config_path,
-                    "`chat_template` must be a string or a list of {\"name\", \"template\"}",
-                ))
-            }
+            _ => return Err(Error::format(&config_path, "`chat_template` must be a string or a list of {\"name\", \"template\"}")),
         };
-        Self::new(source, bos, eos)
-            .map(Some)
-            .map_err(|e| in_file(&config_path, e))
+        Self::new(source, bos, eos).map(Some).map_err(|e| in_file(&config_path, e))
     }
 
     /// The template's source as written in the model directory.
@@ -330,20 +293,13 @@ impl ChatTemplate {
     /// `{% generation %}` blocks produced, in the order the blocks ended (as transformers
     /// records them). Their output must reach the text unchanged: a block whose output is
     /// captured and altered (by `{% set %}...{% endset %}` and a filter, say) is an error.
-    pub fn render_with_generation(
-        &self,
-        messages: &[Message],
-        add_generation_prompt: bool,
-    ) -> Result<(String, Vec<Range<usize>>)> {
+    pub fn render_with_generation(&self, messages: &[Message], add_generation_prompt: bool) -> Result<(String, Vec<Range<usize>>)> {
         let plain = self.render_ctx(messages, add_generation_prompt, false)?;
         if !self.has_generation {
             return Ok((plain, Vec::new()));
         }
         let is_marker = |c: char| c == GENERATION_START || c == GENERATION_END;
-        if messages
-            .iter()
-            .any(|m| m.content.contains(is_marker) || m.role.contains(is_marker))
-        {
+        if messages.iter().any(|m| m.content.contains(is_marker) || m.role.contains(is_marker)) {
             return Err(Error::Template(
                 "a message holds U+FDD0 or U+FDD1, the noncharacters that mark {% generation %} blocks while rendering".into(),
             ));
@@ -370,12 +326,7 @@ impl ChatTemplate {
         Ok((text, spans))
     }
 
-    fn render_ctx(
-        &self,
-        messages: &[Message],
-        add_generation_prompt: bool,
-        track_generation: bool,
-    ) -> Result<String> {
+    fn render_ctx(&self, messages: &[Message], add_generation_prompt: bool, track_generation: bool) -> Result<String> {
         let mut ctx: Vec<(&str, Value)> = vec![
             ("messages", Value::from_serialize(messages)),
             ("tools", Value::from(())),
@@ -397,10 +348,7 @@ impl ChatTemplate {
             ctx.push((TRACK_VAR, Value::from(true)));
         }
         let ctx: Value = ctx.into_iter().collect();
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(template_error)?;
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(template_error)?;
         template.render(ctx).map_err(template_error)
     }
 }
@@ -425,10 +373,7 @@ impl std::fmt::Display for RaisedException {
 impl std::error::Error for RaisedException {}
 
 fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> {
-    Err(
-        minijinja::Error::new(ErrorKind::InvalidOperation, "raise_exception")
-            .with_source(RaisedException(msg)),
-    )
+    Err(minijinja::Error::new(ErrorKind::InvalidOperation, "raise_exception").with_source(RaisedException(msg)))
 }
 
 fn template_error(e: minijinja::Error) -> Error {
@@ -493,10 +438,7 @@ fn generation_tag(tag: &str) -> Option<(usize, String)> {
         i += 1;
     }
     let word_start = i;
-    while bytes
-        .get(i)
-        .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_')
-    {
+    while bytes.get(i).is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_') {
         i += 1;
     }
     let word = &tag[word_start..i];
@@ -602,11 +544,7 @@ fn map_pairs(value: &Value) -> Vec<(Value, Value)> {
 
 /// Python's `repr` of a string: single quotes unless the string holds `'` and no `"`.
 fn py_str_repr(out: &mut String, s: &str) {
-    let quote = if s.contains('\'') && !s.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
+    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
     out.push(quote);
     for c in s.chars() {
         match c {
@@ -662,12 +600,7 @@ fn py_float(f: f64) -> String {
             out.push('.');
             out.push_str(&digits[1..]);
         }
-        let _ = write!(
-            out,
-            "e{}{:02}",
-            if exp < 0 { '-' } else { '+' },
-            exp.unsigned_abs()
-        );
+        let _ = write!(out, "e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.unsigned_abs());
     }
     out
 }
@@ -683,11 +616,7 @@ struct JsonOptions {
     sort_keys: bool,
 }
 
-fn tojson_filter(
-    value: &Value,
-    args: Rest<Value>,
-    kwargs: Kwargs,
-) -> std::result::Result<Value, minijinja::Error> {
+fn tojson_filter(value: &Value, args: Rest<Value>, kwargs: Kwargs) -> std::result::Result<Value, minijinja::Error> {
     let names = ["ensure_ascii", "indent", "separators", "sort_keys"];
     if args.len() > names.len() {
         return Err(minijinja::Error::new(
@@ -713,12 +642,7 @@ fn tojson_filter(
             Some(s) => Some(s.to_string()),
             None => match v.as_i64() {
                 Some(n) => Some(" ".repeat(n.max(0) as usize)),
-                None => {
-                    return Err(minijinja::Error::new(
-                        ErrorKind::InvalidOperation,
-                        "tojson: indent must be an integer or a string",
-                    ))
-                }
+                None => return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an integer or a string")),
             },
         },
     };
@@ -726,22 +650,13 @@ fn tojson_filter(
         Some(v) if !v.is_none() && !v.is_undefined() => {
             let parts: Vec<Value> = v.try_iter()?.collect();
             match parts.as_slice() {
-                [a, b] if a.as_str().is_some() && b.as_str().is_some() => (
-                    a.as_str().unwrap_or_default().to_string(),
-                    b.as_str().unwrap_or_default().to_string(),
-                ),
-                _ => {
-                    return Err(minijinja::Error::new(
-                        ErrorKind::InvalidOperation,
-                        "tojson: separators must be a pair of strings",
-                    ))
+                [a, b] if a.as_str().is_some() && b.as_str().is_some() => {
+                    (a.as_str().unwrap_or_default().to_string(), b.as_str().unwrap_or_default().to_string())
                 }
+                _ => return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair of strings")),
             }
         }
-        _ => (
-            if indent.is_some() { "," } else { ", " }.to_string(),
-            ": ".to_string(),
-        ),
+        _ => (if indent.is_some() { "," } else { ", " }.to_string(), ": ".to_string()),
     };
     let opts = JsonOptions {
         ensure_ascii: ensure_ascii.is_some_and(|v| v.is_true()),
@@ -755,17 +670,9 @@ fn tojson_filter(
     Ok(Value::from(out))
 }
 
-fn write_json(
-    out: &mut String,
-    value: &Value,
-    opts: &JsonOptions,
-    depth: usize,
-) -> std::result::Result<(), minijinja::Error> {
+fn write_json(out: &mut String, value: &Value, opts: &JsonOptions, depth: usize) -> std::result::Result<(), minijinja::Error> {
     if depth > 500 {
-        return Err(minijinja::Error::new(
-            ErrorKind::InvalidOperation,
-            "tojson: value nested too deeply",
-        ));
+        return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: value nested too deeply"));
     }
     match value.kind() {
         ValueKind::None => out.push_str("null"),
@@ -784,9 +691,7 @@ fn write_json(
                 }
             }
         }
-        ValueKind::String => {
-            json_string(out, value.as_str().unwrap_or_default(), opts.ensure_ascii)
-        }
+        ValueKind::String => json_string(out, value.as_str().unwrap_or_default(), opts.ensure_ascii),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
             if items.is_empty() {
@@ -859,13 +764,8 @@ fn json_key(key: &Value) -> std::result::Result<String, minijinja::Error> {
     })
 }
 
-const JSON_KEY_OPTS: JsonOptions = JsonOptions {
-    ensure_ascii: false,
-    indent: None,
-    item_sep: String::new(),
-    key_sep: String::new(),
-    sort_keys: false,
-};
+const JSON_KEY_OPTS: JsonOptions =
+    JsonOptions { ensure_ascii: false, indent: None, item_sep: String::new(), key_sep: String::new(), sort_keys: false };
 
 fn newline_indent(out: &mut String, opts: &JsonOptions, depth: usize) {
     if let Some(indent) = &opts.indent {
@@ -910,38 +810,14 @@ fn json_string(out: &mut String, s: &str, ensure_ascii: bool) {
 /// set ([`ChatTemplate::set_date`]).
 fn strftime_now(state: &State, format: String) -> String {
     let fixed = state.lookup(NOW_VAR).and_then(|v| v.as_i64());
-    let secs = fixed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0)
-    });
+    let secs = fixed
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0));
     strftime(&format, secs)
 }
 
-const MONTHS: [&str; 12] = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-];
-const WEEKDAYS: [&str; 7] = [
-    "Sunday",
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-];
+const MONTHS: [&str; 12] =
+    ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+const WEEKDAYS: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
 
 /// Formats a Unix time (UTC) with the C `strftime` directives templates use.
 fn strftime(format: &str, unix_secs: i64) -> String {
@@ -1071,11 +947,7 @@ mod tests {
         let mut failures = Vec::new();
         let mut count = 0;
         for t in &templates {
-            let template = match ChatTemplate::new(
-                &t.template,
-                t.bos_token.as_deref(),
-                t.eos_token.as_deref(),
-            ) {
+            let template = match ChatTemplate::new(&t.template, t.bos_token.as_deref(), t.eos_token.as_deref()) {
                 Ok(template) => template,
                 Err(e) => {
                     failures.push(format!("[{}] does not compile: {e}", t.name));
@@ -1085,10 +957,7 @@ mod tests {
             for (i, case) in t.cases.iter().enumerate() {
                 count += 1;
                 let got = template.render(&case.messages, case.add_generation_prompt);
-                let label = format!(
-                    "[{} case {i}, add_generation_prompt={}]",
-                    t.name, case.add_generation_prompt
-                );
+                let label = format!("[{} case {i}, add_generation_prompt={}]", t.name, case.add_generation_prompt);
                 match (&case.expected, &case.error, got) {
                     (Some(expected), _, Ok(got)) if &got == expected => {}
                     (Some(expected), _, Ok(got)) => failures.push(format!(
@@ -1097,16 +966,11 @@ mod tests {
                     )),
                     (Some(_), _, Err(e)) => failures.push(format!("{label} failed: {e}")),
                     (None, Some(error), Err(e)) if e.to_string().contains(error.as_str()) => {}
-                    (None, Some(error), Err(e)) => failures.push(format!(
-                        "{label} error {:?} does not contain {error:?}",
-                        e.to_string()
-                    )),
-                    (None, Some(error), Ok(got)) => failures.push(format!(
-                        "{label} expected an error containing {error:?}, rendered {got:?}"
-                    )),
-                    (None, None, _) => {
-                        failures.push(format!("{label} has neither expected nor error"))
+                    (None, Some(error), Err(e)) => failures.push(format!("{label} error {:?} does not contain {error:?}", e.to_string())),
+                    (None, Some(error), Ok(got)) => {
+                        failures.push(format!("{label} expected an error containing {error:?}, rendered {got:?}"))
                     }
+                    (None, None, _) => failures.push(format!("{label} has neither expected nor error")),
                 }
             }
         }
@@ -1120,16 +984,8 @@ mod tests {
             .find(|((_, a), b)| a != b)
             .map(|((i, _), _)| i)
             .unwrap_or(expected.len().min(got.len()));
-        let from = expected[..at]
-            .char_indices()
-            .rev()
-            .nth(20)
-            .map_or(0, |(i, _)| i);
-        format!(
-            "first difference at byte {at}: expected {:?}..., got {:?}...",
-            &expected[from..],
-            got.get(from..).unwrap_or("")
-        )
+        let from = expected[..at].char_indices().rev().nth(20).map_or(0, |(i, _)| i);
+        format!("first difference at byte {at}: expected {:?}..., got {:?}...", &expected[from..], got.get(from..).unwrap_or(""))
     }
 
     /// transformers' output for `tests/fixtures/chat/templates.json`: real models' templates.
@@ -1140,12 +996,7 @@ mod tests {
         for f in &failures {
             eprintln!("{f}\n");
         }
-        assert!(
-            failures.is_empty(),
-            "{} of {count} cases in {} failed (see above)",
-            failures.len(),
-            path.display()
-        );
+        assert!(failures.is_empty(), "{} of {count} cases in {} failed (see above)", failures.len(), path.display());
         assert!(count > 0, "{} has no cases", path.display());
     }
 
@@ -1160,11 +1011,7 @@ mod tests {
         for f in &failures {
             eprintln!("{f}\n");
         }
-        assert!(
-            failures.is_empty(),
-            "{} of {count} cases failed",
-            failures.len()
-        );
+        assert!(failures.is_empty(), "{} of {count} cases failed", failures.len());
     }
 
     const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -1281,8 +1128,7 @@ mod tests {
         let messages = conversation();
         let mut failures = Vec::new();
         for (source, expected) in cases {
-            let got = ChatTemplate::new(source, Some("<s>"), Some("</s>"))
-                .and_then(|t| t.render(&messages, false));
+            let got = ChatTemplate::new(source, Some("<s>"), Some("</s>")).and_then(|t| t.render(&messages, false));
             match got {
                 Ok(got) if got == *expected => {}
                 Ok(got) => failures.push(format!(
@@ -1299,10 +1145,7 @@ mod tests {
     fn python_string_methods_on_content() {
         let source = "{% for m in messages %}{% if m.role == 'assistant' %}{% set content = m.content %}{% if '</think>' in content %}{% set content = content.split('</think>')[-1].lstrip('\\n') %}{% endif %}{{ content }}{% endif %}{% endfor %}";
         let t = ChatTemplate::new(source, None, None).unwrap();
-        let messages = [
-            Message::new("user", "Hi"),
-            Message::new("assistant", "<think>hmm</think>\n\nHello!"),
-        ];
+        let messages = [Message::new("user", "Hi"), Message::new("assistant", "<think>hmm</think>\n\nHello!")];
         assert_eq!(t.render(&messages, false).unwrap(), "Hello!");
     }
 
@@ -1313,10 +1156,7 @@ mod tests {
         let ok = [Message::new("user", "a"), Message::new("assistant", "b")];
         assert_eq!(t.render(&ok, false).unwrap(), "ab");
         match t.render(&conversation(), false) {
-            Err(Error::Template(msg)) => assert_eq!(
-                msg,
-                "Conversation roles must alternate user/assistant/user/assistant/..."
-            ),
+            Err(Error::Template(msg)) => assert_eq!(msg, "Conversation roles must alternate user/assistant/user/assistant/..."),
             other => panic!("expected a template error, got {other:?}"),
         }
         // Also from inside a macro.
@@ -1346,10 +1186,7 @@ mod tests {
             Some("</s>"),
         )
         .unwrap();
-        assert_eq!(
-            t.render(&[], false).unwrap(),
-            "False|True|[]|True|False|True"
-        );
+        assert_eq!(t.render(&[], false).unwrap(), "False|True|[]|True|False|True");
     }
 
     #[test]
@@ -1378,16 +1215,10 @@ mod tests {
         let t = 1_722_000_000 - 1_722_000_000 % 86_400 + 13 * 3600 + 5 * 60 + 9;
         assert_eq!(strftime("%d %b %Y", t), "26 Jul 2024");
         assert_eq!(strftime("%B %-d, %Y", t), "July 26, 2024");
-        assert_eq!(
-            strftime("%Y-%m-%d %H:%M:%S %I%p %a %A %j %y %%", t),
-            "2024-07-26 13:05:09 01PM Fri Friday 208 24 %"
-        );
+        assert_eq!(strftime("%Y-%m-%d %H:%M:%S %I%p %a %A %j %y %%", t), "2024-07-26 13:05:09 01PM Fri Friday 208 24 %");
         assert_eq!(strftime("%d %b %Y", 0), "01 Jan 1970");
         assert_eq!(strftime("%d %b %Y", 951_782_400), "29 Feb 2000");
-        let now = ChatTemplate::new("{{ strftime_now('%Y') }}", None, None)
-            .unwrap()
-            .render(&[], false)
-            .unwrap();
+        let now = ChatTemplate::new("{{ strftime_now('%Y') }}", None, None).unwrap().render(&[], false).unwrap();
         assert!(now.len() == 4 && now.starts_with('2'), "{now}");
     }
 
@@ -1398,17 +1229,11 @@ mod tests {
         let source = "{{ strftime_now('%d %b %Y') }}|{{ strftime_now('%Y-%m-%d %H:%M:%S %A') }}";
         let mut t = ChatTemplate::new(source, None, None).unwrap();
         t.set_date(Some("2024-07-26".parse().unwrap()));
-        assert_eq!(
-            t.render(&[], false).unwrap(),
-            "26 Jul 2024|2024-07-26 00:00:00 Friday"
-        );
+        assert_eq!(t.render(&[], false).unwrap(), "26 Jul 2024|2024-07-26 00:00:00 Friday");
         // A clone keeps the date; setting another on the clone leaves the original alone.
         let mut other = t.clone();
         other.set_date(Some(ChatDate::from_ymd(2000, 2, 29).unwrap()));
-        assert_eq!(
-            other.render(&[], false).unwrap(),
-            "29 Feb 2000|2000-02-29 00:00:00 Tuesday"
-        );
+        assert_eq!(other.render(&[], false).unwrap(), "29 Feb 2000|2000-02-29 00:00:00 Tuesday");
         assert!(t.render(&[], false).unwrap().starts_with("26 Jul 2024|"));
         t.set_date(None);
         let today = ChatDate::today().to_string();
@@ -1422,20 +1247,8 @@ mod tests {
         let d: ChatDate = "2026-12-01".parse().unwrap();
         assert_eq!(d.to_string(), "2026-12-01");
         assert_eq!(serde_json::to_string(&d).unwrap(), "\"2026-12-01\"");
-        assert_eq!(
-            serde_json::from_str::<ChatDate>("\"1970-01-01\"")
-                .unwrap()
-                .unix_seconds(),
-            0
-        );
-        for bad in [
-            "2026-13-01",
-            "2026-02-30",
-            "2025-02-29",
-            "26-12-01",
-            "2026-1-01",
-            "x",
-        ] {
+        assert_eq!(serde_json::from_str::<ChatDate>("\"1970-01-01\"").unwrap().unix_seconds(), 0);
+        for bad in ["2026-13-01", "2026-02-30", "2025-02-29", "26-12-01", "2026-1-01", "x"] {
             assert!(bad.parse::<ChatDate>().is_err(), "{bad}");
         }
         assert!("2024-02-29".parse::<ChatDate>().is_ok());
@@ -1449,12 +1262,8 @@ mod tests {
         let source = "{% for m in messages %}{% if m.role == 'assistant' %}A:\n  {%- generation -%}\n  {{ m.content }}<end>\n  {%- endgeneration %}\n{% else %}{{ m.role }}: {{ m.content }}\n{% endif %}{% endfor %}";
         let t = ChatTemplate::new(source, None, None).unwrap();
         assert!(t.has_generation_tags());
-        let messages = [
-            Message::new("user", "hi"),
-            Message::new("assistant", " é😀 "),
-            Message::new("user", "x"),
-            Message::new("assistant", ""),
-        ];
+        let messages =
+            [Message::new("user", "hi"), Message::new("assistant", " é😀 "), Message::new("user", "x"), Message::new("assistant", "")];
         let (text, spans) = t.render_with_generation(&messages, false).unwrap();
         assert_eq!(text, t.render(&messages, false).unwrap());
         // What jinja2 renders in transformers' environment, and the blocks it records.
@@ -1476,16 +1285,10 @@ mod tests {
             None,
         )
         .unwrap();
-        let err = captured
-            .render_with_generation(&messages, false)
-            .unwrap_err()
-            .to_string();
+        let err = captured.render_with_generation(&messages, false).unwrap_err().to_string();
         assert!(err.contains("generation"), "{err}");
         // Nor can a message holding the markers.
-        let err = t
-            .render_with_generation(&[Message::new("assistant", "a\u{FDD0}")], false)
-            .unwrap_err()
-            .to_string();
+        let err = t.render_with_generation(&[Message::new("assistant", "a\u{FDD0}")], false).unwrap_err().to_string();
         assert!(err.contains("U+FDD0"), "{err}");
     }
 
@@ -1495,13 +1298,8 @@ mod tests {
     fn from_model_dir_string_form() {
         let config = serde_json::json!({"chat_template": "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}"});
         let dir = TempDir::new("string", &[("tokenizer_config.json", &config.to_string())]);
-        let t = ChatTemplate::from_model_dir(&dir.0, Some("<s>"), None)
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            t.render(&[Message::new("user", "hi")], false).unwrap(),
-            "<s>hi"
-        );
+        let t = ChatTemplate::from_model_dir(&dir.0, Some("<s>"), None).unwrap().unwrap();
+        assert_eq!(t.render(&[Message::new("user", "hi")], false).unwrap(), "<s>hi");
     }
 
     #[test]
@@ -1512,27 +1310,13 @@ mod tests {
             {"name": "rag", "template": "RAG"},
         ]});
         let dir = TempDir::new("list", &[("tokenizer_config.json", &config.to_string())]);
-        let t = ChatTemplate::from_model_dir(&dir.0, None, None)
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            t.render(&[Message::new("user", "hi")], false).unwrap(),
-            "DEFAULT1"
-        );
+        let t = ChatTemplate::from_model_dir(&dir.0, None, None).unwrap().unwrap();
+        assert_eq!(t.render(&[Message::new("user", "hi")], false).unwrap(), "DEFAULT1");
 
-        let config =
-            serde_json::json!({"chat_template": [{"name": "tool_use", "template": "TOOLS"}]});
-        let dir = TempDir::new(
-            "list-no-default",
-            &[("tokenizer_config.json", &config.to_string())],
-        );
-        let err = ChatTemplate::from_model_dir(&dir.0, None, None)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("tokenizer_config.json") && err.contains("default"),
-            "{err}"
-        );
+        let config = serde_json::json!({"chat_template": [{"name": "tool_use", "template": "TOOLS"}]});
+        let dir = TempDir::new("list-no-default", &[("tokenizer_config.json", &config.to_string())]);
+        let err = ChatTemplate::from_model_dir(&dir.0, None, None).unwrap_err().to_string();
+        assert!(err.contains("tokenizer_config.json") && err.contains("default"), "{err}");
     }
 
     #[test]
@@ -1540,56 +1324,29 @@ mod tests {
         let config = serde_json::json!({"chat_template": "FROM CONFIG"});
         let dir = TempDir::new(
             "jinja",
-            &[
-                ("tokenizer_config.json", &config.to_string()),
-                (
-                    "chat_template.jinja",
-                    "FROM JINJA {{ messages[0].content }}\n",
-                ),
-            ],
+            &[("tokenizer_config.json", &config.to_string()), ("chat_template.jinja", "FROM JINJA {{ messages[0].content }}\n")],
         );
-        let t = ChatTemplate::from_model_dir(&dir.0, None, None)
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            t.render(&[Message::new("user", "hi")], false).unwrap(),
-            "FROM JINJA hi"
-        );
+        let t = ChatTemplate::from_model_dir(&dir.0, None, None).unwrap().unwrap();
+        assert_eq!(t.render(&[Message::new("user", "hi")], false).unwrap(), "FROM JINJA hi");
 
         // A chat_template.jinja alone (no tokenizer_config.json) is enough.
         let dir = TempDir::new("jinja-alone", &[("chat_template.jinja", "J")]);
-        let t = ChatTemplate::from_model_dir(&dir.0, None, None)
-            .unwrap()
-            .unwrap();
+        let t = ChatTemplate::from_model_dir(&dir.0, None, None).unwrap().unwrap();
         assert_eq!(t.render(&[], false).unwrap(), "J");
 
         // A broken chat_template.jinja is reported with its path.
         let dir = TempDir::new("jinja-broken", &[("chat_template.jinja", "{% if %}")]);
-        let err = ChatTemplate::from_model_dir(&dir.0, None, None)
-            .unwrap_err()
-            .to_string();
+        let err = ChatTemplate::from_model_dir(&dir.0, None, None).unwrap_err().to_string();
         assert!(err.contains("chat_template.jinja"), "{err}");
     }
 
     #[test]
     fn from_model_dir_without_template() {
-        let dir = TempDir::new(
-            "none",
-            &[("tokenizer_config.json", r#"{"bos_token": "<s>"}"#)],
-        );
-        assert!(ChatTemplate::from_model_dir(&dir.0, None, None)
-            .unwrap()
-            .is_none());
-        let dir = TempDir::new(
-            "null",
-            &[("tokenizer_config.json", r#"{"chat_template": null}"#)],
-        );
-        assert!(ChatTemplate::from_model_dir(&dir.0, None, None)
-            .unwrap()
-            .is_none());
+        let dir = TempDir::new("none", &[("tokenizer_config.json", r#"{"bos_token": "<s>"}"#)]);
+        assert!(ChatTemplate::from_model_dir(&dir.0, None, None).unwrap().is_none());
+        let dir = TempDir::new("null", &[("tokenizer_config.json", r#"{"chat_template": null}"#)]);
+        assert!(ChatTemplate::from_model_dir(&dir.0, None, None).unwrap().is_none());
         let dir = TempDir::new("empty", &[]);
-        assert!(ChatTemplate::from_model_dir(&dir.0, None, None)
-            .unwrap()
-            .is_none());
+        assert!(ChatTemplate::from_model_dir(&dir.0, None, None).unwrap().is_none());
     }
 }

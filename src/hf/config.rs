@@ -30,10 +30,7 @@ impl RawConfig {
         }
         let path = dir.join("config.json");
         if !path.is_file() {
-            return Err(Error::Model(format!(
-                "{}: no config.json (is this a Hugging Face model directory?)",
-                dir.display()
-            )));
+            return Err(Error::Model(format!("{}: no config.json (is this a Hugging Face model directory?)", dir.display())));
         }
         let value: serde_json::Value = read_json(&path)?;
         if !value.is_object() {

@@ -67,11 +67,7 @@ impl Weights {
     pub fn open(dir: &Path) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
-        let mut weights = Weights {
-            dir: dir.to_path_buf(),
-            shards: Vec::new(),
-            index: BTreeMap::new(),
-        };
+        let mut weights = Weights { dir: dir.to_path_buf(), shards: Vec::new(), index: BTreeMap::new() };
         if index_path.is_file() {
             let index: IndexFile = read_json(&index_path)?;
             // Shard names in sorted order so loading is deterministic.
@@ -101,18 +97,13 @@ impl Weights {
         } else if single.is_file() {
             weights.add_shard(&single)?;
         } else {
-            let has_bin = ["pytorch_model.bin", "model.bin", "consolidated.00.pth"]
-                .iter()
-                .any(|f| dir.join(f).exists());
+            let has_bin = ["pytorch_model.bin", "model.bin", "consolidated.00.pth"].iter().any(|f| dir.join(f).exists());
             let hint = if has_bin {
                 " (this directory only has pickle weights, which tune never loads for safety: convert them to safetensors first)"
             } else {
                 ""
             };
-            return Err(Error::Model(format!(
-                "{}: no model.safetensors or model.safetensors.index.json{hint}",
-                dir.display()
-            )));
+            return Err(Error::Model(format!("{}: no model.safetensors or model.safetensors.index.json{hint}", dir.display())));
         }
         Ok(weights)
     }
@@ -122,11 +113,8 @@ impl Weights {
         if !path.is_file() {
             return Err(Error::Model(format!("{}: file not found", path.display())));
         }
-        let mut weights = Weights {
-            dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
-            shards: Vec::new(),
-            index: BTreeMap::new(),
-        };
+        let mut weights =
+            Weights { dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(), shards: Vec::new(), index: BTreeMap::new() };
         weights.add_shard(path)?;
         Ok(weights)
     }
@@ -136,12 +124,8 @@ impl Weights {
         // SAFETY: the map is read-only; tune never writes to model files while they are mapped.
         // Another process truncating the file under us is the one hazard mmap brings.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-            Error::format(
-                path,
-                format!("not a valid safetensors file ({e:?}); the download may be truncated or corrupt"),
-            )
-        })?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
+            .map_err(|e| Error::format(path, format!("not a valid safetensors file ({e:?}); the download may be truncated or corrupt")))?;
         let shard_id = self.shards.len();
         for name in metadata.tensors().keys() {
             if let Some(&other) = self.index.get(name) {
@@ -153,12 +137,7 @@ impl Weights {
             }
             self.index.insert(name.clone(), shard_id);
         }
-        self.shards.push(Shard {
-            path: path.to_path_buf(),
-            mmap,
-            data_start: 8 + header_len,
-            metadata,
-        });
+        self.shards.push(Shard { path: path.to_path_buf(), mmap, data_start: 8 + header_len, metadata });
         Ok(())
     }
 
@@ -180,27 +159,18 @@ impl Weights {
     }
 
     pub fn meta(&self, name: &str) -> Option<TensorMeta> {
-        self.info(name).map(|(_, info)| TensorMeta {
-            dtype: info.dtype,
-            shape: info.shape.clone(),
-        })
+        self.info(name).map(|(_, info)| TensorMeta { dtype: info.dtype, shape: info.shape.clone() })
     }
 
     /// The file a tensor is stored in, for error messages.
     pub fn path_of(&self, name: &str) -> PathBuf {
-        self.info(name)
-            .map(|(s, _)| s.path.clone())
-            .unwrap_or_else(|| self.dir.clone())
+        self.info(name).map(|(s, _)| s.path.clone()).unwrap_or_else(|| self.dir.clone())
     }
 
     /// The dtypes present on disk (for `tune inspect`).
     pub fn dtypes(&self) -> Vec<String> {
-        let mut set: Vec<String> = self
-            .index
-            .keys()
-            .filter_map(|n| self.meta(n))
-            .map(|m| format!("{:?}", m.dtype).to_lowercase())
-            .collect();
+        let mut set: Vec<String> =
+            self.index.keys().filter_map(|n| self.meta(n)).map(|m| format!("{:?}", m.dtype).to_lowercase()).collect();
         set.sort();
         set.dedup();
         set
@@ -208,11 +178,7 @@ impl Weights {
 
     /// Total number of elements over all tensors.
     pub fn num_elements(&self) -> usize {
-        self.index
-            .keys()
-            .filter_map(|n| self.meta(n))
-            .map(|m| m.shape.iter().product::<usize>())
-            .sum()
+        self.index.keys().filter_map(|n| self.meta(n)).map(|m| m.shape.iter().product::<usize>()).sum()
     }
 
     /// Reads a tensor as f32 after checking it has `expected` shape.
@@ -251,24 +217,12 @@ impl Weights {
             }
         };
         if bytes.len() != n * elem {
-            return Err(Error::format(
-                &shard.path,
-                format!("tensor `{name}` has {} bytes, expected {}", bytes.len(), n * elem),
-            ));
+            return Err(Error::format(&shard.path, format!("tensor `{name}` has {} bytes, expected {}", bytes.len(), n * elem)));
         }
         let out: Vec<f32> = match info.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             _ => unreachable!("checked above"),
         };
         shard.release(shard.data_start + start, end - start);
@@ -299,10 +253,7 @@ pub fn write(path: &Path, tensors: &[OwnedTensor], dtype: Dtype) -> Result<()> {
 /// Resolves a shard file name from the index, refusing anything that would leave `dir`.
 fn shard_path(dir: &Path, index_path: &Path, file: &str) -> Result<PathBuf> {
     let rel = Path::new(file);
-    let escapes = rel.is_absolute()
-        || rel
-            .components()
-            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir));
+    let escapes = rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir));
     if escapes || file.is_empty() {
         return Err(Error::format(
             index_path,
@@ -314,10 +265,7 @@ fn shard_path(dir: &Path, index_path: &Path, file: &str) -> Result<PathBuf> {
     let canon_dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
     let canon = path.canonicalize().map_err(|e| Error::io(&path, e))?;
     if !canon.starts_with(&canon_dir) {
-        return Err(Error::format(
-            index_path,
-            format!("shard `{file}` resolves outside the model directory; refusing to read it"),
-        ));
+        return Err(Error::format(index_path, format!("shard `{file}` resolves outside the model directory; refusing to read it")));
     }
     Ok(path)
 }
@@ -386,16 +334,11 @@ mod tests {
     fn write_safetensors(path: &Path, tensors: &[(&str, Vec<f32>, Vec<usize>)]) {
         let views: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
         drop(views);
-        let bytes: Vec<Vec<u8>> = tensors
-            .iter()
-            .map(|(_, v, _)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-            .collect();
+        let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, v, _)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
         let views: Vec<(&str, safetensors::tensor::TensorView)> = tensors
             .iter()
             .zip(&bytes)
-            .map(|((n, _, s), b)| {
-                (*n, safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).unwrap())
-            })
+            .map(|((n, _, s), b)| (*n, safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
             .collect();
         safetensors::serialize_to_file(views, &None, path).unwrap();
     }
@@ -435,18 +378,10 @@ mod tests {
     #[test]
     fn index_paths_must_stay_inside() {
         let d = tmpdir("escape");
-        std::fs::write(
-            d.join("model.safetensors.index.json"),
-            r#"{"weight_map": {"a": "../outside.safetensors"}}"#,
-        )
-        .unwrap();
+        std::fs::write(d.join("model.safetensors.index.json"), r#"{"weight_map": {"a": "../outside.safetensors"}}"#).unwrap();
         let err = Weights::open(&d).err().unwrap().to_string();
         assert!(err.contains("refusing"), "{err}");
-        std::fs::write(
-            d.join("model.safetensors.index.json"),
-            r#"{"weight_map": {"a": "/etc/passwd"}}"#,
-        )
-        .unwrap();
+        std::fs::write(d.join("model.safetensors.index.json"), r#"{"weight_map": {"a": "/etc/passwd"}}"#).unwrap();
         let err = Weights::open(&d).err().unwrap().to_string();
         assert!(err.contains("refusing"), "{err}");
     }

@@ -51,17 +51,11 @@ impl Tokenizer {
                 ),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer {
-            path: path.clone(),
-            msg: format!("cannot load: {e}"),
-        })?;
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| Error::Tokenizer { path: path.clone(), msg: format!("cannot load: {e}") })?;
 
         let config_path = dir.join("tokenizer_config.json");
-        let config: Option<serde_json::Value> = if config_path.is_file() {
-            Some(read_json(&config_path)?)
-        } else {
-            None
-        };
+        let config: Option<serde_json::Value> = if config_path.is_file() { Some(read_json(&config_path)?) } else { None };
         let special = |key: &str| -> Result<Option<String>> {
             match &config {
                 Some(c) => special_token(c, key, &config_path),
@@ -71,20 +65,8 @@ impl Tokenizer {
         let bos_token = special("bos_token")?;
         let eos_token = special("eos_token")?;
         let pad_token = special("pad_token")?;
-        let chat_template = ChatTemplate::from_model_dir_with_config(
-            dir,
-            config.as_ref(),
-            bos_token.as_deref(),
-            eos_token.as_deref(),
-        )?;
-        Ok(Tokenizer {
-            inner,
-            path,
-            bos_token,
-            eos_token,
-            pad_token,
-            chat_template,
-        })
+        let chat_template = ChatTemplate::from_model_dir_with_config(dir, config.as_ref(), bos_token.as_deref(), eos_token.as_deref())?;
+        Ok(Tokenizer { inner, path, bos_token, eos_token, pad_token, chat_template })
     }
 
     /// The `tokenizer.json` this tokenizer was read from.
@@ -100,33 +82,21 @@ impl Tokenizer {
     /// Token ids of `text`. `add_special_tokens` applies tokenizer.json's post-processor (a BOS
     /// token for Llama-style tokenizers, nothing for most others).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| self.error(format!("cannot encode text: {e}")))?;
+        let encoding = self.inner.encode(text, add_special_tokens).map_err(|e| self.error(format!("cannot encode text: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// Token ids of `text` and each token's byte range in `text` (the `tokenizers` offsets:
     /// byte-level BPE trims a token's leading space from its range, and a token the
     /// post-processor adds has an empty range).
-    pub fn encode_with_offsets(
-        &self,
-        text: &str,
-        add_special_tokens: bool,
-    ) -> Result<(Vec<u32>, TokenOffsets)> {
-        let encoding = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| self.error(format!("cannot encode text: {e}")))?;
+    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, TokenOffsets)> {
+        let encoding = self.inner.encode(text, add_special_tokens).map_err(|e| self.error(format!("cannot encode text: {e}")))?;
         Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
     }
 
     /// The text of `ids`; `skip_special_tokens` drops special tokens (BOS, EOS, chat markers).
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| self.error(format!("cannot decode ids: {e}")))
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| self.error(format!("cannot decode ids: {e}")))
     }
 
     /// For streaming output: given every id generated so far and how many bytes of their decoded
@@ -137,11 +107,7 @@ impl Tokenizer {
     ///
     /// This decodes all `ids` on each call; [`DecodeStream`] does the same work in constant time
     /// per token.
-    pub fn decode_incremental(
-        &self,
-        ids: &[u32],
-        already_printed: usize,
-    ) -> Result<(String, usize)> {
+    pub fn decode_incremental(&self, ids: &[u32], already_printed: usize) -> Result<(String, usize)> {
         let text = self.decode(ids, true)?;
         if text.ends_with('\u{FFFD}') {
             return Ok((String::new(), already_printed));
@@ -154,13 +120,7 @@ impl Tokenizer {
 
     /// A streaming decoder over this tokenizer.
     pub fn decode_stream(&self, skip_special_tokens: bool) -> DecodeStream<'_> {
-        DecodeStream {
-            tokenizer: self,
-            skip_special_tokens,
-            ids: Vec::new(),
-            prefix_offset: 0,
-            read_offset: 0,
-        }
+        DecodeStream { tokenizer: self, skip_special_tokens, ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
     }
 
     /// The id of `token` (vocabulary or added token).
@@ -211,11 +171,10 @@ impl Tokenizer {
     /// Replaces the model's chat template with `source`, compiled with this tokenizer's special
     /// tokens. `origin` (a file, or a built-in's name) names the template in compile errors.
     pub fn set_chat_template(&mut self, source: &str, origin: &str) -> Result<()> {
-        let template =
-            ChatTemplate::new(source, self.bos_token(), self.eos_token()).map_err(|e| match e {
-                Error::Template(msg) => Error::Template(format!("{origin}: {msg}")),
-                e => e,
-            })?;
+        let template = ChatTemplate::new(source, self.bos_token(), self.eos_token()).map_err(|e| match e {
+            Error::Template(msg) => Error::Template(format!("{origin}: {msg}")),
+            e => e,
+        })?;
         self.chat_template = Some(template);
         Ok(())
     }
@@ -236,10 +195,7 @@ impl Tokenizer {
     }
 
     fn error(&self, msg: String) -> Error {
-        Error::Tokenizer {
-            path: self.path.clone(),
-            msg,
-        }
+        Error::Tokenizer { path: self.path.clone(), msg }
     }
 }
 
@@ -251,15 +207,9 @@ fn special_token(config: &serde_json::Value, key: &str, path: &Path) -> Result<O
         Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
         Some(serde_json::Value::Object(obj)) => match obj.get("content") {
             Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
-            _ => Err(Error::format(
-                path,
-                format!("`{key}` is an object without a string \"content\""),
-            )),
+            _ => Err(Error::format(path, format!("`{key}` is an object without a string \"content\""))),
         },
-        Some(_) => Err(Error::format(
-            path,
-            format!("`{key}` must be a string, {{\"content\": string}} or null"),
-        )),
+        Some(_) => Err(Error::format(path, format!("`{key}` must be a string, {{\"content\": string}} or null"))),
     }
 }
 
@@ -280,13 +230,8 @@ impl DecodeStream<'_> {
     /// Adds `id`; returns the newly printable text, or `None` while it is incomplete.
     pub fn step(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let prefix = self.tokenizer.decode(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special_tokens,
-        )?;
-        let text = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
+        let prefix = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special_tokens)?;
+        let text = self.tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
         if text.len() > prefix.len() && !text.ends_with('\u{FFFD}') {
             if let Some(new) = text.get(prefix.len()..) {
                 let new = new.to_string();
@@ -337,10 +282,7 @@ mod tests {
         assert_eq!(t.decode(&[3, 4], true).unwrap(), "é");
         assert_eq!(t.decode(&[3], true).unwrap(), "\u{FFFD}");
         // Added special tokens are matched in the text.
-        assert_eq!(
-            t.encode("<|im_start|>hello<|im_end|>", false).unwrap(),
-            vec![21, 16, 22]
-        );
+        assert_eq!(t.encode("<|im_start|>hello<|im_end|>", false).unwrap(), vec![21, 16, 22]);
         assert_eq!(t.decode(&[21, 16, 22], true).unwrap(), "hello");
         assert_eq!(t.vocab_size(), 23);
         assert_eq!(t.token_to_id("world"), Some(20));
@@ -364,13 +306,8 @@ mod tests {
     fn chat_template_from_config() {
         let t = tiny();
         let template = t.chat_template().expect("the fixture has a chat template");
-        let text = template
-            .render(&[Message::new("user", " hello ")], true)
-            .unwrap();
-        assert_eq!(
-            text,
-            "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
-        );
+        let text = template.render(&[Message::new("user", " hello ")], true).unwrap();
+        assert_eq!(text, "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n");
         // The markers are special tokens; letters outside the tiny vocabulary become <unk>.
         let unk = 0;
         let mut expected = vec![21, unk, unk, 6, 11, unk, 16, 22, unk, 21];
@@ -410,23 +347,11 @@ mod tests {
     #[test]
     fn bad_special_token_names_the_config() {
         let json = tokenizer_json();
-        let dir = TempDir::new(
-            "bad-config",
-            &[
-                ("tokenizer.json", &json),
-                ("tokenizer_config.json", r#"{"eos_token": 7}"#),
-            ],
-        );
+        let dir = TempDir::new("bad-config", &[("tokenizer.json", &json), ("tokenizer_config.json", r#"{"eos_token": 7}"#)]);
         let msg = Tokenizer::from_model_dir(&dir.0).unwrap_err().to_string();
-        assert!(
-            msg.contains("tokenizer_config.json") && msg.contains("eos_token"),
-            "{msg}"
-        );
+        assert!(msg.contains("tokenizer_config.json") && msg.contains("eos_token"), "{msg}");
 
-        let dir = TempDir::new(
-            "bad-json",
-            &[("tokenizer.json", &json), ("tokenizer_config.json", "{")],
-        );
+        let dir = TempDir::new("bad-json", &[("tokenizer.json", &json), ("tokenizer_config.json", "{")]);
         let msg = Tokenizer::from_model_dir(&dir.0).unwrap_err().to_string();
         assert!(msg.contains("tokenizer_config.json"), "{msg}");
     }
@@ -440,18 +365,11 @@ mod tests {
             &[
                 ("tokenizer.json", &json),
                 ("tokenizer_config.json", &config),
-                (
-                    "chat_template.jinja",
-                    "{{ bos_token }}{{ messages[0].content }}{{ eos_token }}",
-                ),
+                ("chat_template.jinja", "{{ bos_token }}{{ messages[0].content }}{{ eos_token }}"),
             ],
         );
         let t = Tokenizer::from_model_dir(&dir.0).unwrap();
-        let text = t
-            .chat_template()
-            .unwrap()
-            .render(&[Message::new("user", "hi")], false)
-            .unwrap();
+        let text = t.chat_template().unwrap().render(&[Message::new("user", "hi")], false).unwrap();
         assert_eq!(text, "<s>hi</s>");
     }
 

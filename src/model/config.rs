@@ -22,7 +22,9 @@ pub enum NormKind {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (Code Llama, Gemma 3's global layers).
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1's frequency-dependent scaling.
     Llama3 {
         factor: f64,
@@ -319,18 +321,12 @@ impl ModelConfig {
     /// Parameters of the network (tied embeddings counted once).
     pub fn num_parameters(&self) -> usize {
         let h = self.hidden_size;
-        let linears: usize = self
-            .linears()
-            .iter()
-            .map(|l| l.in_features * l.out_features + if l.bias { l.out_features } else { 0 })
-            .sum();
+        let linears: usize = self.linears().iter().map(|l| l.in_features * l.out_features + if l.bias { l.out_features } else { 0 }).sum();
         let norm = match self.norm {
             NormKind::Rms { .. } => h,
             NormKind::Layer { .. } => 2 * h,
         };
-        let per_layer_norms = 2
-            + usize::from(self.names.attn_out_norm.is_some())
-            + usize::from(self.names.mlp_out_norm.is_some());
+        let per_layer_norms = 2 + usize::from(self.names.attn_out_norm.is_some()) + usize::from(self.names.mlp_out_norm.is_some());
         let qk = if self.attention.qk_norm { 2 * self.head_dim * norm / h } else { 0 };
         let layers = self.num_hidden_layers() * (per_layer_norms * norm + qk);
         let embed = self.vocab_size * h;

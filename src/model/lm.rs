@@ -107,11 +107,9 @@ impl<B: Backend> CausalLm<B> {
                     down_proj: linear(down, inter, hidden, m.bias)?,
                     act: m.act,
                 },
-                (MlpNames::Plain { up, down }, MlpKind::Plain) => Mlp::Plain {
-                    up_proj: linear(up, hidden, inter, m.bias)?,
-                    down_proj: linear(down, inter, hidden, m.bias)?,
-                    act: m.act,
-                },
+                (MlpNames::Plain { up, down }, MlpKind::Plain) => {
+                    Mlp::Plain { up_proj: linear(up, hidden, inter, m.bias)?, down_proj: linear(down, inter, hidden, m.bias)?, act: m.act }
+                }
                 (names, kind) => unreachable!("a family pairs MLP names {names:?} with {kind:?}"),
             };
             layers.push(Block {

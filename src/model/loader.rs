@@ -26,13 +26,7 @@ pub struct Loader<'a, B: Backend> {
 
 impl<'a, B: Backend> Loader<'a, B> {
     pub fn new(weights: &'a Weights, device: B::Device) -> Self {
-        Loader {
-            weights,
-            device,
-            matrix_dtype: FloatDType::F32,
-            optional_prefix: None,
-            used: RefCell::new(BTreeSet::new()),
-        }
+        Loader { weights, device, matrix_dtype: FloatDType::F32, optional_prefix: None, used: RefCell::new(BTreeSet::new()) }
     }
 
     /// Stores the frozen matrices in `dtype` (bf16 halves their memory; compute casts at use).
@@ -125,11 +119,7 @@ impl<'a, B: Backend> Loader<'a, B> {
     /// Fails on any tensor in the files the model did not ask for.
     pub fn finish(&self) -> Result<()> {
         let used = self.used.borrow();
-        let unexpected: Vec<&str> = self
-            .weights
-            .names()
-            .filter(|n| !used.contains(*n) && !ignorable(n))
-            .collect();
+        let unexpected: Vec<&str> = self.weights.names().filter(|n| !used.contains(*n) && !ignorable(n)).collect();
         if let Some(first) = unexpected.first() {
             return Err(Error::Tensor {
                 path: self.weights.path_of(first),
@@ -137,11 +127,7 @@ impl<'a, B: Backend> Loader<'a, B> {
                 msg: format!(
                     "unexpected tensor ({} unused in all{}); the checkpoint does not match its config.json (model_type or sizes)",
                     unexpected.len(),
-                    if unexpected.len() > 1 {
-                        format!(", e.g. also `{}`", unexpected[1])
-                    } else {
-                        String::new()
-                    }
+                    if unexpected.len() > 1 { format!(", e.g. also `{}`", unexpected[1]) } else { String::new() }
                 ),
             });
         }

@@ -51,11 +51,14 @@ pub fn load_with_dtype<B: Backend>(dir: &Path, device: &B::Device, dtype: burn::
 }
 
 /// Loads the weights of `dir` for an already-read (possibly edited) config.
-pub fn load_config<B: Backend>(config: ModelConfig, dir: &Path, device: &B::Device, dtype: burn::tensor::FloatDType) -> Result<CausalLm<B>> {
+pub fn load_config<B: Backend>(
+    config: ModelConfig,
+    dir: &Path,
+    device: &B::Device,
+    dtype: burn::tensor::FloatDType,
+) -> Result<CausalLm<B>> {
     let weights = Weights::open(dir)?;
-    let loader = Loader::new(&weights, device.clone())
-        .with_matrix_dtype(dtype)
-        .with_optional_prefix(config.names.optional_prefix);
+    let loader = Loader::new(&weights, device.clone()).with_matrix_dtype(dtype).with_optional_prefix(config.names.optional_prefix);
     let model = CausalLm::load(config, &loader)?;
     loader.finish()?;
     Ok(model)

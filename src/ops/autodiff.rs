@@ -133,11 +133,7 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         };
         let x_lora_node = x_lora.as_ref().map_or_else(|| x.node.clone(), |t| t.node.clone());
         let x_lora = x_lora.map(|t| t.primitive);
-        match LoraLinearOp
-            .prepare::<C>([x.node.clone(), x_lora_node, p.a.node.clone(), p.b.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
+        match LoraLinearOp.prepare::<C>([x.node.clone(), x_lora_node, p.a.node.clone(), p.b.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let out = B::lora_linear(x.primitive.clone(), x_lora.clone(), inner.clone());
                 prep.finish((x.primitive, x_lora, inner), out)
@@ -145,7 +141,6 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => prep.finish(B::lora_linear(x.primitive, x_lora, inner)),
         }
     }
-
 
     fn fused_attention(
         q: FloatTensor<Self>,
@@ -159,18 +154,9 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             return super::reference::attention_general::<Self>(q, k, v, mask, opts);
         }
         let mask = inner_mask(mask);
-        match Attention
-            .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
+        match Attention.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let (out, lse) = B::attention_forward(
-                    q.primitive.clone(),
-                    k.primitive.clone(),
-                    v.primitive.clone(),
-                    mask.clone(),
-                );
+                let (out, lse) = B::attention_forward(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), mask.clone());
                 prep.finish((q.primitive, k.primitive, v.primitive, mask, out.clone(), lse), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::fused_attention(q.primitive, k.primitive, v.primitive, mask, opts)),
@@ -201,11 +187,7 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     }
 
     fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        match SwiGlu
-            .prepare::<C>([gate.node.clone(), up.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
+        match SwiGlu.prepare::<C>([gate.node.clone(), up.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let out = B::fused_swiglu(gate.primitive.clone(), up.primitive.clone());
                 prep.finish((gate.primitive, up.primitive), out)

@@ -28,8 +28,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     let xc = x.clamp(-87.3, 88.3);
     let n = (xc * LOG2E + ROUND) - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r
-        + 0.5;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
     let e = (p * r * r + r + 1.0) * f32::from_bits(((n as i32 + 127) << 23) as u32);
     if x < -87.3 {
         0.0
@@ -91,27 +90,7 @@ unsafe fn gemm(
     rhs_cs: isize,
     beta: f32,
 ) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs,
-        accumulate,
-        lhs,
-        lhs_cs,
-        lhs_rs,
-        rhs,
-        rhs_cs,
-        rhs_rs,
-        1.0,
-        beta,
-        false,
-        false,
-        false,
-        parallelism,
-    );
+    gemm::gemm(m, n, k, dst, 1, dst_rs, accumulate, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 1.0, beta, false, false, false, parallelism);
 }
 
 /// Shape and mask of one attention call.
@@ -200,10 +179,18 @@ fn attention_forward_f32(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<
             unsafe {
                 gemm(
                     ONE_CORE,
-                    rows, n, d,
-                    scores.as_mut_ptr(), t as isize, false,
-                    q0[r0 * h * d..].as_ptr(), (h * d) as isize, 1,
-                    k0.as_ptr(), 1, (kv * d) as isize,
+                    rows,
+                    n,
+                    d,
+                    scores.as_mut_ptr(),
+                    t as isize,
+                    false,
+                    q0[r0 * h * d..].as_ptr(),
+                    (h * d) as isize,
+                    1,
+                    k0.as_ptr(),
+                    1,
+                    (kv * d) as isize,
                     scale,
                 );
             }
@@ -218,10 +205,18 @@ fn attention_forward_f32(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<
             unsafe {
                 gemm(
                     ONE_CORE,
-                    rows, d, n,
-                    out_ptr.at(((bi * s + r0) * h + hi) * d), (h * d) as isize, false,
-                    scores.as_ptr(), t as isize, 1,
-                    v0.as_ptr(), (kv * d) as isize, 1,
+                    rows,
+                    d,
+                    n,
+                    out_ptr.at(((bi * s + r0) * h + hi) * d),
+                    (h * d) as isize,
+                    false,
+                    scores.as_ptr(),
+                    t as isize,
+                    1,
+                    v0.as_ptr(),
+                    (kv * d) as isize,
+                    1,
                     1.0,
                 );
             }
@@ -263,7 +258,22 @@ fn attention_backward_f32(
                 let ld = (h * d) as isize;
                 unsafe {
                     // p = softmax(scale · q kᵀ), rebuilt from the saved log-sum-exp
-                    gemm(ONE_CORE, rows, n, d, p.as_mut_ptr(), t as isize, false, q_t.as_ptr(), ld, 1, k0.as_ptr(), 1, (kv * d) as isize, scale);
+                    gemm(
+                        ONE_CORE,
+                        rows,
+                        n,
+                        d,
+                        p.as_mut_ptr(),
+                        t as isize,
+                        false,
+                        q_t.as_ptr(),
+                        ld,
+                        1,
+                        k0.as_ptr(),
+                        1,
+                        (kv * d) as isize,
+                        scale,
+                    );
                 }
                 for ii in 0..rows {
                     let i = r0 + ii;
@@ -273,9 +283,39 @@ fn attention_backward_f32(
                 }
                 unsafe {
                     // dv += pᵀ · grad
-                    gemm(ONE_CORE, n, d, rows, dv_ptr.at(kv_off), (kv * d) as isize, true, p.as_ptr(), 1, t as isize, g_t.as_ptr(), ld, 1, 1.0);
+                    gemm(
+                        ONE_CORE,
+                        n,
+                        d,
+                        rows,
+                        dv_ptr.at(kv_off),
+                        (kv * d) as isize,
+                        true,
+                        p.as_ptr(),
+                        1,
+                        t as isize,
+                        g_t.as_ptr(),
+                        ld,
+                        1,
+                        1.0,
+                    );
                     // dp = grad · vᵀ
-                    gemm(ONE_CORE, rows, n, d, dp.as_mut_ptr(), t as isize, false, g_t.as_ptr(), ld, 1, v0.as_ptr(), 1, (kv * d) as isize, 1.0);
+                    gemm(
+                        ONE_CORE,
+                        rows,
+                        n,
+                        d,
+                        dp.as_mut_ptr(),
+                        t as isize,
+                        false,
+                        g_t.as_ptr(),
+                        ld,
+                        1,
+                        v0.as_ptr(),
+                        1,
+                        (kv * d) as isize,
+                        1.0,
+                    );
                 }
                 // ds = p · (dp − Σ grad·out), the softmax's backward, times the score scale
                 for ii in 0..rows {
@@ -289,9 +329,39 @@ fn attention_backward_f32(
                 }
                 unsafe {
                     // dq = ds · k
-                    gemm(ONE_CORE, rows, d, n, dq_ptr.at(row_off), ld, false, dp.as_ptr(), t as isize, 1, k0.as_ptr(), (kv * d) as isize, 1, 1.0);
+                    gemm(
+                        ONE_CORE,
+                        rows,
+                        d,
+                        n,
+                        dq_ptr.at(row_off),
+                        ld,
+                        false,
+                        dp.as_ptr(),
+                        t as isize,
+                        1,
+                        k0.as_ptr(),
+                        (kv * d) as isize,
+                        1,
+                        1.0,
+                    );
                     // dk += dsᵀ · q
-                    gemm(ONE_CORE, n, d, rows, dk_ptr.at(kv_off), (kv * d) as isize, true, dp.as_ptr(), 1, t as isize, q_t.as_ptr(), ld, 1, 1.0);
+                    gemm(
+                        ONE_CORE,
+                        n,
+                        d,
+                        rows,
+                        dk_ptr.at(kv_off),
+                        (kv * d) as isize,
+                        true,
+                        dp.as_ptr(),
+                        1,
+                        t as isize,
+                        q_t.as_ptr(),
+                        ld,
+                        1,
+                        1.0,
+                    );
                 }
             }
         }
@@ -302,15 +372,7 @@ fn attention_backward_f32(
 /// Shape of q `[b, s, h, d]` and k `[b, t, kv, d]`, and the mask's bytes.
 fn geometry<'a>(q: &FlexTensor, k: &FlexTensor, mask: &'a Option<FlexTensor>) -> Geometry<'a> {
     let (qd, kd) = (dims(q), dims(k));
-    Geometry {
-        b: qd[0],
-        s: qd[1],
-        h: qd[2],
-        d: qd[3],
-        t: kd[1],
-        kv: kd[2],
-        mask: mask.as_ref().map(|m| m.storage::<u8>()),
-    }
+    Geometry { b: qd[0], s: qd[1], h: qd[2], d: qd[3], t: kd[1], kv: kd[2], mask: mask.as_ref().map(|m| m.storage::<u8>()) }
 }
 
 /// The mask as the kernels read it: `Some(None)` for causal, `Some(Some(bytes))` for an
@@ -361,7 +423,6 @@ impl FusedOps for Flex {
         (loss, tensor(grad, shape))
     }
 
-
     fn lora_linear(x: FloatTensor<Self>, x_lora: Option<FloatTensor<Self>>, p: LoraLinear<Self>) -> FloatTensor<Self> {
         let mut ts = vec![&x, &p.w, &p.a, &p.b];
         ts.extend(x_lora.iter().chain(p.bias.iter()));
@@ -379,9 +440,54 @@ impl FusedOps for Flex {
         unsafe {
             // y = x·w, down = x_lora·a, y += scale · down·b: the adapter's output lands in y's
             // buffer with no separate add.
-            gemm(ALL_CORES, n, dout, din, y.as_mut_ptr(), dout as isize, false, xs.as_ptr(), din as isize, 1, ws.as_ptr(), dout as isize, 1, 1.0);
-            gemm(ALL_CORES, n, r, din, down.as_mut_ptr(), r as isize, false, xl.as_ptr(), din as isize, 1, as_.as_ptr(), r as isize, 1, 1.0);
-            gemm(ALL_CORES, n, dout, r, y.as_mut_ptr(), dout as isize, true, down.as_ptr(), r as isize, 1, bs.as_ptr(), dout as isize, 1, p.scale as f32);
+            gemm(
+                ALL_CORES,
+                n,
+                dout,
+                din,
+                y.as_mut_ptr(),
+                dout as isize,
+                false,
+                xs.as_ptr(),
+                din as isize,
+                1,
+                ws.as_ptr(),
+                dout as isize,
+                1,
+                1.0,
+            );
+            gemm(
+                ALL_CORES,
+                n,
+                r,
+                din,
+                down.as_mut_ptr(),
+                r as isize,
+                false,
+                xl.as_ptr(),
+                din as isize,
+                1,
+                as_.as_ptr(),
+                r as isize,
+                1,
+                1.0,
+            );
+            gemm(
+                ALL_CORES,
+                n,
+                dout,
+                r,
+                y.as_mut_ptr(),
+                dout as isize,
+                true,
+                down.as_ptr(),
+                r as isize,
+                1,
+                bs.as_ptr(),
+                dout as isize,
+                1,
+                p.scale as f32,
+            );
         }
         if let Some(bias) = p.bias {
             let bias = contiguous(bias);
@@ -422,20 +528,110 @@ impl FusedOps for Flex {
         let mut dx_lora = vec![0f32; if x_lora.is_some() { n * din } else { 0 }];
         unsafe {
             // down = x_lora·a (recomputed: [n, r] is cheap), v = grad·bᵀ
-            gemm(ALL_CORES, n, r, din, down.as_mut_ptr(), r as isize, false, xl.as_ptr(), din as isize, 1, as_.as_ptr(), r as isize, 1, 1.0);
-            gemm(ALL_CORES, n, r, dout, v.as_mut_ptr(), r as isize, false, gs.as_ptr(), dout as isize, 1, bs.as_ptr(), 1, dout as isize, 1.0);
+            gemm(
+                ALL_CORES,
+                n,
+                r,
+                din,
+                down.as_mut_ptr(),
+                r as isize,
+                false,
+                xl.as_ptr(),
+                din as isize,
+                1,
+                as_.as_ptr(),
+                r as isize,
+                1,
+                1.0,
+            );
+            gemm(
+                ALL_CORES,
+                n,
+                r,
+                dout,
+                v.as_mut_ptr(),
+                r as isize,
+                false,
+                gs.as_ptr(),
+                dout as isize,
+                1,
+                bs.as_ptr(),
+                1,
+                dout as isize,
+                1.0,
+            );
             // db = scale · downᵀ·grad, da = scale · x_loraᵀ·v
-            gemm(ALL_CORES, r, dout, n, db.as_mut_ptr(), dout as isize, false, down.as_ptr(), 1, r as isize, gs.as_ptr(), dout as isize, 1, s);
+            gemm(
+                ALL_CORES,
+                r,
+                dout,
+                n,
+                db.as_mut_ptr(),
+                dout as isize,
+                false,
+                down.as_ptr(),
+                1,
+                r as isize,
+                gs.as_ptr(),
+                dout as isize,
+                1,
+                s,
+            );
             gemm(ALL_CORES, din, r, n, da.as_mut_ptr(), r as isize, false, xl.as_ptr(), 1, din as isize, v.as_ptr(), r as isize, 1, s);
             if need_dx {
                 // dx = grad·wᵀ (+ scale · v·aᵀ when the adapter saw x itself)
-                gemm(ALL_CORES, n, din, dout, dx.as_mut_ptr(), din as isize, false, gs.as_ptr(), dout as isize, 1, ws.as_ptr(), 1, dout as isize, 1.0);
+                gemm(
+                    ALL_CORES,
+                    n,
+                    din,
+                    dout,
+                    dx.as_mut_ptr(),
+                    din as isize,
+                    false,
+                    gs.as_ptr(),
+                    dout as isize,
+                    1,
+                    ws.as_ptr(),
+                    1,
+                    dout as isize,
+                    1.0,
+                );
                 if x_lora.is_none() {
-                    gemm(ALL_CORES, n, din, r, dx.as_mut_ptr(), din as isize, true, v.as_ptr(), r as isize, 1, as_.as_ptr(), 1, r as isize, s);
+                    gemm(
+                        ALL_CORES,
+                        n,
+                        din,
+                        r,
+                        dx.as_mut_ptr(),
+                        din as isize,
+                        true,
+                        v.as_ptr(),
+                        r as isize,
+                        1,
+                        as_.as_ptr(),
+                        1,
+                        r as isize,
+                        s,
+                    );
                 }
             }
             if x_lora.is_some() {
-                gemm(ALL_CORES, n, din, r, dx_lora.as_mut_ptr(), din as isize, false, v.as_ptr(), r as isize, 1, as_.as_ptr(), 1, r as isize, s);
+                gemm(
+                    ALL_CORES,
+                    n,
+                    din,
+                    r,
+                    dx_lora.as_mut_ptr(),
+                    din as isize,
+                    false,
+                    v.as_ptr(),
+                    r as isize,
+                    1,
+                    as_.as_ptr(),
+                    1,
+                    r as isize,
+                    s,
+                );
             }
         }
         let dx = need_dx.then(|| tensor(dx, vec![n, din]));
@@ -489,23 +685,25 @@ impl FusedOps for Flex {
         let n = xs.len() / d;
         let mut out = vec![0f32; n * d];
         let mut rstd = vec![0f32; n];
-        out.par_chunks_mut(ROWS_PER_TASK * d)
-            .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
-            .enumerate()
-            .for_each(|(c, (out, rstd))| {
-                for (r, (o, rs)) in out.chunks_mut(d).zip(rstd.iter_mut()).enumerate() {
-                    let x = &xs[(c * ROWS_PER_TASK + r) * d..][..d];
-                    let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
-                    *rs = 1.0 / (ms + eps as f32).sqrt();
-                    for ((o, &x), &w) in o.iter_mut().zip(x).zip(ws) {
-                        *o = x * *rs * w;
-                    }
+        out.par_chunks_mut(ROWS_PER_TASK * d).zip(rstd.par_chunks_mut(ROWS_PER_TASK)).enumerate().for_each(|(c, (out, rstd))| {
+            for (r, (o, rs)) in out.chunks_mut(d).zip(rstd.iter_mut()).enumerate() {
+                let x = &xs[(c * ROWS_PER_TASK + r) * d..][..d];
+                let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                *rs = 1.0 / (ms + eps as f32).sqrt();
+                for ((o, &x), &w) in o.iter_mut().zip(x).zip(ws) {
+                    *o = x * *rs * w;
                 }
-            });
+            }
+        });
         (tensor(out, shape), tensor(rstd, vec![n, 1]))
     }
 
-    fn rms_norm_backward(x: FloatTensor<Self>, w: FloatTensor<Self>, rstd: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
         if !all_f32(&[&x, &w, &rstd, &grad]) {
             return reference::rms_norm_backward::<Self>(x, w, rstd, grad);
         }

@@ -69,7 +69,10 @@ impl AttentionOptions {
 
     /// Only the scale is set, and it is the default one: what the kernels compute.
     pub(crate) fn is_plain(&self, head_dim: usize) -> bool {
-        self.softcap.is_none() && self.window.is_none() && self.alibi.is_none() && (self.scale - 1.0 / (head_dim as f64).sqrt()).abs() < 1e-12
+        self.softcap.is_none()
+            && self.window.is_none()
+            && self.alibi.is_none()
+            && (self.scale - 1.0 / (head_dim as f64).sqrt()).abs() < 1e-12
     }
 }
 
@@ -90,7 +93,13 @@ pub trait FusedOps: Backend {
     /// softmax(q·kᵀ/√d + mask)·v with grouped-query heads: q `[b, s, h, d]`, k and v
     /// `[b, t, kv, d]` with h a multiple of kv (query head j uses kv head j / (h / kv), as
     /// HF's repeat_kv). Returns `[b, s, h, d]`.
-    fn fused_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: Mask<Self>, opts: &AttentionOptions) -> FloatTensor<Self> {
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Mask<Self>,
+        opts: &AttentionOptions,
+    ) -> FloatTensor<Self> {
         let d = float::<Self, 4>(q.clone()).dims()[3];
         if opts.is_plain(d) {
             Self::attention_forward(q, k, v, mask).0
@@ -180,7 +189,12 @@ pub trait FusedOps: Backend {
 
     /// Gradient of x (the norm's weight is frozen in tune): with g = grad·w,
     /// dx = rstd · (g − x · rstd² · mean(g·x)).
-    fn rms_norm_backward(x: FloatTensor<Self>, w: FloatTensor<Self>, rstd: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
         reference::rms_norm_backward::<Self>(x, w, rstd, grad)
     }
 
@@ -289,11 +303,7 @@ pub mod reference {
         let dx_lora = v.matmul(a.transpose()) * p.scale;
         let w = float::<B, 2>(p.w);
         let dx_base = need_dx.then(|| grad.matmul(w.transpose().cast(x.dtype())));
-        let (dx, dx_lora) = if shared {
-            (dx_base.map(|d| d + dx_lora), None)
-        } else {
-            (dx_base, Some(dx_lora))
-        };
+        let (dx, dx_lora) = if shared { (dx_base.map(|d| d + dx_lora), None) } else { (dx_base, Some(dx_lora)) };
         (dx.map(prim), dx_lora.map(prim), prim(da), prim(db))
     }
 
@@ -325,7 +335,13 @@ pub mod reference {
     }
 
     /// Attention with every option, as plain tensor ops: scale, soft-cap, ALiBi bias, window.
-    pub fn attention_general<B: Backend>(q: FloatTensor<B>, k: FloatTensor<B>, v: FloatTensor<B>, mask: Mask<B>, opts: &AttentionOptions) -> FloatTensor<B> {
+    pub fn attention_general<B: Backend>(
+        q: FloatTensor<B>,
+        k: FloatTensor<B>,
+        v: FloatTensor<B>,
+        mask: Mask<B>,
+        opts: &AttentionOptions,
+    ) -> FloatTensor<B> {
         use burn::tensor::TensorData;
         let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
         let [b, s, h, _] = q.dims();
@@ -385,7 +401,12 @@ pub mod reference {
         (prim(x * rstd.clone() * w.unsqueeze::<2>()), prim(rstd))
     }
 
-    pub fn rms_norm_backward<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>, rstd: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+    pub fn rms_norm_backward<B: Backend>(
+        x: FloatTensor<B>,
+        w: FloatTensor<B>,
+        rstd: FloatTensor<B>,
+        grad: FloatTensor<B>,
+    ) -> FloatTensor<B> {
         let x = float::<B, 2>(x);
         let rstd = float::<B, 2>(rstd);
         let g = float::<B, 2>(grad) * float::<B, 1>(w).cast(DType::F32).unsqueeze::<2>();

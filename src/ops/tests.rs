@@ -47,7 +47,12 @@ fn naive_attention<B: FusedOps>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4
 
 /// Runs fused and naive attention on the same inputs under autodiff and compares the outputs
 /// and the gradients of q, k and v for a random upstream gradient.
-fn check_attention<B: FusedOps>([b, s, t, h, kv]: [usize; 5], mask: AttentionMask<Autodiff<B>>, masked: Tensor<Autodiff<B>, 4, Bool>, what: &str) {
+fn check_attention<B: FusedOps>(
+    [b, s, t, h, kv]: [usize; 5],
+    mask: AttentionMask<Autodiff<B>>,
+    masked: Tensor<Autodiff<B>, 4, Bool>,
+    what: &str,
+) {
     type A<B> = Autodiff<B>;
     let d = 8;
     let q = random::<A<B>, 4>([b, s, h, d]).require_grad();
@@ -58,7 +63,13 @@ fn check_attention<B: FusedOps>([b, s, t, h, kv]: [usize; 5], mask: AttentionMas
         AttentionMask::Causal => Mask::Causal,
         AttentionMask::Explicit(m) => Mask::Explicit(m.into_primitive()),
     };
-    let fused = float::<A<B>, 4>(A::<B>::fused_attention(prim(q.clone()), prim(k.clone()), prim(v.clone()), fused_mask, &super::AttentionOptions::new(d)));
+    let fused = float::<A<B>, 4>(A::<B>::fused_attention(
+        prim(q.clone()),
+        prim(k.clone()),
+        prim(v.clone()),
+        fused_mask,
+        &super::AttentionOptions::new(d),
+    ));
     let naive = naive_attention(q.clone(), k.clone(), v.clone(), masked);
     assert!(rel_diff(fused.clone(), naive.clone()) < tol::<B>(), "{what}: outputs differ");
     let gf = (fused * up.clone()).sum().backward();

@@ -78,10 +78,7 @@ pub fn prepare(recipe: &Recipe, tokenizer: &Tokenizer, config_eos: Option<u32>) 
     }
     let eos = tokenizer.eos_token_id().or(config_eos);
     let opts = ExampleOptions { max_seq_len: d.max_seq_len, train_on_input: d.train_on_input, add_eos: d.add_eos, eos };
-    let examples = records
-        .iter()
-        .map(|r| build_example(&d.path, r, format, tokenizer, opts))
-        .collect::<Result<Vec<_>>>()?;
+    let examples = records.iter().map(|r| build_example(&d.path, r, format, tokenizer, opts)).collect::<Result<Vec<_>>>()?;
     let rows: Vec<Row> = if d.packed { pack(&examples, d.max_seq_len) } else { examples.iter().map(Row::from_example).collect() };
     let label_tokens: usize = rows.iter().map(|r| r.weights.iter().filter(|&&w| w > 0.0).count()).sum();
     if label_tokens == 0 {
@@ -90,8 +87,10 @@ pub fn prepare(recipe: &Recipe, tokenizer: &Tokenizer, config_eos: Option<u32>) 
             "every label is masked: no token is trained on (are the responses empty, or all cut off by max_seq_len?)",
         ));
     }
-    let own_template = recipe.dataset.chat_template.is_none() && recipe.lora.init_from.as_ref().is_none_or(|dir| !dir.join(adapter_template::FILE).is_file());
-    let chat_template = if format == DataFormat::Chat || !own_template { tokenizer.chat_template().map(|t| t.source().to_string()) } else { None };
+    let own_template = recipe.dataset.chat_template.is_none()
+        && recipe.lora.init_from.as_ref().is_none_or(|dir| !dir.join(adapter_template::FILE).is_file());
+    let chat_template =
+        if format == DataFormat::Chat || !own_template { tokenizer.chat_template().map(|t| t.source().to_string()) } else { None };
     Ok(Prepared { format, rows, examples: examples.len(), label_tokens, pad_id: eos.unwrap_or(0), chat_template })
 }
 
@@ -135,9 +134,7 @@ pub fn step_batches(prepared: &Prepared, order: &mut Order, step: usize, batch_s
     let per_step = batch_size * grad_accum;
     (0..grad_accum)
         .map(|m| {
-            let rows: Vec<&Row> = (0..batch_size)
-                .map(|i| &prepared.rows[order.at(step * per_step + m * batch_size + i)])
-                .collect();
+            let rows: Vec<&Row> = (0..batch_size).map(|i| &prepared.rows[order.at(step * per_step + m * batch_size + i)]).collect();
             Batch::new(&rows, prepared.pad_id)
         })
         .collect()

@@ -27,11 +27,7 @@ pub struct StepMetrics {
 
 /// Appends one line and flushes it, so a crash loses at most the line being written.
 pub fn append(path: &Path, m: &StepMetrics) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
     let line = serde_json::to_string(m).expect("metrics serialise");
     writeln!(f, "{line}").and_then(|_| f.flush()).map_err(|e| Error::io(path, e))
 }
@@ -49,9 +45,7 @@ pub fn read(path: &Path) -> Result<Vec<StepMetrics>> {
 pub fn loss_svg(metrics: &[StepMetrics], title: &str) -> String {
     let (w, h, left, right, top, bottom) = (720.0, 400.0, 60.0, 20.0, 40.0, 40.0);
     let steps = metrics.last().map_or(1, |m| m.step).max(1) as f64;
-    let (lo, hi) = metrics.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), m| {
-        (lo.min(m.loss as f64), hi.max(m.loss as f64))
-    });
+    let (lo, hi) = metrics.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), m| (lo.min(m.loss as f64), hi.max(m.loss as f64)));
     let (lo, hi) = if lo.is_finite() && hi > lo { (lo, hi) } else { (0.0, lo.max(1.0)) };
     let x = |s: f64| left + (s / steps) * (w - left - right);
     let y = |l: f64| top + (hi - l) / (hi - lo) * (h - top - bottom);
@@ -70,11 +64,7 @@ pub fn loss_svg(metrics: &[StepMetrics], title: &str) -> String {
     );
     for i in 0..=4 {
         let l = lo + (hi - lo) * i as f64 / 4.0;
-        svg += &format!(
-            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{l:.3}</text>\n",
-            left - 6.0,
-            y(l) + 4.0
-        );
+        svg += &format!("<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{l:.3}</text>\n", left - 6.0, y(l) + 4.0);
     }
     svg += &format!(
         "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">optimizer step (1–{})</text>\n",
@@ -82,10 +72,7 @@ pub fn loss_svg(metrics: &[StepMetrics], title: &str) -> String {
         h - 10.0,
         steps
     );
-    svg += &format!(
-        "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n</svg>\n",
-        points.join(" ")
-    );
+    svg += &format!("<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n</svg>\n", points.join(" "));
     svg
 }
 

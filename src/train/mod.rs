@@ -9,22 +9,22 @@ pub mod schedule;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::backend::Backend;
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
-use crate::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
+use crate::adapter::LoraConfig;
+use crate::checkpoint;
 use crate::data::batch::Batch;
 use crate::error::{Error, Result};
 use crate::eval::token_nll;
 use crate::hf::Tokenizer;
-use crate::adapter::LoraConfig;
-use crate::peft;
-use crate::checkpoint;
-use crate::ops::{float, prim};
 use crate::model::blocks::{Block, Context};
 use crate::model::linear::linear_in_weight_dtype;
 use crate::model::{self, token_tensor, AttentionMask, CausalLm, ModelConfig};
+use crate::ops::{float, prim};
+use crate::peft;
 use crate::recipe::Recipe;
 use data::{prepare, step_batches, Order, Prepared};
 use metrics::StepMetrics;
@@ -65,7 +65,12 @@ pub const LOSS_CHUNK: usize = 128;
 ///
 /// The graph only needs Σ h ⊙ (d loss / d h), whose gradient with respect to the final hidden
 /// states h is exactly d loss / d h; [`head_gradient`] computes that outside the graph.
-pub fn loss_for_backward<B: AutodiffBackend<InnerBackend: Backend> + Backend>(model: &CausalLm<B>, batch: &Batch, label_total: usize, device: &B::Device) -> (Tensor<B, 1>, f64) {
+pub fn loss_for_backward<B: AutodiffBackend<InnerBackend: Backend> + Backend>(
+    model: &CausalLm<B>,
+    batch: &Batch,
+    label_total: usize,
+    device: &B::Device,
+) -> (Tensor<B, 1>, f64) {
     let h = final_hidden(model, batch, device);
     let (grad, loss) = head_gradient(h.clone().inner(), model.lm_head_weight().inner(), model.config.final_softcap, batch, label_total);
     ((h * Tensor::from_inner(grad)).sum(), loss)
@@ -78,7 +83,13 @@ pub fn loss_for_backward<B: AutodiffBackend<InnerBackend: Backend> + Backend>(mo
 /// out: d loss / d logits = (softmax − one-hot) · w / label_total, so d loss / d h = that ·
 /// lm_headᵀ. The [tokens × vocab] logits are never held whole, nor saved for the backward pass
 /// (the lm_head is frozen, so nothing else needs them).
-fn head_gradient<B: Backend>(h: Tensor<B, 2>, w: Tensor<B, 2>, softcap: Option<f64>, batch: &Batch, label_total: usize) -> (Tensor<B, 2>, f64) {
+fn head_gradient<B: Backend>(
+    h: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    softcap: Option<f64>,
+    batch: &Batch,
+    label_total: usize,
+) -> (Tensor<B, 2>, f64) {
     let [n, hidden] = h.dims();
     let device = h.device();
     let coef: Vec<f32> = batch.weights.iter().map(|w| w / label_total.max(1) as f32).collect();
@@ -285,7 +296,11 @@ pub fn setup(recipe: &Recipe, chat_date: crate::hf::ChatDate) -> Result<Setup> {
 
 /// Loads the base model on the autodiff backend with LoRA attached: fresh, or from
 /// `lora.init_from`. Only the adapters require gradients.
-pub fn model_with_lora<B: AutodiffBackend<InnerBackend: Backend> + Backend>(recipe: &Recipe, setup: &mut Setup, device: &B::Device) -> Result<CausalLm<B>> {
+pub fn model_with_lora<B: AutodiffBackend<InnerBackend: Backend> + Backend>(
+    recipe: &Recipe,
+    setup: &mut Setup,
+    device: &B::Device,
+) -> Result<CausalLm<B>> {
     let mut model: CausalLm<B> = model::load_with_dtype(&recipe.model.path, device, recipe.base_dtype().float_dtype())?;
     match &recipe.lora.init_from {
         Some(dir) => {
@@ -364,7 +379,15 @@ pub enum Start {
 /// Recipe keys that may differ between the run that wrote a checkpoint and the one resuming it;
 /// any other difference changes the run (model, LoRA, data, batches, schedule, seed) and is
 /// refused.
-pub const RESUMABLE_CHANGES: &[&str] = &["device", "train.activation_checkpointing", "output.dir", "output.save_every", "output.keep_last", "output.export", "output.export_dtype"];
+pub const RESUMABLE_CHANGES: &[&str] = &[
+    "device",
+    "train.activation_checkpointing",
+    "output.dir",
+    "output.save_every",
+    "output.keep_last",
+    "output.export",
+    "output.export_dtype",
+];
 
 /// The keys whose values differ between two recipes, except those that may change on resume.
 pub fn breaking_changes(old: &Recipe, new: &Recipe) -> Vec<String> {
@@ -463,7 +486,8 @@ where
         let batches = step_batches(&setup.data, &mut order, step, t.batch_size, t.grad_accum);
         let lr = schedule::lr_at(step, total, t.warmup_steps, t.lr, t.schedule);
         let dropout_seed = crate::rng::Rng::new(t.seed ^ 0xD50F ^ (step as u64).wrapping_mul(0x2545_F491_4F6C_DD1D)).next_u64();
-        let options = StepOptions { lr, max_grad_norm: t.max_grad_norm, dropout_seed, activation_checkpointing: t.activation_checkpointing };
+        let options =
+            StepOptions { lr, max_grad_norm: t.max_grad_norm, dropout_seed, activation_checkpointing: t.activation_checkpointing };
         let stats = train_step(&mut model, &mut opt, &batches, options, &device);
         if !stats.loss.is_finite() {
             return Err(Error::Unsupported(format!(
@@ -540,10 +564,9 @@ fn prepare_run_dir(paths: &RunPaths, start: &Start) -> Result<Option<checkpoint:
         Start::Resume(Some(dir)) => checkpoint::open(dir).map(Some),
         Start::Resume(None) => match checkpoint::list(&paths.dir).pop() {
             Some(found) => Ok(Some(found)),
-            None => Err(Error::Model(format!(
-                "{}: no complete checkpoint to resume from",
-                checkpoint::checkpoints_dir(&paths.dir).display()
-            ))),
+            None => {
+                Err(Error::Model(format!("{}: no complete checkpoint to resume from", checkpoint::checkpoints_dir(&paths.dir).display())))
+            }
         },
     }
 }
@@ -583,11 +606,8 @@ fn resume<B: Backend>(
     checkpoint::load_optimizer(&found.dir, model, opt, found.state.adam_step, device)?;
     // Steps after the checkpoint (written before a crash) are dropped: they will run again.
     let step = found.state.step;
-    let history: Vec<StepMetrics> = if paths.metrics.exists() {
-        metrics::read(&paths.metrics)?.into_iter().filter(|m| m.step <= step).collect()
-    } else {
-        Vec::new()
-    };
+    let history: Vec<StepMetrics> =
+        if paths.metrics.exists() { metrics::read(&paths.metrics)?.into_iter().filter(|m| m.step <= step).collect() } else { Vec::new() };
     if history.len() != step {
         return Err(Error::Model(format!(
             "{}: has {} of the {step} steps before the checkpoint; cannot continue it exactly",
@@ -600,4 +620,3 @@ fn resume<B: Backend>(
     eprintln!("resuming from {} (step {step} of {})", found.dir.display(), found.state.total_steps);
     Ok((step, found.state.elapsed_s, history))
 }
-

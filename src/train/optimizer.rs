@@ -16,11 +16,7 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     /// PyTorch's defaults except weight decay, which LoRA recipes set to 0.
     fn default() -> Self {
-        AdamWConfig {
-            betas: [0.9, 0.999],
-            eps: 1e-8,
-            weight_decay: 0.0,
-        }
+        AdamWConfig { betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0 }
     }
 }
 

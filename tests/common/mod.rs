@@ -18,9 +18,8 @@ pub fn tiny(name: &str) -> PathBuf {
 }
 
 /// The tiny random checkpoints, one per family variant.
-pub const TINY: &[&str] = &[
-    "llama", "llama-tied", "llama-linear", "mistral", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "gpt2", "gpt-neox", "bloom",
-];
+pub const TINY: &[&str] =
+    &["llama", "llama-tied", "llama-linear", "mistral", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "gpt2", "gpt-neox", "bloom"];
 
 /// A reference tensor written by tests/fixtures/reference.py: values widened to f64 plus its shape.
 #[derive(Debug, Clone)]
@@ -112,9 +111,7 @@ pub fn write_tiny_model(dir: &Path, seed: u64) {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, ones: bool, rng: &mut tune::rng::Rng| {
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n)
-            .map(|_| if ones { 1.0 } else { ((rng.next_f64() * 2.0 - 1.0) * 0.3) as f32 })
-            .collect();
+        let data: Vec<f32> = (0..n).map(|_| if ones { 1.0 } else { ((rng.next_f64() * 2.0 - 1.0) * 0.3) as f32 }).collect();
         tensors.push((name, shape, data.iter().flat_map(|x| x.to_le_bytes()).collect()));
     };
     add("model.embed_tokens.weight".into(), vec![32, 32], false, &mut rng);
@@ -135,10 +132,8 @@ pub fn write_tiny_model(dir: &Path, seed: u64) {
         add(format!("{p}.input_layernorm.weight"), vec![32], true, &mut rng);
         add(format!("{p}.post_attention_layernorm.weight"), vec![32], true, &mut rng);
     }
-    let views: Vec<(&str, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, s, b)| (n.as_str(), safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
-        .collect();
+    let views: Vec<(&str, safetensors::tensor::TensorView)> =
+        tensors.iter().map(|(n, s, b)| (n.as_str(), safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).unwrap())).collect();
     safetensors::serialize_to_file(views, &None, &dir.join("model.safetensors")).unwrap();
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(fixtures().join("tokenizer").join(f), dir.join(f)).unwrap();
@@ -162,11 +157,7 @@ pub fn write_text_dataset(path: &Path, n: usize, seed: u64) {
 /// Runs the `tune` binary from the repository root; returns its exit code and stderr, and
 /// fails the test if it panicked (bad input must be an error message, never a panic).
 pub fn tune(args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tune"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tune")).current_dir(env!("CARGO_MANIFEST_DIR")).args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!stderr.contains("panicked"), "tune panicked: {stderr}");
     (out.status.code().unwrap_or(-1), stderr)

@@ -14,7 +14,11 @@ use crate::ops::{float, prim, AttentionOptions};
 /// Where q, k and v come from.
 #[derive(Debug, Clone)]
 pub enum Qkv<B: Backend> {
-    Separate { q_proj: Linear<B>, k_proj: Linear<B>, v_proj: Linear<B> },
+    Separate {
+        q_proj: Linear<B>,
+        k_proj: Linear<B>,
+        v_proj: Linear<B>,
+    },
     /// One projection, output [all q | all k | all v] (Phi-3, GPT-2).
     Fused(Linear<B>),
     /// One projection, output per head [q | k | v] (GPT-NeoX, BLOOM).
@@ -58,11 +62,7 @@ impl<B: Backend> Attention<B> {
             }
             Qkv::FusedPerHead(proj) => {
                 let y = proj.forward(x).reshape([b, s, h, 3 * d]);
-                (
-                    y.clone().narrow(3, 0, d),
-                    y.clone().narrow(3, d, d),
-                    y.narrow(3, 2 * d, d),
-                )
+                (y.clone().narrow(3, 0, d), y.clone().narrow(3, d, d), y.narrow(3, 2 * d, d))
             }
         }
     }

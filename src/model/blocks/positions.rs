@@ -50,9 +50,7 @@ impl Rope {
                 }
             }
             RopeScaling::LongRope { short_factor, long_factor, original_max_position_embeddings, attention_factor: a } => {
-                let scaled = |factors: &[f64]| -> Vec<f32> {
-                    (0..r / 2).map(|i| (1.0 / (factors[i] as f32 * base(i) as f32)) as f32).collect()
-                };
+                let scaled = |factors: &[f64]| -> Vec<f32> { (0..r / 2).map(|i| 1.0 / (factors[i] as f32 * base(i) as f32)).collect() };
                 long = Some((scaled(long_factor), *original_max_position_embeddings));
                 inv_freq = scaled(short_factor).into_iter().map(f64::from).collect();
                 attention_factor = *a as f32;
@@ -78,9 +76,8 @@ impl Rope {
         for &p in positions {
             // Angle rounded to f32 as in HF (position · inv_freq in f32), then cos/sin of it.
             let angles = inv_freq.iter().map(|f| (p as f32 * f) as f64);
-            let (c, s): (Vec<f32>, Vec<f32>) = angles
-                .map(|a| ((a.cos() as f32) * self.attention_factor, (a.sin() as f32) * self.attention_factor))
-                .unzip();
+            let (c, s): (Vec<f32>, Vec<f32>) =
+                angles.map(|a| ((a.cos() as f32) * self.attention_factor, (a.sin() as f32) * self.attention_factor)).unzip();
             // cat(freqs, freqs): both halves see the same angles.
             cos.extend_from_slice(&c);
             cos.extend_from_slice(&c);

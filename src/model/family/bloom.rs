@@ -63,10 +63,7 @@ fn yes() -> bool {
 pub fn config(raw: &RawConfig) -> Result<ModelConfig> {
     let c: BloomConfig = raw.parse()?;
     if c.apply_residual_connection_post_layernorm {
-        return Err(Error::Unsupported(format!(
-            "{}: apply_residual_connection_post_layernorm: true is not supported",
-            raw.path.display()
-        )));
+        return Err(Error::Unsupported(format!("{}: apply_residual_connection_post_layernorm: true is not supported", raw.path.display())));
     }
     let (heads, kv, d) = super::heads(raw, c.hidden_size, c.n_head, None, None)?;
     Ok(ModelConfig {

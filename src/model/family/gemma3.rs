@@ -127,7 +127,14 @@ pub fn network(raw: &RawConfig, c: &Gemma3TextConfig) -> Result<ModelConfig> {
     let pattern = c.sliding_window_pattern.max(1);
     let sliding = layer_types(raw, &c.layer_types, c.num_hidden_layers, |i| (i + 1) % pattern != 0)?;
     let block = |t: &str| c.rope_parameters.as_ref().and_then(|p| p.for_layer_type(t));
-    let global = super::rope(raw, block("full_attention").or(c.rope_scaling.as_ref()), c.rope_theta.unwrap_or(1e6), d, c.max_position_embeddings, None)?;
+    let global = super::rope(
+        raw,
+        block("full_attention").or(c.rope_scaling.as_ref()),
+        c.rope_theta.unwrap_or(1e6),
+        d,
+        c.max_position_embeddings,
+        None,
+    )?;
     let local = super::rope(raw, block("sliding_attention"), c.rope_local_base_freq.unwrap_or(1e4), d, c.max_position_embeddings, None)?;
     Ok(ModelConfig {
         family: super::Family::from_model_type("gemma3_text").expect("registered"),

@@ -95,7 +95,9 @@ fn yes() -> bool {
 /// Reads a GPT-2 config.json.
 pub fn config(raw: &RawConfig) -> Result<ModelConfig> {
     let c: Gpt2Config = raw.parse()?;
-    for (on, key) in [(c.scale_attn_by_inverse_layer_idx, "scale_attn_by_inverse_layer_idx"), (c.add_cross_attention, "add_cross_attention")] {
+    for (on, key) in
+        [(c.scale_attn_by_inverse_layer_idx, "scale_attn_by_inverse_layer_idx"), (c.add_cross_attention, "add_cross_attention")]
+    {
         if on {
             return Err(Error::Unsupported(format!("{}: {key}: true is not supported", raw.path.display())));
         }

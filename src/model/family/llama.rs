@@ -81,10 +81,7 @@ fn default_rms_eps() -> f64 {
 impl LlamaConfig {
     /// The rope block, in whichever form this transformers version wrote it.
     pub fn rope_block(&self) -> Option<&RopeParameters> {
-        self.rope_parameters
-            .as_ref()
-            .and_then(|p| p.for_layer_type("full_attention"))
-            .or(self.rope_scaling.as_ref())
+        self.rope_parameters.as_ref().and_then(|p| p.for_layer_type("full_attention")).or(self.rope_scaling.as_ref())
     }
 }
 

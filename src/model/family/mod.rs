@@ -37,12 +37,22 @@ pub struct Family {
 /// Every family, by model_type. `gemma3` is the multimodal Gemma 3 (4B and up): its text tower
 /// is read from `text_config`.
 pub const FAMILIES: &[Family] = &[
-    Family { model_type: "llama", models: "Llama 2/3/3.1/3.2, SmolLM/SmolLM2", default_targets: &["q_proj", "v_proj"], config: llama::config },
+    Family {
+        model_type: "llama",
+        models: "Llama 2/3/3.1/3.2, SmolLM/SmolLM2",
+        default_targets: &["q_proj", "v_proj"],
+        config: llama::config,
+    },
     Family { model_type: "mistral", models: "Mistral 7B", default_targets: &["q_proj", "v_proj"], config: mistral::config },
     Family { model_type: "qwen2", models: "Qwen2, Qwen2.5", default_targets: &["q_proj", "v_proj"], config: qwen2::config },
     Family { model_type: "qwen3", models: "Qwen3", default_targets: &["q_proj", "v_proj"], config: qwen3::config },
     Family { model_type: "gemma3_text", models: "Gemma 3 270M, 1B", default_targets: &["q_proj", "v_proj"], config: gemma3::config },
-    Family { model_type: "gemma3", models: "Gemma 3 4B+ (text tower only)", default_targets: &["q_proj", "v_proj"], config: gemma3::config_multimodal },
+    Family {
+        model_type: "gemma3",
+        models: "Gemma 3 4B+ (text tower only)",
+        default_targets: &["q_proj", "v_proj"],
+        config: gemma3::config_multimodal,
+    },
     Family { model_type: "gemma2", models: "Gemma 2", default_targets: &["q_proj", "v_proj"], config: gemma2::config },
     Family { model_type: "phi3", models: "Phi-3/3.5-mini, Phi-4-mini", default_targets: &["qkv_proj"], config: phi3::config },
     Family { model_type: "gpt2", models: "GPT-2", default_targets: &["c_attn"], config: gpt2::config },
@@ -75,20 +85,24 @@ impl Family {
 }
 
 /// Head counts and size, as every family checks them.
-pub(crate) fn heads(raw: &RawConfig, hidden: usize, heads: usize, kv_heads: Option<usize>, head_dim: Option<usize>) -> Result<(usize, usize, usize)> {
+pub(crate) fn heads(
+    raw: &RawConfig,
+    hidden: usize,
+    heads: usize,
+    kv_heads: Option<usize>,
+    head_dim: Option<usize>,
+) -> Result<(usize, usize, usize)> {
     let kv = kv_heads.unwrap_or(heads);
     if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
-        return Err(raw.err(format!(
-            "num_attention_heads ({heads}) must be a positive multiple of num_key_value_heads ({kv})"
-        )));
+        return Err(raw.err(format!("num_attention_heads ({heads}) must be a positive multiple of num_key_value_heads ({kv})")));
     }
     let d = match head_dim {
         Some(d) => d,
         None if hidden.is_multiple_of(heads) => hidden / heads,
         None => {
-            return Err(raw.err(format!(
-                "hidden_size ({hidden}) is not divisible by num_attention_heads ({heads}) and no head_dim is given"
-            )))
+            return Err(
+                raw.err(format!("hidden_size ({hidden}) is not divisible by num_attention_heads ({heads}) and no head_dim is given"))
+            )
         }
     };
     if d == 0 {
@@ -120,7 +134,7 @@ pub(crate) fn rope(
     max_position_embeddings: usize,
     original_max: Option<usize>,
 ) -> Result<RopeConfig> {
-    if rotary_dim == 0 || rotary_dim % 2 != 0 {
+    if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
         return Err(raw.err(format!("the rotary dimension ({rotary_dim}) must be even and positive")));
     }
     let theta = params.and_then(|p| p.rope_theta).unwrap_or(theta);
@@ -156,11 +170,8 @@ pub(crate) fn rope(
             } else {
                 p.factor.unwrap_or(1.0)
             };
-            let attention_factor = p.attention_factor.unwrap_or(if factor <= 1.0 {
-                1.0
-            } else {
-                (1.0 + factor.ln() / (original as f64).ln()).sqrt()
-            });
+            let attention_factor =
+                p.attention_factor.unwrap_or(if factor <= 1.0 { 1.0 } else { (1.0 + factor.ln() / (original as f64).ln()).sqrt() });
             RopeScaling::LongRope {
                 short_factor: factors(&p.short_factor, "short_factor")?,
                 long_factor: factors(&p.long_factor, "long_factor")?,
@@ -230,9 +241,12 @@ mod tests {
         o.insert("sliding_window_pattern".into(), 3.into());
         let mut v5 = common;
         let o = v5.as_object_mut().unwrap();
-        o.insert("rope_parameters".into(), serde_json::json!({
+        o.insert(
+            "rope_parameters".into(),
+            serde_json::json!({
             "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}));
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+        );
         let types: Vec<&str> = (0..6).map(|i| if (i + 1) % 3 == 0 { "full_attention" } else { "sliding_attention" }).collect();
         o.insert("layer_types".into(), serde_json::json!(types));
         let (a, b) = (gemma3::config(&raw(v4)).unwrap(), gemma3::config(&raw(v5)).unwrap());

@@ -68,7 +68,14 @@ pub fn config(raw: &RawConfig) -> Result<ModelConfig> {
     let block = c.rope_parameters.as_ref().and_then(|p| p.for_layer_type("full_attention")).or(c.rope_scaling.as_ref());
     let fraction = c.partial_rotary_factor.or(block.and_then(|b| b.partial_rotary_factor)).unwrap_or(1.0);
     let rotary_dim = (d as f64 * fraction) as usize;
-    let rope = super::rope(raw, block, c.rope_theta.unwrap_or(10_000.0), rotary_dim, c.max_position_embeddings, c.original_max_position_embeddings)?;
+    let rope = super::rope(
+        raw,
+        block,
+        c.rope_theta.unwrap_or(10_000.0),
+        rotary_dim,
+        c.max_position_embeddings,
+        c.original_max_position_embeddings,
+    )?;
     Ok(ModelConfig {
         family: super::Family::from_model_type("phi3").expect("registered"),
         names: &NAMES,

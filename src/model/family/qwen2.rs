@@ -20,10 +20,7 @@ pub fn config(raw: &RawConfig) -> Result<ModelConfig> {
 /// `use_sliding_window` is set; no released Qwen2/Qwen3 checkpoint sets it.
 pub(super) fn refuse_sliding_window(raw: &RawConfig, c: &LlamaConfig, family: &str) -> Result<()> {
     if c.use_sliding_window.unwrap_or(false) {
-        return Err(crate::Error::Unsupported(format!(
-            "{}: use_sliding_window: true is not supported for {family}",
-            raw.path.display()
-        )));
+        return Err(crate::Error::Unsupported(format!("{}: use_sliding_window: true is not supported for {family}", raw.path.display())));
     }
     Ok(())
 }

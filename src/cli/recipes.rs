@@ -11,6 +11,7 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("mistral-7b-alpaca", include_str!("../../recipes/mistral-7b-alpaca.yaml")),
     ("qwen2.5-0.5b-chat", include_str!("../../recipes/qwen2.5-0.5b-chat.yaml")),
     ("qwen3-0.6b-chat", include_str!("../../recipes/qwen3-0.6b-chat.yaml")),
+    ("gemma3-270m-identity", include_str!("../../recipes/gemma3-270m-identity.yaml")),
 ];
 
 pub fn ls() -> anyhow::Result<()> {

@@ -101,8 +101,10 @@ struct Geometry<'a> {
     h: usize,
     kv: usize,
     d: usize,
-    /// `[b, 1, s, t]` as bytes, non-zero where masked; None for causal.
+    /// `[b or 1, 1, s, t]` as bytes, non-zero where masked; None for causal.
     mask: Option<&'a [u8]>,
+    /// The mask's batch: 1 when one mask serves every row.
+    mask_batch: usize,
 }
 
 impl Geometry<'_> {
@@ -122,7 +124,8 @@ impl Geometry<'_> {
                 row[limit..].fill(f32::NEG_INFINITY);
             }
             Some(m) => {
-                let m = &m[(bi * self.s + i) * self.t..];
+                // A [1, 1, s, t] mask serves every row of the batch.
+                let m = &m[((bi % self.mask_batch) * self.s + i) * self.t..];
                 for (x, &masked) in row.iter_mut().zip(m) {
                     if masked != 0 {
                         *x = f32::NEG_INFINITY;
@@ -370,9 +373,62 @@ fn attention_backward_f32(
 }
 
 /// Shape of q `[b, s, h, d]` and k `[b, t, kv, d]`, and the mask's bytes.
-fn geometry<'a>(q: &FlexTensor, k: &FlexTensor, mask: &'a Option<FlexTensor>) -> Geometry<'a> {
-    let (qd, kd) = (dims(q), dims(k));
-    Geometry { b: qd[0], s: qd[1], h: qd[2], d: qd[3], t: kd[1], kv: kd[2], mask: mask.as_ref().map(|m| m.storage::<u8>()) }
+/// The shapes the raw kernels index by, checked: q `[b, s, h, d]`, k and v `[b, t, kv, d]` with
+/// h a multiple of kv, an explicit mask `[b or 1, 1, s, t]`, and any further tensor (the output
+/// and its gradient) shaped as q.
+fn geometry<'a>(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, mask: &'a Option<FlexTensor>, like_q: &[&FlexTensor]) -> Geometry<'a> {
+    let (qd, kd, vd) = (dims(q), dims(k), dims(v));
+    assert!(
+        qd.len() == 4 && kd.len() == 4 && kd == vd && qd[0] == kd[0] && qd[3] == kd[3] && kd[2] > 0 && qd[2] % kd[2] == 0 && qd[1] <= kd[1],
+        "fused attention: q {qd:?}, k {kd:?}, v {vd:?} (expected q [b, s, h, d], k = v [b, t, kv, d], h a multiple of kv, s <= t)"
+    );
+    for t in like_q {
+        assert_eq!(dims(t), qd, "fused attention: output or gradient shaped unlike q");
+    }
+    let mut mask_batch = 1;
+    if let Some(m) = mask {
+        let md = dims(m);
+        assert!(
+            md.len() == 4 && (md[0] == 1 || md[0] == qd[0]) && md[1] == 1 && md[2] == qd[1] && md[3] == kd[1],
+            "fused attention: mask {md:?} for q {qd:?}, k {kd:?} (expected [b or 1, 1, s, t])"
+        );
+        mask_batch = md[0];
+    }
+    Geometry { b: qd[0], s: qd[1], h: qd[2], d: qd[3], t: kd[1], kv: kd[2], mask: mask.as_ref().map(|m| m.storage::<u8>()), mask_batch }
+}
+
+/// x `[n, in]` (and x_lora like it), w `[in, out]`, lora_A `[in, r]`, lora_B `[r, out]`, bias
+/// `[out]`, the output gradient `[n, out]`: what the raw gemm calls of lora_linear index by.
+fn check_lora(
+    x: &FlexTensor,
+    x_lora: Option<&FlexTensor>,
+    w: &FlexTensor,
+    a: &FlexTensor,
+    b: &FlexTensor,
+    bias: Option<&FlexTensor>,
+    grad: Option<&FlexTensor>,
+) {
+    let (xd, wd, ad, bd) = (dims(x), dims(w), dims(a), dims(b));
+    assert!(
+        xd.len() == 2
+            && wd.len() == 2
+            && ad.len() == 2
+            && bd.len() == 2
+            && xd[1] == wd[0]
+            && ad[0] == wd[0]
+            && ad[1] == bd[0]
+            && bd[1] == wd[1],
+        "lora_linear: x {xd:?}, w {wd:?}, lora_A {ad:?}, lora_B {bd:?} (expected [n, in], [in, out], [in, r], [r, out])"
+    );
+    if let Some(xl) = x_lora {
+        assert_eq!(dims(xl), xd, "lora_linear: x after dropout shaped unlike x");
+    }
+    if let Some(bias) = bias {
+        assert_eq!(dims(bias), [wd[1]], "lora_linear: bias for {} outputs", wd[1]);
+    }
+    if let Some(g) = grad {
+        assert_eq!(dims(g), [xd[0], wd[1]], "lora_linear: output gradient shape");
+    }
 }
 
 /// The mask as the kernels read it: `Some(None)` for causal, `Some(Some(bytes))` for an
@@ -396,7 +452,14 @@ impl FusedOps for Flex {
         }
         let logits = contiguous(logits);
         let shape = dims(&logits);
+        assert!(
+            shape.len() == 2 && targets.len() == shape[0] && coef.len() == shape[0],
+            "cross_entropy: logits {shape:?} for {} targets and {} weights",
+            targets.len(),
+            coef.len()
+        );
         let vocab = shape[1];
+        assert!(targets.iter().all(|&t| (t as usize) < vocab), "cross_entropy: a target id is not below the vocabulary size {vocab}");
         let xs = logits.storage::<f32>();
         let mut grad = vec![0f32; xs.len()];
         // Per row: max, Σ exp, then the gradient (softmax − one-hot)·coef in one more pass.
@@ -430,6 +493,7 @@ impl FusedOps for Flex {
             return reference::lora_linear::<Self>(x, x_lora, p);
         }
         let (x, w, a, b) = (contiguous(x), contiguous(p.w), contiguous(p.a), contiguous(p.b));
+        check_lora(&x, x_lora.as_ref(), &w, &a, &b, p.bias.as_ref(), None);
         let x_lora = x_lora.map(contiguous);
         let (n, din) = (dims(&x)[0], dims(&x)[1]);
         let (dout, r) = (dims(&w)[1], dims(&a)[1]);
@@ -514,6 +578,7 @@ impl FusedOps for Flex {
             return reference::lora_linear_backward::<Self>(x, x_lora, p, grad, need_dx);
         }
         let (x, w, a, b, g) = (contiguous(x), contiguous(p.w), contiguous(p.a), contiguous(p.b), contiguous(grad));
+        check_lora(&x, x_lora.as_ref(), &w, &a, &b, None, Some(&g));
         let x_lora = x_lora.map(contiguous);
         let (n, din) = (dims(&x)[0], dims(&x)[1]);
         let (dout, r) = (dims(&w)[1], dims(&a)[1]);
@@ -649,7 +714,7 @@ impl FusedOps for Flex {
             return reference::attention_forward::<Self>(q, k, v, mask);
         };
         let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
-        let g = geometry(&q, &k, &m);
+        let g = geometry(&q, &k, &v, &m, &[]);
         let (out, lse) = attention_forward_f32(q.storage(), k.storage(), v.storage(), &g);
         (tensor(out, vec![g.b, g.s, g.h, g.d]), tensor(lse, vec![g.b, g.h, g.s]))
     }
@@ -668,7 +733,8 @@ impl FusedOps for Flex {
         };
         let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
         let (out, lse, grad) = (contiguous(out), contiguous(lse), contiguous(grad));
-        let g = geometry(&q, &k, &m);
+        let g = geometry(&q, &k, &v, &m, &[&out, &grad]);
+        assert_eq!(dims(&lse), [g.b, g.h, g.s], "fused attention: log-sum-exp shape");
         let (dq, dk, dv) = attention_backward_f32(q.storage(), k.storage(), v.storage(), out.storage(), lse.storage(), grad.storage(), &g);
         let kv_shape = vec![g.b, g.t, g.kv, g.d];
         (tensor(dq, vec![g.b, g.s, g.h, g.d]), tensor(dk, kv_shape.clone()), tensor(dv, kv_shape))
@@ -680,6 +746,7 @@ impl FusedOps for Flex {
         }
         let (x, w) = (contiguous(x), contiguous(w));
         let shape = dims(&x);
+        assert!(shape.last() == dims(&w).last() && dims(&w).len() == 1, "rms_norm: x {shape:?}, weight {:?}", dims(&w));
         let (xs, ws) = (x.storage::<f32>(), w.storage::<f32>());
         let d = ws.len();
         let n = xs.len() / d;
@@ -709,6 +776,15 @@ impl FusedOps for Flex {
         }
         let (x, w, rstd, grad) = (contiguous(x), contiguous(w), contiguous(rstd), contiguous(grad));
         let shape = dims(&x);
+        assert!(
+            shape.last() == dims(&w).last()
+                && dims(&grad) == shape
+                && dims(&rstd)[0] * shape[shape.len() - 1] == shape.iter().product::<usize>(),
+            "rms_norm backward: x {shape:?}, weight {:?}, 1/rms {:?}, gradient {:?}",
+            dims(&w),
+            dims(&rstd),
+            dims(&grad)
+        );
         let (xs, ws, rs, gs) = (x.storage::<f32>(), w.storage::<f32>(), rstd.storage::<f32>(), grad.storage::<f32>());
         let d = ws.len();
         let mut dx = vec![0f32; xs.len()];
@@ -732,6 +808,13 @@ impl FusedOps for Flex {
         }
         let (x, cos, sin) = (contiguous(x), contiguous(cos), contiguous(sin));
         let shape = dims(&x);
+        let table = [shape.first().copied().unwrap_or(0), shape.get(1).copied().unwrap_or(0), 1, shape.get(3).copied().unwrap_or(0)];
+        assert!(
+            shape.len() == 4 && dims(&cos) == table && dims(&sin) == table && shape[3] % 2 == 0,
+            "rope: x {shape:?}, cos {:?}, sin {:?} (expected tables {table:?})",
+            dims(&cos),
+            dims(&sin)
+        );
         let (h, d) = (shape[2], shape[3]);
         let half = d / 2;
         let (xs, cs, ss) = (x.storage::<f32>(), cos.storage::<f32>(), sin.storage::<f32>());
@@ -759,6 +842,7 @@ impl FusedOps for Flex {
         }
         let (gate, up) = (contiguous(gate), contiguous(up));
         let shape = dims(&gate);
+        assert_eq!(dims(&up), shape, "swiglu: gate and up shapes");
         let (gs, us) = (gate.storage::<f32>(), up.storage::<f32>());
         let mut out = vec![0f32; gs.len()];
         const CHUNK: usize = 1 << 14;
@@ -777,6 +861,7 @@ impl FusedOps for Flex {
         }
         let (gate, up, grad) = (contiguous(gate), contiguous(up), contiguous(grad));
         let shape = dims(&gate);
+        assert!(dims(&up) == shape && dims(&grad) == shape, "swiglu backward: gate, up and gradient shapes");
         let (gs, us, ds) = (gate.storage::<f32>(), up.storage::<f32>(), grad.storage::<f32>());
         let mut dgate = vec![0f32; gs.len()];
         let mut dup = vec![0f32; gs.len()];

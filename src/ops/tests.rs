@@ -218,3 +218,40 @@ fn fast_exp_is_within_two_ulp_and_zero_below_range() {
     assert_eq!(super::cpu::exp(f32::NEG_INFINITY), 0.0);
     assert_eq!(super::cpu::exp(-100.0), 0.0);
 }
+
+/// The kernels index raw buffers by the shapes they are given: a mismatch is a panic naming the
+/// operation and the shapes, before any unsafe gemm call.
+#[test]
+#[should_panic(expected = "fused attention: q")]
+fn attention_kernel_refuses_mismatched_shapes() {
+    let q = random::<Flex, 4>([1, 4, 3, 8]);
+    let k = random::<Flex, 4>([1, 4, 2, 8]);
+    Flex::attention_forward(prim(q), prim(k.clone()), prim(k), Mask::Causal);
+}
+
+#[test]
+#[should_panic(expected = "lora_linear: x")]
+fn lora_linear_kernel_refuses_mismatched_shapes() {
+    let p = super::LoraLinear::<Flex> {
+        w: prim(random::<Flex, 2>([24, 40])),
+        bias: None,
+        a: prim(random::<Flex, 2>([20, 4])),
+        b: prim(random::<Flex, 2>([4, 40])),
+        scale: 1.0,
+    };
+    Flex::lora_linear(prim(random::<Flex, 2>([7, 24])), None, p);
+}
+
+/// One `[1, 1, s, t]` mask for a batch of two: each row reads it, none reads past it.
+#[test]
+fn attention_kernel_broadcasts_a_single_mask_over_the_batch() {
+    let device = Default::default();
+    let q = random::<Flex, 4>([2, 5, 2, 8]);
+    let k = random::<Flex, 4>([2, 5, 1, 8]);
+    let v = random::<Flex, 4>([2, 5, 1, 8]);
+    let one = Tensor::<Flex, 2, Bool>::tril_mask([5, 5], 0, &device).unsqueeze::<4>();
+    let (broadcast, _) =
+        Flex::attention_forward(prim(q.clone()), prim(k.clone()), prim(v.clone()), Mask::Explicit(one.clone().into_primitive()));
+    let (causal, _) = Flex::attention_forward(prim(q), prim(k), prim(v), Mask::Causal);
+    assert!(rel_diff(float::<Flex, 4>(broadcast), float::<Flex, 4>(causal)) < TOL);
+}

@@ -810,7 +810,7 @@ impl FusedOps for Flex {
         let shape = dims(&x);
         let table = [shape.first().copied().unwrap_or(0), shape.get(1).copied().unwrap_or(0), 1, shape.get(3).copied().unwrap_or(0)];
         assert!(
-            shape.len() == 4 && dims(&cos) == table && dims(&sin) == table && shape[3] % 2 == 0,
+            shape.len() == 4 && dims(&cos) == table && dims(&sin) == table && shape[3].is_multiple_of(2),
             "rope: x {shape:?}, cos {:?}, sin {:?} (expected tables {table:?})",
             dims(&cos),
             dims(&sin)

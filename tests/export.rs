@@ -142,10 +142,10 @@ fn gpt2_exports_keep_the_conv1d_layout() {
     assert_eq!(config["target_modules"], serde_json::json!(["c_attn", "c_fc", "c_proj"]));
     let base = tune::hf::Weights::open(&tiny("gpt2")).unwrap();
     let merged = tune::hf::Weights::open(&out.join("merged")).unwrap();
-    for name in ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight"] {
-        let shape = base.meta(name).unwrap().shape;
-        assert_eq!(merged.meta(name).unwrap().shape, shape, "{name}");
-        assert_eq!(shape[0], 64, "{name}: Conv1D is stored [in, out]");
+    // hidden 64, 4·64 = 256 in the MLP: [in, out] for c_attn (64 -> 3·64) and the MLP's c_proj (256 -> 64).
+    for (name, stored) in [("transformer.h.0.attn.c_attn.weight", [64, 192]), ("transformer.h.1.mlp.c_proj.weight", [256, 64])] {
+        assert_eq!(base.meta(name).unwrap().shape, stored, "{name}: Conv1D is stored [in, out]");
+        assert_eq!(merged.meta(name).unwrap().shape, stored, "{name}");
     }
     std::fs::remove_dir_all(&out).unwrap();
 }

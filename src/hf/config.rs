@@ -62,13 +62,6 @@ impl RawConfig {
         })
     }
 
-    /// The same file with the values of `sub` at the top level: a multimodal checkpoint's
-    /// `text_config`.
-    pub fn sub(&self, key: &str) -> Option<RawConfig> {
-        let value = self.value.get(key)?.clone();
-        value.is_object().then(|| RawConfig { path: self.path.clone(), value })
-    }
-
     pub fn err(&self, msg: impl Into<String>) -> Error {
         Error::format(&self.path, msg)
     }

@@ -224,13 +224,6 @@ pub struct LinearInfo {
     pub bias: bool,
 }
 
-impl LinearInfo {
-    /// The last component of the path (`q_proj`), what `target_modules` names.
-    pub fn short_name(&self) -> &str {
-        self.path.rsplit('.').next().unwrap_or(&self.path)
-    }
-}
-
 impl ModelConfig {
     pub fn num_hidden_layers(&self) -> usize {
         self.layers.len()
@@ -244,13 +237,6 @@ impl ModelConfig {
                 _ => None,
             }),
             _ => None,
-        }
-    }
-
-    /// The norm epsilon (every norm of a model shares it).
-    pub fn norm_eps(&self) -> f64 {
-        match self.norm {
-            NormKind::Rms { eps, .. } | NormKind::Layer { eps } => eps,
         }
     }
 

@@ -124,7 +124,7 @@ impl<B: Backend> CausalLm<B> {
         }
         let embed_tokens = loader.matrix(&format!("{}.weight", names.embed_tokens), c.vocab_size, hidden)?;
         let embed_positions = match (c.positions == Positions::Learned, names.embed_positions) {
-            (true, Some(n)) => Some(loader.vector_table(&format!("{n}.weight"), c.max_position_embeddings, hidden)?),
+            (true, Some(n)) => Some(loader.matrix(&format!("{n}.weight"), c.max_position_embeddings, hidden)?),
             _ => None,
         };
         let lm_head = if c.tie_word_embeddings {
@@ -150,8 +150,9 @@ impl<B: Backend> CausalLm<B> {
         self.config.positions_switch_at().is_some_and(|original| past <= original && total > original)
     }
 
-    /// The rotary tables of one forward pass.
-    fn rope_tables(&self, positions: &[usize], rows: usize, device: &B::Device) -> Vec<super::blocks::RopeTables<B>> {
+    /// The rotary tables of one forward pass, shared by its blocks (also for callers that walk
+    /// the layers themselves: activation checkpointing).
+    pub fn rope_tables(&self, positions: &[usize], rows: usize, device: &B::Device) -> Vec<super::blocks::RopeTables<B>> {
         self.ropes.iter().map(|r| r.tables::<B>(positions, rows, device)).collect()
     }
 
@@ -174,12 +175,6 @@ impl<B: Backend> CausalLm<B> {
             x = layer.forward(x, &ctx, slot);
         }
         self.norm.forward(x).reshape([b, s, self.config.hidden_size])
-    }
-
-    /// The blocks' shared inputs for a batch, for callers that walk the layers themselves
-    /// (activation checkpointing).
-    pub fn layer_inputs(&self, positions: &[usize], rows: usize, device: &B::Device) -> Vec<super::blocks::RopeTables<B>> {
-        self.rope_tables(positions, rows, device)
     }
 
     /// The residual stream's start, `[b·s, hidden]` in f32, for token ids `[b, s]`.
@@ -242,20 +237,5 @@ impl<B: Backend> CausalLm<B> {
 
     pub fn linears_mut(&mut self) -> Vec<&mut Linear<B>> {
         self.layers.iter_mut().flat_map(Block::linears_mut).collect()
-    }
-
-    /// Every norm epsilon, for tests that show parity can fail.
-    pub fn norms_mut(&mut self) -> Vec<&mut Norm<B>> {
-        let mut out: Vec<&mut Norm<B>> = vec![&mut self.norm];
-        out.extend(self.embed_norm.as_mut());
-        for l in &mut self.layers {
-            out.push(&mut l.attn_norm);
-            out.push(&mut l.mlp_norm);
-            out.extend(l.attn_out_norm.as_mut());
-            out.extend(l.mlp_out_norm.as_mut());
-            out.extend(l.attn.q_norm.as_mut());
-            out.extend(l.attn.k_norm.as_mut());
-        }
-        out
     }
 }

@@ -111,11 +111,6 @@ impl<'a, B: Backend> Loader<'a, B> {
         }
     }
 
-    /// A table read whole, [rows, cols] (learned positions), in the matrices' dtype.
-    pub fn vector_table(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor<B, 2>> {
-        self.matrix(name, rows, cols)
-    }
-
     /// Fails on any tensor in the files the model did not ask for.
     pub fn finish(&self) -> Result<()> {
         let used = self.used.borrow();

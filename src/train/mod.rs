@@ -133,7 +133,7 @@ pub fn loss_and_grads<B: AutodiffBackend<InnerBackend: Backend> + Backend>(
     }
 
     // Forward without a graph, keeping each layer's input.
-    let ropes = model.layer_inputs(&batch.positions, batch.rows, device);
+    let ropes = model.rope_tables(&batch.positions, batch.rows, device);
     let mask = batch_mask(batch, device);
     let ctx = Context { rows: batch.rows, ropes: &ropes, mask: &mask };
     let mut x = model.embed(token_tensor::<B>(&batch.ids, batch.rows, device), &batch.positions);

@@ -26,11 +26,4 @@ impl<B: Backend> Norm<B> {
         };
         y.reshape(dims)
     }
-
-    /// The epsilon (tests move it to show the parity tests can fail).
-    pub fn eps_mut(&mut self) -> &mut f64 {
-        match self {
-            Norm::Rms { eps, .. } | Norm::Layer { eps, .. } => eps,
-        }
-    }
 }

@@ -42,21 +42,14 @@ pub struct BloomConfig {
     pub n_layer: usize,
     #[serde(alias = "num_attention_heads")]
     pub n_head: usize,
-    #[serde(default = "eps")]
+    #[serde(default = "super::defaults::eps_1e5")]
     pub layer_norm_epsilon: f64,
     #[serde(default)]
     pub apply_residual_connection_post_layernorm: bool,
-    #[serde(default = "yes")]
+    #[serde(default = "super::defaults::yes")]
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<TokenIds>,
     pub eos_token_id: Option<TokenIds>,
-}
-
-fn eps() -> f64 {
-    1e-5
-}
-fn yes() -> bool {
-    true
 }
 
 /// Reads a BLOOM config.json.

@@ -19,22 +19,22 @@ pub struct Gemma2Config {
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub num_key_value_heads: Option<usize>,
-    #[serde(default = "head_dim_256")]
+    #[serde(default = "super::defaults::head_dim_256")]
     pub head_dim: usize,
-    #[serde(default = "super::gemma3::gelu_tanh")]
+    #[serde(default = "super::defaults::gelu_tanh")]
     pub hidden_activation: String,
     #[serde(default = "max_positions")]
     pub max_position_embeddings: usize,
-    #[serde(default = "rms_eps")]
+    #[serde(default = "super::defaults::eps_1e6")]
     pub rms_norm_eps: f64,
     pub rope_theta: Option<f64>,
     pub rope_scaling: Option<RopeParameters>,
     pub rope_parameters: Option<RopeParametersField>,
     #[serde(default)]
     pub attention_bias: bool,
-    #[serde(default = "scalar_256")]
+    #[serde(default = "super::defaults::scalar_256")]
     pub query_pre_attn_scalar: f64,
-    #[serde(default = "window_4096")]
+    #[serde(default = "super::defaults::window_4096")]
     pub sliding_window: usize,
     pub layer_types: Option<Vec<String>>,
     /// A JSON null turns soft-capping off.
@@ -42,35 +42,19 @@ pub struct Gemma2Config {
     pub final_logit_softcapping: Option<f64>,
     #[serde(default = "cap_50")]
     pub attn_logit_softcapping: Option<f64>,
-    #[serde(default = "yes")]
+    #[serde(default = "super::defaults::yes")]
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<TokenIds>,
     pub eos_token_id: Option<TokenIds>,
 }
-
-fn head_dim_256() -> usize {
-    256
-}
-fn scalar_256() -> f64 {
-    256.0
-}
 fn max_positions() -> usize {
     8192
-}
-fn rms_eps() -> f64 {
-    1e-6
-}
-fn window_4096() -> usize {
-    4096
 }
 fn cap_30() -> Option<f64> {
     Some(30.0)
 }
 fn cap_50() -> Option<f64> {
     Some(50.0)
-}
-fn yes() -> bool {
-    true
 }
 
 /// Reads a Gemma 2 config.json.
@@ -80,7 +64,7 @@ pub fn config(raw: &RawConfig) -> Result<ModelConfig> {
     let act = super::activation(raw, "hidden_activation", &c.hidden_activation)?;
     // Even layers (0, 2, …) slide, as transformers' default layer_types.
     let sliding = super::gemma3::layer_types(raw, &c.layer_types, c.num_hidden_layers, |i| i % 2 == 0)?;
-    let block = c.rope_parameters.as_ref().and_then(|p| p.for_layer_type("full_attention")).or(c.rope_scaling.as_ref());
+    let block = super::rope_block(&c.rope_parameters, &c.rope_scaling, "full_attention");
     let rope = super::rope(raw, block, c.rope_theta.unwrap_or(10_000.0), d, c.max_position_embeddings, None)?;
     Ok(ModelConfig {
         family: super::Family::from_model_type("gemma2").expect("registered"),

@@ -31,13 +31,13 @@ pub struct Gemma3TextConfig {
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub num_key_value_heads: Option<usize>,
-    #[serde(default = "head_dim_256")]
+    #[serde(default = "super::defaults::head_dim_256")]
     pub head_dim: usize,
-    #[serde(default = "gelu_tanh")]
+    #[serde(default = "super::defaults::gelu_tanh")]
     pub hidden_activation: String,
     #[serde(default = "max_positions")]
     pub max_position_embeddings: usize,
-    #[serde(default = "rms_eps")]
+    #[serde(default = "super::defaults::eps_1e6")]
     pub rms_norm_eps: f64,
     /// 4.x: the global layers' rotary base ...
     pub rope_theta: Option<f64>,
@@ -50,9 +50,9 @@ pub struct Gemma3TextConfig {
     #[serde(default)]
     pub attention_bias: bool,
     /// The scores are scaled by query_pre_attn_scalar^−½ (not head_dim^−½).
-    #[serde(default = "head_dim_256_f")]
+    #[serde(default = "super::defaults::scalar_256")]
     pub query_pre_attn_scalar: f64,
-    #[serde(default = "window_4096")]
+    #[serde(default = "super::defaults::window_4096")]
     pub sliding_window: usize,
     /// 5.x (and late 4.x): `sliding_attention` or `full_attention` per layer ...
     pub layer_types: Option<Vec<String>>,
@@ -61,37 +61,18 @@ pub struct Gemma3TextConfig {
     pub sliding_window_pattern: usize,
     pub final_logit_softcapping: Option<f64>,
     pub attn_logit_softcapping: Option<f64>,
-    #[serde(default = "yes")]
+    #[serde(default = "super::defaults::yes")]
     pub tie_word_embeddings: bool,
     #[serde(default)]
     pub use_bidirectional_attention: bool,
     pub bos_token_id: Option<TokenIds>,
     pub eos_token_id: Option<TokenIds>,
 }
-
-fn head_dim_256() -> usize {
-    256
-}
-fn head_dim_256_f() -> f64 {
-    256.0
-}
-pub(super) fn gelu_tanh() -> String {
-    "gelu_pytorch_tanh".into()
-}
 fn max_positions() -> usize {
     131_072
 }
-fn rms_eps() -> f64 {
-    1e-6
-}
-fn window_4096() -> usize {
-    4096
-}
 fn pattern_6() -> usize {
     6
-}
-fn yes() -> bool {
-    true
 }
 
 /// Which layers are local (sliding) and which global: `layer_types`, or the pattern.
@@ -126,16 +107,11 @@ pub fn network(raw: &RawConfig, c: &Gemma3TextConfig) -> Result<ModelConfig> {
     let act = super::activation(raw, "hidden_activation", &c.hidden_activation)?;
     let pattern = c.sliding_window_pattern.max(1);
     let sliding = layer_types(raw, &c.layer_types, c.num_hidden_layers, |i| (i + 1) % pattern != 0)?;
-    let block = |t: &str| c.rope_parameters.as_ref().and_then(|p| p.for_layer_type(t));
-    let global = super::rope(
-        raw,
-        block("full_attention").or(c.rope_scaling.as_ref()),
-        c.rope_theta.unwrap_or(1e6),
-        d,
-        c.max_position_embeddings,
-        None,
-    )?;
-    let local = super::rope(raw, block("sliding_attention"), c.rope_local_base_freq.unwrap_or(1e4), d, c.max_position_embeddings, None)?;
+    // 4.x's rope_scaling is the global layers' only: the local ones never scale.
+    let local_block = c.rope_parameters.as_ref().and_then(|p| p.for_layer_type("sliding_attention"));
+    let global_block = super::rope_block(&c.rope_parameters, &c.rope_scaling, "full_attention");
+    let global = super::rope(raw, global_block, c.rope_theta.unwrap_or(1e6), d, c.max_position_embeddings, None)?;
+    let local = super::rope(raw, local_block, c.rope_local_base_freq.unwrap_or(1e4), d, c.max_position_embeddings, None)?;
     Ok(ModelConfig {
         family: super::Family::from_model_type("gemma3_text").expect("registered"),
         names: &NAMES,

@@ -53,15 +53,15 @@ pub struct Gpt2Config {
     pub n_inner: Option<usize>,
     #[serde(default = "gelu_new")]
     pub activation_function: String,
-    #[serde(default = "eps")]
+    #[serde(default = "super::defaults::eps_1e5")]
     pub layer_norm_epsilon: f64,
-    #[serde(default = "yes")]
+    #[serde(default = "super::defaults::yes")]
     pub scale_attn_weights: bool,
     #[serde(default)]
     pub scale_attn_by_inverse_layer_idx: bool,
     #[serde(default)]
     pub add_cross_attention: bool,
-    #[serde(default = "yes")]
+    #[serde(default = "super::defaults::yes")]
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<TokenIds>,
     pub eos_token_id: Option<TokenIds>,
@@ -84,12 +84,6 @@ fn heads() -> usize {
 }
 fn gelu_new() -> String {
     "gelu_new".into()
-}
-fn eps() -> f64 {
-    1e-5
-}
-fn yes() -> bool {
-    true
 }
 
 /// Reads a GPT-2 config.json.

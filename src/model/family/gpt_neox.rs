@@ -53,11 +53,11 @@ pub struct GptNeoXConfig {
     pub rope_parameters: Option<RopeParametersField>,
     #[serde(default = "positions")]
     pub max_position_embeddings: usize,
-    #[serde(default = "eps")]
+    #[serde(default = "super::defaults::eps_1e5")]
     pub layer_norm_eps: f64,
-    #[serde(default = "yes")]
+    #[serde(default = "super::defaults::yes")]
     pub use_parallel_residual: bool,
-    #[serde(default = "yes")]
+    #[serde(default = "super::defaults::yes")]
     pub attention_bias: bool,
     #[serde(default)]
     pub tie_word_embeddings: bool,
@@ -71,19 +71,13 @@ fn gelu() -> String {
 fn positions() -> usize {
     2048
 }
-fn eps() -> f64 {
-    1e-5
-}
-fn yes() -> bool {
-    true
-}
 
 /// Reads a GPT-NeoX config.json.
 pub fn config(raw: &RawConfig) -> Result<ModelConfig> {
     let c: GptNeoXConfig = raw.parse()?;
     let (heads, kv, d) = super::heads(raw, c.hidden_size, c.num_attention_heads, None, None)?;
     let act = super::activation(raw, "hidden_act", &c.hidden_act)?;
-    let block = c.rope_parameters.as_ref().and_then(|p| p.for_layer_type("full_attention")).or(c.rope_scaling.as_ref());
+    let block = super::rope_block(&c.rope_parameters, &c.rope_scaling, "full_attention");
     let fraction = c.rotary_pct.or(block.and_then(|b| b.partial_rotary_factor)).unwrap_or(0.25);
     let rotary_dim = (d as f64 * fraction) as usize;
     let rope = super::rope(raw, block, c.rotary_emb_base.unwrap_or(10_000.0), rotary_dim, c.max_position_embeddings, None)?;

@@ -42,11 +42,11 @@ pub struct LlamaConfig {
     pub num_key_value_heads: Option<usize>,
     /// Per-head size when it is not hidden_size / num_attention_heads (Qwen3).
     pub head_dim: Option<usize>,
-    #[serde(default = "silu")]
+    #[serde(default = "super::defaults::silu")]
     pub hidden_act: String,
     #[serde(default = "default_max_positions")]
     pub max_position_embeddings: usize,
-    #[serde(default = "default_rms_eps")]
+    #[serde(default = "super::defaults::eps_1e6")]
     pub rms_norm_eps: f64,
     /// transformers 4.x: the rotary base at the top level, scaling in `rope_scaling`.
     pub rope_theta: Option<f64>,
@@ -68,21 +68,8 @@ pub struct LlamaConfig {
     pub eos_token_id: Option<TokenIds>,
 }
 
-fn silu() -> String {
-    "silu".into()
-}
 fn default_max_positions() -> usize {
     2048
-}
-fn default_rms_eps() -> f64 {
-    1e-6
-}
-
-impl LlamaConfig {
-    /// The rope block, in whichever form this transformers version wrote it.
-    pub fn rope_block(&self) -> Option<&RopeParameters> {
-        self.rope_parameters.as_ref().and_then(|p| p.for_layer_type("full_attention")).or(self.rope_scaling.as_ref())
-    }
 }
 
 /// The Llama network for a config: the other Llama-like families start from this.
@@ -97,7 +84,14 @@ pub fn network(raw: &RawConfig, c: &LlamaConfig, family: &str) -> Result<ModelCo
         )));
     }
     let theta = c.rope_theta.unwrap_or(10_000.0);
-    let rope = super::rope(raw, c.rope_block(), theta, head_dim, c.max_position_embeddings, None)?;
+    let rope = super::rope(
+        raw,
+        super::rope_block(&c.rope_parameters, &c.rope_scaling, "full_attention"),
+        theta,
+        head_dim,
+        c.max_position_embeddings,
+        None,
+    )?;
     Ok(ModelConfig {
         family: super::Family::from_model_type(family).expect("a registered family"),
         names: &NAMES,

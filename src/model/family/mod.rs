@@ -17,7 +17,7 @@ pub mod qwen2;
 pub mod qwen3;
 
 use crate::error::{Error, Result};
-use crate::hf::config::{RawConfig, RopeParameters, TokenIds};
+use crate::hf::config::{RawConfig, RopeParameters, RopeParametersField, TokenIds};
 
 use super::config::{Activation, ModelConfig, RopeConfig, RopeScaling};
 
@@ -82,6 +82,45 @@ impl Family {
     pub fn config(self, raw: &RawConfig) -> Result<ModelConfig> {
         (self.config)(raw)
     }
+}
+
+/// serde defaults that several families' config structs share (transformers' own values).
+pub(crate) mod defaults {
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn silu() -> String {
+        "silu".into()
+    }
+    pub fn gelu_tanh() -> String {
+        "gelu_pytorch_tanh".into()
+    }
+    pub fn eps_1e5() -> f64 {
+        1e-5
+    }
+    pub fn eps_1e6() -> f64 {
+        1e-6
+    }
+    pub fn head_dim_256() -> usize {
+        256
+    }
+    /// Gemma's query_pre_attn_scalar.
+    pub fn scalar_256() -> f64 {
+        256.0
+    }
+    pub fn window_4096() -> usize {
+        4096
+    }
+}
+
+/// The rope block for a layer type: 5.x `rope_parameters` (one block, or one per layer type),
+/// else 4.x `rope_scaling` (which never held a base: that was the top-level `rope_theta`).
+pub(crate) fn rope_block<'a>(
+    parameters: &'a Option<RopeParametersField>,
+    scaling: &'a Option<RopeParameters>,
+    layer_type: &str,
+) -> Option<&'a RopeParameters> {
+    parameters.as_ref().and_then(|p| p.for_layer_type(layer_type)).or(scaling.as_ref())
 }
 
 /// Head counts and size, as every family checks them.

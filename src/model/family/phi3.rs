@@ -30,13 +30,13 @@ pub struct Phi3Config {
     pub num_attention_heads: usize,
     pub num_key_value_heads: Option<usize>,
     pub head_dim: Option<usize>,
-    #[serde(default = "silu")]
+    #[serde(default = "super::defaults::silu")]
     pub hidden_act: String,
     #[serde(default = "positions_4096")]
     pub max_position_embeddings: usize,
     /// The pre-training context: LongRoPE switches to its long factors past it.
     pub original_max_position_embeddings: Option<usize>,
-    #[serde(default = "rms_eps")]
+    #[serde(default = "super::defaults::eps_1e5")]
     pub rms_norm_eps: f64,
     pub rope_theta: Option<f64>,
     pub rope_scaling: Option<RopeParameters>,
@@ -50,14 +50,8 @@ pub struct Phi3Config {
     pub eos_token_id: Option<TokenIds>,
 }
 
-fn silu() -> String {
-    "silu".into()
-}
 fn positions_4096() -> usize {
     4096
-}
-fn rms_eps() -> f64 {
-    1e-5
 }
 
 /// Reads a Phi-3 config.json.
@@ -65,7 +59,7 @@ pub fn config(raw: &RawConfig) -> Result<ModelConfig> {
     let c: Phi3Config = raw.parse()?;
     let (heads, kv, d) = super::heads(raw, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim)?;
     let act = super::activation(raw, "hidden_act", &c.hidden_act)?;
-    let block = c.rope_parameters.as_ref().and_then(|p| p.for_layer_type("full_attention")).or(c.rope_scaling.as_ref());
+    let block = super::rope_block(&c.rope_parameters, &c.rope_scaling, "full_attention");
     let fraction = c.partial_rotary_factor.or(block.and_then(|b| b.partial_rotary_factor)).unwrap_or(1.0);
     let rotary_dim = (d as f64 * fraction) as usize;
     let rope = super::rope(

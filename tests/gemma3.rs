@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use common::*;
-use tune::data::text_ids;
 use tune::generate::{generate, Sampling};
 use tune::hf::Tokenizer;
 use tune::model::{self, CausalLm};
@@ -19,20 +18,11 @@ fn model_dir() -> PathBuf {
     require_model(gemma3_dir(), "scripts/fetch-gemma3.sh")
 }
 
-fn json(path: &str) -> serde_json::Value {
-    let p = fixtures().join("gemma3-270m").join(path);
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
 #[test]
 #[ignore = "needs Gemma 3 270M (scripts/fetch-gemma3.sh); scripts/test.sh runs it"]
 fn tokenizer_equals_transformers() {
     let tok = Tokenizer::from_model_dir(&model_dir()).unwrap();
-    let cases = json("tokenizer_cases.json");
+    let cases = json("gemma3-270m/tokenizer_cases.json");
     for case in cases.as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         let special = case["add_special_tokens"].as_bool().unwrap();
@@ -48,7 +38,7 @@ fn greedy_generation_eval_loss_and_logits_equal_transformers() {
     let model: CausalLm<B> = model::load(&dir, &device).unwrap();
     assert_eq!(model.config.family.name(), "gemma3_text");
     let tok = Tokenizer::from_model_dir(&dir).unwrap();
-    for case in json("generate.json").as_array().unwrap() {
+    for case in json("gemma3-270m/generate.json").as_array().unwrap() {
         let prompt = ids(&case["prompt_ids"]);
         assert_eq!(tok.encode(case["prompt"].as_str().unwrap(), true).unwrap(), prompt, "prompt ids");
         let want = ids(&case["new_ids"]);
@@ -56,31 +46,7 @@ fn greedy_generation_eval_loss_and_logits_equal_transformers() {
         assert_eq!(got, want, "{:?}: {:?} vs transformers' {:?}", case["prompt"], tok.decode(&got, true).unwrap(), case["completion"]);
     }
 
-    let reference = json("eval_reference.json");
-    let records = tune::data::read_records(&fixtures().join("gemma3-270m/eval.jsonl")).unwrap();
-    let eos = tok.eos_token_id();
-    let sequences: Vec<Vec<u32>> = records.iter().map(|r| text_ids(&tok, r.value["text"].as_str().unwrap(), eos).unwrap()).collect();
-    for (i, (seq, want)) in sequences.iter().zip(reference["ids"].as_array().unwrap()).enumerate() {
-        assert_eq!(seq, &ids(want), "token ids of line {}", i + 1);
-    }
-    let report = tune::eval::evaluate(&model, &sequences, &device);
-    let want = reference["loss"].as_f64().unwrap();
-    assert_eq!(report.tokens as u64, reference["tokens"].as_u64().unwrap());
-    let rel = (report.loss - want).abs() / want;
-    eprintln!("gemma3 eval loss {} vs transformers {want} (rel {rel:.2e})", report.loss);
-    assert!(rel <= 1e-4, "eval loss {} vs transformers {want}", report.loss);
-
-    let r = read_reference(&fixtures().join("gemma3-270m/logits.safetensors"));
-    let input = r["input_ids"].ids();
-    let positions: Vec<usize> = (0..input.len()).collect();
-    let hidden = model.forward_hidden(model::token_tensor::<B>(&input, 1, &device), &positions, &model::AttentionMask::Causal, None);
-    let logits: Vec<f32> = model.lm_head(hidden).into_data().iter::<f32>().collect();
-    let vocab = model.config.vocab_size;
-    for (key, pos) in [("logits_first", 0), ("logits_last", input.len() - 1)] {
-        let (diff, scale) = max_abs_diff(&logits[pos * vocab..(pos + 1) * vocab], &r[key].f32s());
-        eprintln!("gemma3 {key}: max|Δ| {diff:.2e} of max {scale:.2}");
-        assert!(diff <= 1e-4 * scale, "{key}: max |Δlogit| {diff} vs scale {scale}");
-    }
+    check_eval_loss_and_logits(&model, &tok, "gemma3-270m");
 }
 
 #[test]

@@ -96,6 +96,51 @@ pub fn require_model(dir: PathBuf, script: &str) -> PathBuf {
     dir
 }
 
+/// A JSON fixture, `tests/fixtures/<path>`.
+pub fn json(path: &str) -> serde_json::Value {
+    let p = fixtures().join(path);
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+/// A JSON array of token ids.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// A real model against what tests/fixtures/<dir>/ holds from transformers: the token ids and
+/// the mean next-token loss of eval.jsonl (1e-4 relative), and the logits at the first and last
+/// position of logits.safetensors' input (1e-4 of the largest).
+pub fn check_eval_loss_and_logits(model: &tune::model::CausalLm<B>, tok: &tune::hf::Tokenizer, dir: &str) {
+    let device = Default::default();
+    let reference = json(&format!("{dir}/eval_reference.json"));
+    let records = tune::data::read_records(&fixtures().join(dir).join("eval.jsonl")).unwrap();
+    let eos = tok.eos_token_id();
+    let sequences: Vec<Vec<u32>> =
+        records.iter().map(|r| tune::data::text_ids(tok, r.value["text"].as_str().unwrap(), eos).unwrap()).collect();
+    for (i, (seq, want)) in sequences.iter().zip(reference["ids"].as_array().unwrap()).enumerate() {
+        assert_eq!(seq, &ids(want), "{dir}: token ids of line {}", i + 1);
+    }
+    let report = tune::eval::evaluate(model, &sequences, &device);
+    let want = reference["loss"].as_f64().unwrap();
+    assert_eq!(report.tokens as u64, reference["tokens"].as_u64().unwrap());
+    let rel = (report.loss - want).abs() / want;
+    eprintln!("{dir}: eval loss {} vs transformers {want} (rel {rel:.2e})", report.loss);
+    assert!(rel <= 1e-4, "{dir}: eval loss {} vs transformers {want}", report.loss);
+
+    let r = read_reference(&fixtures().join(dir).join("logits.safetensors"));
+    let input = r["input_ids"].ids();
+    let positions: Vec<usize> = (0..input.len()).collect();
+    let hidden =
+        model.forward_hidden(tune::model::token_tensor::<B>(&input, 1, &device), &positions, &tune::model::AttentionMask::Causal, None);
+    let logits: Vec<f32> = model.lm_head(hidden).into_data().iter::<f32>().collect();
+    let vocab = model.config.vocab_size;
+    for (key, pos) in [("logits_first", 0), ("logits_last", input.len() - 1)] {
+        let (d, s) = max_abs_diff(&logits[pos * vocab..(pos + 1) * vocab], &r[key].f32s());
+        eprintln!("{dir}: {key}: max |Δ| {d:.2e} of max |logit| {s:.1}");
+        assert!(d / s <= 1e-4, "{dir}: {key}: max |Δlogit| {d} vs scale {s}");
+    }
+}
+
 /// Writes a tiny random Llama (hidden 32, 2 layers, GQA, vocab 32) with the hand-written test
 /// tokenizer of tests/fixtures/tokenizer into `dir`, for tests that run `tune` end to end fast.
 pub fn write_tiny_model(dir: &Path, seed: u64) {

@@ -30,9 +30,7 @@ What it does:
 Tensors are streamed one at a time, so peak memory is about one tensor
 (the 262144 x 640 embedding: 640 MiB in float32).
 """
-import json
 import os
-import struct
 import sys
 
 import numpy as np
@@ -40,7 +38,7 @@ from gguf import GGUFReader, dequantize
 
 sys.dont_write_bytecode = True  # no scripts/__pycache__ from the import below
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gguf_to_safetensors import bf16_bits  # noqa: E402  (same rounding as SmolLM2)
+from gguf_to_safetensors import bf16_bits, write_plan  # noqa: E402  (same rounding and file layout as SmolLM2)
 
 TOP_LEVEL = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -120,28 +118,14 @@ class Plan:
             return np.ascontiguousarray(w - np.float32(1.0), dtype="<f4")
         return bf16_bits(w)
 
-    def header(self):
-        table, offset = {}, 0
-        for name in self.names():
-            shape, is_norm, _ = self.entries[name]
-            dtype, width = ("F32", 4) if is_norm else ("BF16", 2)
-            size = width * int(np.prod(shape))
-            table[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-            offset += size
-        table["__metadata__"] = {"format": "pt"}
-        raw = json.dumps(table, separators=(",", ":")).encode("utf-8")
-        return raw + b" " * (-len(raw) % 8)
+    def stored(self, name):
+        """(safetensors dtype, bytes per element, shape): norms in f32, the rest in bf16."""
+        shape, is_norm, _ = self.entries[name]
+        return ("F32", 4, shape) if is_norm else ("BF16", 2, shape)
 
 
 def convert(src, dst):
-    plan = Plan(GGUFReader(src))
-    header = plan.header()
-    with open(dst, "wb") as out:
-        out.write(struct.pack("<Q", len(header)))
-        out.write(header)
-        for name in plan.names():
-            out.write(plan.load(name).tobytes())
-    print(f"gemma3_gguf_to_safetensors: wrote {len(plan.entries)} tensors to {dst}", file=sys.stderr)
+    write_plan(Plan(GGUFReader(src)), dst, "gemma3_gguf_to_safetensors")
 
 
 if __name__ == "__main__":

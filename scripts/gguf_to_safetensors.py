@@ -111,27 +111,34 @@ class Plan:
             w = unpermute_heads(w, self.kv_heads)
         return bf16_bits(w)
 
-    def header(self):
-        table, offset = {}, 0
-        for name in self.names():
-            shape = self.entries[name][0]
-            size = 2 * int(np.prod(shape))
-            table[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
-            offset += size
-        table["__metadata__"] = {"format": "pt"}
-        raw = json.dumps(table, separators=(",", ":")).encode("utf-8")
-        return raw + b" " * (-len(raw) % 8)
+    def stored(self, name):
+        """(safetensors dtype, bytes per element, shape) of a tensor as written."""
+        return "BF16", 2, self.entries[name][0]
 
 
-def convert(src, dst):
-    plan = Plan(GGUFReader(src))
-    header = plan.header()
+def write_plan(plan, dst, tag):
+    """Writes `plan`'s tensors (its names(), stored(name), load(name)) as one safetensors file:
+    a compact JSON header padded with spaces to 8 bytes, `{"format": "pt"}` as metadata, tensors
+    in the plan's order, so the bytes (and their pinned sha256) are reproducible."""
+    table, offset = {}, 0
+    for name in plan.names():
+        dtype, width, shape = plan.stored(name)
+        size = width * int(np.prod(shape))
+        table[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    table["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(table, separators=(",", ":")).encode("utf-8")
+    header = raw + b" " * (-len(raw) % 8)
     with open(dst, "wb") as out:
         out.write(struct.pack("<Q", len(header)))
         out.write(header)
         for name in plan.names():
             out.write(plan.load(name).tobytes())
-    print(f"gguf_to_safetensors: wrote {len(plan.entries)} tensors to {dst}", file=sys.stderr)
+    print(f"{tag}: wrote {len(plan.entries)} tensors to {dst}", file=sys.stderr)
+
+
+def convert(src, dst):
+    write_plan(Plan(GGUFReader(src)), dst, "gguf_to_safetensors")
 
 
 if __name__ == "__main__":

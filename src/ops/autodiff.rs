@@ -9,7 +9,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::ops::FloatTensor;
 
-use super::{FusedOps, LoraLinear, Mask};
+use super::{AttentionOptions, FusedOps, LoraLinear, Mask};
 
 fn inner_mask<B: FusedOps, C: CheckpointStrategy>(mask: Mask<Autodiff<B, C>>) -> Mask<B> {
     match mask {
@@ -22,14 +22,14 @@ fn inner_mask<B: FusedOps, C: CheckpointStrategy>(mask: Mask<Autodiff<B, C>>) ->
 struct Attention;
 
 impl<B: FusedOps> Backward<B, 3> for Attention {
-    /// q, k, v, mask, output, log-sum-exp
-    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, Mask<B>, FloatTensor<B>, FloatTensor<B>);
+    /// q, k, v, mask, options, output, log-sum-exp
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, Mask<B>, AttentionOptions, FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_q, node_k, node_v] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
-        let (q, k, v, mask, out, lse) = ops.state;
-        let (dq, dk, dv) = B::attention_backward(q, k, v, mask, out, lse, grad);
+        let (q, k, v, mask, opts, out, lse) = ops.state;
+        let (dq, dk, dv) = B::attention_backward(q, k, v, mask, &opts, out, lse, grad);
         for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, g);
@@ -147,17 +147,13 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         mask: Mask<Self>,
-        opts: &super::AttentionOptions,
+        opts: &AttentionOptions,
     ) -> FloatTensor<Self> {
-        let d = super::float::<Self, 4>(q.clone()).dims()[3];
-        if !opts.is_plain(d) {
-            return super::reference::attention_general::<Self>(q, k, v, mask, opts);
-        }
         let mask = inner_mask(mask);
         match Attention.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let (out, lse) = B::attention_forward(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), mask.clone());
-                prep.finish((q.primitive, k.primitive, v.primitive, mask, out.clone(), lse), out)
+                let (out, lse) = B::attention_forward(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), mask.clone(), opts);
+                prep.finish((q.primitive, k.primitive, v.primitive, mask, opts.clone(), out.clone(), lse), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::fused_attention(q.primitive, k.primitive, v.primitive, mask, opts)),
         }

@@ -8,7 +8,7 @@ use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{reference, FusedOps, LoraLinear, Mask};
+use super::{reference, AttentionOptions, FusedOps, LoraLinear, Mask};
 
 /// Query rows per attention tile: a causal tile only needs the keys up to its last row.
 const TILE: usize = 64;
@@ -34,6 +34,22 @@ pub(crate) fn exp(x: f32) -> f32 {
         0.0
     } else {
         e
+    }
+}
+
+/// tanh in f32 without branches or calls, so that loops over slices vectorize (Cephes' tanhf):
+/// x + x³·P(x²) below |x| = 0.625, where 1 − 2/(e^{2|x|} + 1) would lose digits to the
+/// subtraction, that above; within 1e-7 of tanh. |x| is clamped at 10, where tanh is 1 in f32.
+#[inline(always)]
+pub(crate) fn tanh(x: f32) -> f32 {
+    let a = x.abs().min(10.0);
+    let large = (1.0 - 2.0 / (exp(2.0 * a) + 1.0)).copysign(x);
+    let z = x * x;
+    let small = ((((-5.704_988_7e-3 * z + 2.063_909e-2) * z - 5.373_971_6e-2) * z + 1.333_144_2e-1) * z - 3.333_328e-1) * z * x + x;
+    if a < 0.625 {
+        small
+    } else {
+        large
     }
 }
 
@@ -93,7 +109,7 @@ unsafe fn gemm(
     gemm::gemm(m, n, k, dst, 1, dst_rs, accumulate, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 1.0, beta, false, false, false, parallelism);
 }
 
-/// Shape and mask of one attention call.
+/// Shape, mask and options of one attention call.
 struct Geometry<'a> {
     b: usize,
     s: usize,
@@ -105,33 +121,77 @@ struct Geometry<'a> {
     mask: Option<&'a [u8]>,
     /// The mask's batch: 1 when one mask serves every row.
     mask_batch: usize,
+    /// Multiplies q·kᵀ.
+    scale: f32,
+    softcap: Option<f32>,
+    window: Option<usize>,
+    /// One slope per query head.
+    alibi: Option<&'a [f32]>,
 }
 
 impl Geometry<'_> {
-    /// Keys a tile of query rows `r0..r1` can see at all: causal tiles stop at their last row.
-    fn keys(&self, r1: usize) -> usize {
-        match self.mask {
+    /// Keys a tile of query rows `r0..r1` can see at all, `lo..hi`: a causal tile stops at its
+    /// last row's diagonal, a sliding window starts at its first row's oldest key.
+    fn keys(&self, r0: usize, r1: usize) -> (usize, usize) {
+        let hi = match self.mask {
             None => (r1 + self.t - self.s).min(self.t),
             Some(_) => self.t,
-        }
+        };
+        let lo = self.window.map_or(0, |w| (r0 + self.t - self.s + 1).saturating_sub(w));
+        (lo, hi)
     }
 
-    /// Sets masked scores of query `i` (batch row `bi`) to −∞, in a row of its first keys.
-    fn mask_row(&self, bi: usize, i: usize, row: &mut [f32]) {
+    /// Turns query `i`'s row of scale·q·kᵀ over keys `lo..lo + row.len()` (batch row `bi`, head
+    /// `head`) into the scores its softmax sees: soft-capped, plus the ALiBi bias, −∞ where masked.
+    /// With `cap_grad`, also writes dc/draw = 1 − (c/cap)² per key. Each option is its own pass
+    /// over the row, taken only when it is set.
+    fn prepare_row(&self, bi: usize, head: usize, i: usize, lo: usize, row: &mut [f32], cap_grad: Option<&mut [f32]>) {
+        if let Some(cap) = self.softcap {
+            let inv = 1.0 / cap;
+            match cap_grad {
+                Some(cg) => {
+                    for (x, g) in row.iter_mut().zip(cg) {
+                        let c = tanh(*x * inv);
+                        *x = cap * c;
+                        *g = 1.0 - c * c;
+                    }
+                }
+                None => row.iter_mut().for_each(|x| *x = cap * tanh(*x * inv)),
+            }
+        }
+        if let Some(slopes) = self.alibi {
+            // −slope·(i_abs − j) = slope·(j − i_abs)
+            let slope = slopes[head];
+            let first = lo as f32 - (i + self.t - self.s) as f32;
+            for (j, x) in row.iter_mut().enumerate() {
+                *x += slope * (first + j as f32);
+            }
+        }
+        self.mask_row(bi, i, lo, row);
+    }
+
+    /// Sets masked scores of query `i` (batch row `bi`) to −∞, in a row of keys `lo..`.
+    fn mask_row(&self, bi: usize, i: usize, lo: usize, row: &mut [f32]) {
+        let n = row.len();
         match self.mask {
             None => {
-                let limit = (i + 1 + self.t - self.s).min(row.len());
+                let limit = (i + 1 + self.t - self.s).min(lo + n) - lo;
                 row[limit..].fill(f32::NEG_INFINITY);
             }
             Some(m) => {
                 // A [1, 1, s, t] mask serves every row of the batch.
-                let m = &m[((bi % self.mask_batch) * self.s + i) * self.t..];
+                let m = &m[((bi % self.mask_batch) * self.s + i) * self.t + lo..];
                 for (x, &masked) in row.iter_mut().zip(m) {
                     if masked != 0 {
                         *x = f32::NEG_INFINITY;
                     }
                 }
             }
+        }
+        if let Some(w) = self.window {
+            // Keys before i_abs − w + 1 are out of the window.
+            let oldest = (i + self.t - self.s + 1).saturating_sub(w);
+            row[..oldest.saturating_sub(lo).min(n)].fill(f32::NEG_INFINITY);
         }
     }
 }
@@ -162,9 +222,8 @@ fn softmax_row(row: &mut [f32]) -> f32 {
 }
 
 fn attention_forward_f32(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<f32>, Vec<f32>) {
-    let Geometry { b, s, t, h, kv, d, .. } = *g;
+    let Geometry { b, s, t, h, kv, d, scale, .. } = *g;
     let rep = h / kv;
-    let scale = 1.0 / (d as f32).sqrt();
     let mut out = vec![0f32; b * s * h * d];
     let mut lse = vec![0f32; b * h * s];
     let out_ptr = Shared(out.as_mut_ptr());
@@ -177,8 +236,10 @@ fn attention_forward_f32(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<
         let mut scores = vec![0f32; TILE * t];
         for r0 in (0..s).step_by(TILE) {
             let rows = TILE.min(s - r0);
-            let n = g.keys(r0 + rows);
-            // scores = scale · q_tile · kᵀ, [rows, n] with row stride t
+            let (lo, hi_key) = g.keys(r0, r0 + rows);
+            let n = hi_key - lo;
+            let (k_t, v_t) = (&k0[lo * kv * d..], &v0[lo * kv * d..]);
+            // scores = scale · q_tile · k[lo..]ᵀ, [rows, n] with row stride t
             unsafe {
                 gemm(
                     ONE_CORE,
@@ -191,7 +252,7 @@ fn attention_forward_f32(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<
                     q0[r0 * h * d..].as_ptr(),
                     (h * d) as isize,
                     1,
-                    k0.as_ptr(),
+                    k_t.as_ptr(),
                     1,
                     (kv * d) as isize,
                     scale,
@@ -200,7 +261,7 @@ fn attention_forward_f32(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<
             for ii in 0..rows {
                 let i = r0 + ii;
                 let row = &mut scores[ii * t..ii * t + n];
-                g.mask_row(bi, i, row);
+                g.prepare_row(bi, hi, i, lo, row, None);
                 let row_lse = softmax_row(row);
                 unsafe { *lse_ptr.at((bi * h + hi) * s + i) = row_lse };
             }
@@ -217,7 +278,7 @@ fn attention_forward_f32(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<
                     scores.as_ptr(),
                     t as isize,
                     1,
-                    v0.as_ptr(),
+                    v_t.as_ptr(),
                     (kv * d) as isize,
                     1,
                     1.0,
@@ -238,9 +299,8 @@ fn attention_backward_f32(
     grad: &[f32],
     g: &Geometry,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let Geometry { b, s, t, h, kv, d, .. } = *g;
+    let Geometry { b, s, t, h, kv, d, scale, .. } = *g;
     let rep = h / kv;
-    let scale = 1.0 / (d as f32).sqrt();
     let mut dq = vec![0f32; b * s * h * d];
     let mut dk = vec![0f32; b * t * kv * d];
     let mut dv = vec![0f32; b * t * kv * d];
@@ -249,13 +309,18 @@ fn attention_backward_f32(
     (0..b * kv).into_par_iter().for_each(|task| {
         let (bi, gi) = (task / kv, task % kv);
         let kv_off = (bi * t * kv + gi) * d;
-        let (k0, v0) = (&k[kv_off..], &v[kv_off..]);
         let mut p = vec![0f32; TILE * t];
         let mut dp = vec![0f32; TILE * t];
+        // dc/draw of the soft-capped scores, kept from the rebuild of p to the scores' gradient
+        let mut cap_grad = vec![0f32; if g.softcap.is_some() { TILE * t } else { 0 }];
         for hi in gi * rep..(gi + 1) * rep {
             for r0 in (0..s).step_by(TILE) {
                 let rows = TILE.min(s - r0);
-                let n = g.keys(r0 + rows);
+                let (lo, hi_key) = g.keys(r0, r0 + rows);
+                let n = hi_key - lo;
+                // keys lo.. of this kv head, and their rows of dk and dv
+                let kv_t = kv_off + lo * kv * d;
+                let (k_t, v_t) = (&k[kv_t..], &v[kv_t..]);
                 let row_off = ((bi * s + r0) * h + hi) * d;
                 let (q_t, o_t, g_t) = (&q[row_off..], &out[row_off..], &grad[row_off..]);
                 let ld = (h * d) as isize;
@@ -272,7 +337,7 @@ fn attention_backward_f32(
                         q_t.as_ptr(),
                         ld,
                         1,
-                        k0.as_ptr(),
+                        k_t.as_ptr(),
                         1,
                         (kv * d) as isize,
                         scale,
@@ -281,7 +346,8 @@ fn attention_backward_f32(
                 for ii in 0..rows {
                     let i = r0 + ii;
                     let row = &mut p[ii * t..ii * t + n];
-                    g.mask_row(bi, i, row);
+                    let cg = if g.softcap.is_some() { Some(&mut cap_grad[ii * t..ii * t + n]) } else { None };
+                    g.prepare_row(bi, hi, i, lo, row, cg);
                     exp_shifted(row, lse[(bi * h + hi) * s + i]);
                 }
                 unsafe {
@@ -291,7 +357,7 @@ fn attention_backward_f32(
                         n,
                         d,
                         rows,
-                        dv_ptr.at(kv_off),
+                        dv_ptr.at(kv_t),
                         (kv * d) as isize,
                         true,
                         p.as_ptr(),
@@ -314,7 +380,7 @@ fn attention_backward_f32(
                         g_t.as_ptr(),
                         ld,
                         1,
-                        v0.as_ptr(),
+                        v_t.as_ptr(),
                         1,
                         (kv * d) as isize,
                         1.0,
@@ -328,6 +394,10 @@ fn attention_backward_f32(
                     let (pr, dr) = (&p[ii * t..ii * t + n], &mut dp[ii * t..ii * t + n]);
                     for (x, &pv) in dr.iter_mut().zip(pr) {
                         *x = pv * (*x - dot) * scale;
+                    }
+                    if g.softcap.is_some() {
+                        // through the cap: d raw = d c · (1 − (c/cap)²)
+                        dr.iter_mut().zip(&cap_grad[ii * t..ii * t + n]).for_each(|(x, &cg)| *x *= cg);
                     }
                 }
                 unsafe {
@@ -343,7 +413,7 @@ fn attention_backward_f32(
                         dp.as_ptr(),
                         t as isize,
                         1,
-                        k0.as_ptr(),
+                        k_t.as_ptr(),
                         (kv * d) as isize,
                         1,
                         1.0,
@@ -354,7 +424,7 @@ fn attention_backward_f32(
                         n,
                         d,
                         rows,
-                        dk_ptr.at(kv_off),
+                        dk_ptr.at(kv_t),
                         (kv * d) as isize,
                         true,
                         dp.as_ptr(),
@@ -372,11 +442,17 @@ fn attention_backward_f32(
     (dq, dk, dv)
 }
 
-/// Shape of q `[b, s, h, d]` and k `[b, t, kv, d]`, and the mask's bytes.
 /// The shapes the raw kernels index by, checked: q `[b, s, h, d]`, k and v `[b, t, kv, d]` with
-/// h a multiple of kv, an explicit mask `[b or 1, 1, s, t]`, and any further tensor (the output
-/// and its gradient) shaped as q.
-fn geometry<'a>(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, mask: &'a Option<FlexTensor>, like_q: &[&FlexTensor]) -> Geometry<'a> {
+/// h a multiple of kv, an explicit mask `[b or 1, 1, s, t]`, one ALiBi slope per query head, a
+/// window of at least one key, and any further tensor (the output and its gradient) shaped as q.
+fn geometry<'a>(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    mask: &'a Option<FlexTensor>,
+    opts: &'a AttentionOptions,
+    like_q: &[&FlexTensor],
+) -> Geometry<'a> {
     let (qd, kd, vd) = (dims(q), dims(k), dims(v));
     assert!(
         qd.len() == 4 && kd.len() == 4 && kd == vd && qd[0] == kd[0] && qd[3] == kd[3] && kd[2] > 0 && qd[2] % kd[2] == 0 && qd[1] <= kd[1],
@@ -394,7 +470,28 @@ fn geometry<'a>(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, mask: &'a Option
         );
         mask_batch = md[0];
     }
-    Geometry { b: qd[0], s: qd[1], h: qd[2], d: qd[3], t: kd[1], kv: kd[2], mask: mask.as_ref().map(|m| m.storage::<u8>()), mask_batch }
+    if let Some(slopes) = &opts.alibi {
+        assert_eq!(slopes.len(), qd[2], "fused attention: {} ALiBi slopes for q {qd:?}", slopes.len());
+    }
+    assert!(opts.window != Some(0), "fused attention: a sliding window of 0 keys");
+    let d = qd[3];
+    // The default scale as the kernels always computed it, in f32 (1/√d rounded from f64 differs
+    // in the last bit for some d, 96 among them).
+    let scale = if opts.scale == 1.0 / (d as f64).sqrt() { 1.0 / (d as f32).sqrt() } else { opts.scale as f32 };
+    Geometry {
+        b: qd[0],
+        s: qd[1],
+        h: qd[2],
+        d,
+        t: kd[1],
+        kv: kd[2],
+        mask: mask.as_ref().map(|m| m.storage::<u8>()),
+        mask_batch,
+        scale,
+        softcap: opts.softcap.map(|c| c as f32),
+        window: opts.window,
+        alibi: opts.alibi.as_deref(),
+    }
 }
 
 /// x `[n, in]` (and x_lora like it), w `[in, out]`, lora_A `[in, r]`, lora_B `[r, out]`, bias
@@ -709,12 +806,13 @@ impl FusedOps for Flex {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         mask: Mask<Self>,
+        opts: &AttentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let Some(m) = kernel_mask(&mask).filter(|_| all_f32(&[&q, &k, &v])) else {
-            return reference::attention_forward::<Self>(q, k, v, mask);
+            return reference::attention_forward::<Self>(q, k, v, mask, opts);
         };
         let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
-        let g = geometry(&q, &k, &v, &m, &[]);
+        let g = geometry(&q, &k, &v, &m, opts, &[]);
         let (out, lse) = attention_forward_f32(q.storage(), k.storage(), v.storage(), &g);
         (tensor(out, vec![g.b, g.s, g.h, g.d]), tensor(lse, vec![g.b, g.h, g.s]))
     }
@@ -724,16 +822,17 @@ impl FusedOps for Flex {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         mask: Mask<Self>,
+        opts: &AttentionOptions,
         out: FloatTensor<Self>,
         lse: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let Some(m) = kernel_mask(&mask).filter(|_| all_f32(&[&q, &k, &v, &out, &lse, &grad])) else {
-            return reference::attention_backward::<Self>(q, k, v, mask, out, lse, grad);
+            return reference::attention_backward::<Self>(q, k, v, mask, opts, out, lse, grad);
         };
         let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
         let (out, lse, grad) = (contiguous(out), contiguous(lse), contiguous(grad));
-        let g = geometry(&q, &k, &v, &m, &[&out, &grad]);
+        let g = geometry(&q, &k, &v, &m, opts, &[&out, &grad]);
         assert_eq!(dims(&lse), [g.b, g.h, g.s], "fused attention: log-sum-exp shape");
         let (dq, dk, dv) = attention_backward_f32(q.storage(), k.storage(), v.storage(), out.storage(), lse.storage(), grad.storage(), &g);
         let kv_shape = vec![g.b, g.t, g.kv, g.d];

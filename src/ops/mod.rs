@@ -26,12 +26,13 @@ pub(crate) fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B
     t.into_primitive().tensor()
 }
 
-/// Which keys a query may see, for [`FusedOps::attention`].
+/// Which keys a query may see, for [`FusedOps::fused_attention`], before any sliding window.
 #[derive(Debug, Clone)]
 pub enum Mask<B: Backend> {
     /// Causal, aligned at the bottom right: query i of s sees keys 0..=i + (t − s).
     Causal,
-    /// `[batch, 1, s, t]`, `true` where attention is NOT allowed.
+    /// `[batch, 1, s, t]`, or `[1, 1, s, t]` for every row of the batch alike; `true` where
+    /// attention is NOT allowed.
     Explicit(BoolTensor<B>),
 }
 
@@ -49,30 +50,26 @@ pub struct LoraLinear<B: Backend> {
     pub scale: f64,
 }
 
-/// What varies in attention between families, for [`FusedOps::fused_attention`].
+/// What varies in attention between families, for [`FusedOps::fused_attention`]. Applied in
+/// transformers' order: s = scale·q·kᵀ; s = cap·tanh(s/cap); s += ALiBi bias; −∞ where masked
+/// or outside the window; softmax; ·v. Positions are absolute: query i of s is i_abs = i + t − s
+/// among the t keys.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttentionOptions {
     /// Multiplies q·kᵀ; 1/√head_dim unless the family says otherwise (Gemma: query_pre_attn_scalar^-½).
     pub scale: f64,
-    /// Gemma 2's attention logit soft-capping: score -> cap·tanh(score/cap), after scaling.
+    /// Gemma 2's attention logit soft-capping: score -> cap·tanh(score/cap), applied after scaling, before bias/mask.
     pub softcap: Option<f64>,
-    /// Sliding window: key j is hidden from query i when (i_abs − j_abs) >= window.
+    /// Sliding window: key j is hidden from query i when (i_abs − j_abs) >= window, on top of the mask.
     pub window: Option<usize>,
     /// ALiBi (BLOOM): one slope per query head; score += −slope_h · (i_abs − j_abs).
     pub alibi: Option<Vec<f32>>,
 }
 
 impl AttentionOptions {
+    /// Scale 1/√head_dim, nothing else.
     pub fn new(head_dim: usize) -> Self {
         AttentionOptions { scale: 1.0 / (head_dim as f64).sqrt(), softcap: None, window: None, alibi: None }
-    }
-
-    /// Only the scale is set, and it is the default one: what the kernels compute.
-    pub(crate) fn is_plain(&self, head_dim: usize) -> bool {
-        self.softcap.is_none()
-            && self.window.is_none()
-            && self.alibi.is_none()
-            && (self.scale - 1.0 / (head_dim as f64).sqrt()).abs() < 1e-12
     }
 }
 
@@ -90,9 +87,10 @@ pub enum Activation {
 /// The fused operations. q, k and v are laid out `[batch, seq, heads, head_dim]` as the
 /// projections produce them, so no transpose is needed before or after attention.
 pub trait FusedOps: Backend {
-    /// softmax(q·kᵀ/√d + mask)·v with grouped-query heads: q `[b, s, h, d]`, k and v
-    /// `[b, t, kv, d]` with h a multiple of kv (query head j uses kv head j / (h / kv), as
-    /// HF's repeat_kv). Returns `[b, s, h, d]`.
+    /// softmax(scale·q·kᵀ + mask)·v with grouped-query heads and the family's options (soft-cap,
+    /// ALiBi, sliding window: [`AttentionOptions`]): q `[b, s, h, d]`, k and v `[b, t, kv, d]`
+    /// with h a multiple of kv (query head j uses kv head j / (h / kv), as HF's repeat_kv).
+    /// Returns `[b, s, h, d]`.
     fn fused_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -100,12 +98,7 @@ pub trait FusedOps: Backend {
         mask: Mask<Self>,
         opts: &AttentionOptions,
     ) -> FloatTensor<Self> {
-        let d = float::<Self, 4>(q.clone()).dims()[3];
-        if opts.is_plain(d) {
-            Self::attention_forward(q, k, v, mask).0
-        } else {
-            reference::attention_general::<Self>(q, k, v, mask, opts)
-        }
+        Self::attention_forward(q, k, v, mask, opts).0
     }
 
     /// (x − mean) / sqrt(var + eps) · w + b over the last dimension of `[n, d]`.
@@ -133,22 +126,26 @@ pub trait FusedOps: Backend {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         mask: Mask<Self>,
+        opts: &AttentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        reference::attention_forward::<Self>(q, k, v, mask)
+        reference::attention_forward::<Self>(q, k, v, mask, opts)
     }
 
     /// Gradients of q, k and v from the output's gradient, recomputing the softmax from lse.
+    /// With a soft-cap c = cap·tanh(raw/cap), the scores' gradient is chained through
+    /// dc/draw = 1 − (c/cap)²; the ALiBi bias and the mask take no gradient.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         mask: Mask<Self>,
+        opts: &AttentionOptions,
         out: FloatTensor<Self>,
         lse: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        reference::attention_backward::<Self>(q, k, v, mask, out, lse, grad)
+        reference::attention_backward::<Self>(q, k, v, mask, opts, out, lse, grad)
     }
 
     /// A frozen linear layer with its LoRA adapter, `[n, in]` -> `[n, out]`:
@@ -227,25 +224,28 @@ pub mod reference {
         k: FloatTensor<B>,
         v: FloatTensor<B>,
         mask: Mask<B>,
+        opts: &AttentionOptions,
     ) -> (FloatTensor<B>, FloatTensor<B>) {
         let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
-        let [_, _, h, d] = q.dims();
+        let h = q.dims()[2];
         let kv = k.dims()[2];
         let q = q.swap_dims(1, 2);
         let k = repeat_heads(k.swap_dims(1, 2), h / kv);
         let v = repeat_heads(v.swap_dims(1, 2), h / kv);
-        let scores = masked_scores(q, k, &mask, d);
+        let (scores, _) = scores(q, k, &mask, opts);
         let lse = logsumexp(scores.clone());
         let p = (scores - lse.clone()).exp();
         let out = p.matmul(v).swap_dims(1, 2);
         (prim(out), prim(lse.squeeze_dim::<3>(3)))
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn attention_backward<B: Backend>(
         q: FloatTensor<B>,
         k: FloatTensor<B>,
         v: FloatTensor<B>,
         mask: Mask<B>,
+        opts: &AttentionOptions,
         out: FloatTensor<B>,
         lse: FloatTensor<B>,
         grad: FloatTensor<B>,
@@ -254,18 +254,22 @@ pub mod reference {
         let [b, _, h, d] = q.dims();
         let [_, t, kv, _] = k.dims();
         let rep = h / kv;
-        let scale = 1.0 / (d as f64).sqrt();
         let q = q.swap_dims(1, 2);
         let k = repeat_heads(k.swap_dims(1, 2), rep);
         let v = repeat_heads(v.swap_dims(1, 2), rep);
         let out = float::<B, 4>(out).swap_dims(1, 2);
         let grad = float::<B, 4>(grad).swap_dims(1, 2);
         let lse = float::<B, 3>(lse).unsqueeze_dim::<4>(3);
-        let p = (masked_scores(q.clone(), k.clone(), &mask, d) - lse).exp();
+        let (scores, cap_grad) = scores(q.clone(), k.clone(), &mask, opts);
+        let p = (scores - lse).exp();
         let dv = p.clone().swap_dims(2, 3).matmul(grad.clone());
         let dp = grad.clone().matmul(v.swap_dims(2, 3));
         let row = (grad * out).sum_dim(3);
-        let ds = p * (dp - row) * scale;
+        let mut ds = p * (dp - row);
+        if let Some(cap_grad) = cap_grad {
+            ds = ds * cap_grad;
+        }
+        let ds = ds * opts.scale;
         let dq = ds.clone().matmul(k).swap_dims(1, 2);
         let dk = ds.swap_dims(2, 3).matmul(q);
         // Sum the gradients of the query heads that share a kv head.
@@ -332,46 +336,6 @@ pub mod reference {
         let loss = (nll * weight.clone()).sum().into_scalar().elem::<f64>();
         let one_hot = Tensor::<B, 2>::zeros([c, vocab], &device).scatter(1, ids, weight.clone(), burn::tensor::IndexingUpdateOp::Add);
         (loss, prim(exp * (weight / sum) - one_hot))
-    }
-
-    /// Attention with every option, as plain tensor ops: scale, soft-cap, ALiBi bias, window.
-    pub fn attention_general<B: Backend>(
-        q: FloatTensor<B>,
-        k: FloatTensor<B>,
-        v: FloatTensor<B>,
-        mask: Mask<B>,
-        opts: &AttentionOptions,
-    ) -> FloatTensor<B> {
-        use burn::tensor::TensorData;
-        let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
-        let [b, s, h, _] = q.dims();
-        let [_, t, kv, _] = k.dims();
-        let device = q.device();
-        let q = q.swap_dims(1, 2);
-        let k = repeat_heads(k.swap_dims(1, 2), h / kv);
-        let v = repeat_heads(v.swap_dims(1, 2), h / kv);
-        let mut scores = q.matmul(k.swap_dims(2, 3)) * opts.scale;
-        if let Some(cap) = opts.softcap {
-            scores = (scores / cap).tanh() * cap;
-        }
-        // −slope·(i − j) and the window, from the absolute positions i = qi + t − s, j = kj.
-        let dist: Vec<f32> = (0..s).flat_map(|i| (0..t).map(move |j| (i + t - s) as f32 - j as f32)).collect();
-        let dist = Tensor::<B, 2>::from_data(TensorData::new(dist, [s, t]), &device);
-        if let Some(slopes) = &opts.alibi {
-            let slopes = Tensor::<B, 1>::from_data(TensorData::new(slopes.clone(), [h]), &device).reshape([1, h, 1, 1]);
-            scores = scores - dist.clone().reshape([1, 1, s, t]) * slopes;
-        }
-        let mut masked: Tensor<B, 4, Bool> = match &mask {
-            Mask::Causal => Tensor::<B, 2, Bool>::tril_mask([s, t], (t - s) as i64, &device).unsqueeze::<4>().expand([b, h, s, t]),
-            Mask::Explicit(m) => Tensor::<B, 4, Bool>::from_primitive(m.clone()).expand([b, h, s, t]),
-        };
-        if let Some(w) = opts.window {
-            let far = dist.greater_equal_elem(w as f64).unsqueeze::<4>().expand([b, h, s, t]);
-            masked = masked.bool_or(far);
-        }
-        let scores = scores.mask_fill(masked, f32::NEG_INFINITY);
-        let p = burn::tensor::activation::softmax(scores, 3);
-        prim(p.matmul(v).swap_dims(1, 2))
     }
 
     pub fn layer_norm<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>, b: FloatTensor<B>, eps: f64) -> FloatTensor<B> {
@@ -450,19 +414,41 @@ fn repeat_heads<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
     x.unsqueeze_dim::<5>(2).expand([b, kv, n, t, d]).reshape([b, kv * n, t, d])
 }
 
-/// q·kᵀ/√d with masked scores at −∞, `[b, h, s, t]`.
-fn masked_scores<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, mask: &Mask<B>, d: usize) -> Tensor<B, 4> {
+/// The scores the softmax sees, `[b, h, s, t]`, in transformers' order: scale·q·kᵀ, soft-capped
+/// (c = cap·tanh(raw/cap)), plus the ALiBi bias, −∞ where masked or outside the window. With a
+/// cap, also dc/draw = 1 − (c/cap)², for the backward pass.
+fn scores<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, mask: &Mask<B>, opts: &AttentionOptions) -> (Tensor<B, 4>, Option<Tensor<B, 4>>) {
+    use burn::tensor::TensorData;
     let [b, h, s, _] = q.dims();
     let t = k.dims()[2];
-    let scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt();
-    let masked: Tensor<B, 4, Bool> = match mask {
+    let device = q.device();
+    let mut scores = q.matmul(k.swap_dims(2, 3)) * opts.scale;
+    let mut cap_grad = None;
+    if let Some(cap) = opts.softcap {
+        let capped = (scores / cap).tanh();
+        cap_grad = Some(capped.clone().square().neg() + 1.0);
+        scores = capped * cap;
+    }
+    let mut masked: Tensor<B, 4, Bool> = match mask {
         Mask::Causal => {
             // tril_mask is true above the shifted diagonal: key j hidden from query i when j > i + (t − s).
-            Tensor::<B, 2, Bool>::tril_mask([s, t], (t - s) as i64, &scores.device()).unsqueeze::<4>().expand([b, h, s, t])
+            Tensor::<B, 2, Bool>::tril_mask([s, t], (t - s) as i64, &device).unsqueeze::<4>().expand([b, h, s, t])
         }
         Mask::Explicit(m) => Tensor::<B, 4, Bool>::from_primitive(m.clone()).expand([b, h, s, t]),
     };
-    scores.mask_fill(masked, f32::NEG_INFINITY)
+    if opts.alibi.is_some() || opts.window.is_some() {
+        // i_abs − j_abs, `[1, 1, s, t]`
+        let dist: Vec<f32> = (0..s).flat_map(|i| (0..t).map(move |j| (i + t - s) as f32 - j as f32)).collect();
+        let dist = Tensor::<B, 4>::from_data(TensorData::new(dist, [1, 1, s, t]), &device).cast(scores.dtype());
+        if let Some(w) = opts.window {
+            masked = masked.bool_or(dist.clone().greater_equal_elem(w as f64).expand([b, h, s, t]));
+        }
+        if let Some(slopes) = &opts.alibi {
+            let slopes = Tensor::<B, 4>::from_data(TensorData::new(slopes.clone(), [1, h, 1, 1]), &device).cast(scores.dtype());
+            scores = scores - dist * slopes;
+        }
+    }
+    (scores.mask_fill(masked, f32::NEG_INFINITY), cap_grad)
 }
 
 /// log Σ exp over the last dimension, kept as `[.., 1]`; a row with every score masked gets

@@ -12,7 +12,7 @@ use burn::backend::{Autodiff, Flex, NdArray};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, DType, Distribution, ElementConversion, Tensor, TensorData};
 
-use super::{float, prim, FusedOps, Mask};
+use super::{float, prim, AttentionOptions, FusedOps, Mask};
 
 type A<B> = Autodiff<B>;
 
@@ -59,25 +59,44 @@ fn mask<B: FusedOps>([rows, s, t]: [usize; 3], hidden: impl Fn(usize, usize, usi
     Tensor::from_data(TensorData::new(data, [rows, 1, s, t]), &Default::default())
 }
 
-/// Attention as HF writes it: repeat kv heads, scores, −∞ where masked, softmax, times v.
+/// Attention as transformers writes it: repeat kv heads, scale·q·kᵀ, cap·tanh(·/cap), plus the
+/// ALiBi bias −slope·(i_abs − j), −∞ where masked or outside the window, softmax, times v.
 fn naive_attention<B: FusedOps>(
     q: Tensor<A<B>, 4>,
     k: Tensor<A<B>, 4>,
     v: Tensor<A<B>, 4>,
     masked: Tensor<A<B>, 4, Bool>,
+    opts: &AttentionOptions,
 ) -> Tensor<A<B>, 4> {
     let (q, k, v) = (wide(q), wide(k), wide(v));
     let [b, s, h, d] = q.dims();
     let [_, t, kv, _] = k.dims();
     let repeat = |x: Tensor<A<B>, 4>| x.swap_dims(1, 2).unsqueeze_dim::<5>(2).expand([b, kv, h / kv, t, d]).reshape([b, h, t, d]);
-    let scores = q.swap_dims(1, 2).matmul(repeat(k).swap_dims(2, 3)) / (d as f64).sqrt();
-    let scores = scores.mask_fill(masked.expand([b, h, s, t]), f32::NEG_INFINITY);
+    let mut scores = q.swap_dims(1, 2).matmul(repeat(k).swap_dims(2, 3)) * opts.scale;
+    if let Some(cap) = opts.softcap {
+        scores = (scores / cap).tanh() * cap;
+    }
+    if let Some(slopes) = &opts.alibi {
+        let bias: Vec<f32> =
+            (0..h).flat_map(|hh| (0..s).flat_map(move |i| (0..t).map(move |j| -slopes[hh] * ((i + t - s) as f32 - j as f32)))).collect();
+        scores = scores + wide(Tensor::<A<B>, 4>::from_data(TensorData::new(bias, [1, h, s, t]), &Default::default()));
+    }
+    let mut masked = masked.expand([b, h, s, t]);
+    if let Some(w) = opts.window {
+        masked = masked.bool_or(mask::<B>([1, s, t], |_, i, j| i + t - s >= j + w).expand([b, h, s, t]));
+    }
+    let scores = scores.mask_fill(masked, f32::NEG_INFINITY);
     narrow(softmax(scores, 3).matmul(repeat(v)).swap_dims(1, 2))
 }
 
 /// Runs fused and naive attention on the same inputs under autodiff and compares the outputs
 /// and the gradients of q, k and v for a random upstream gradient. `mask` None is causal.
-fn check_attention<B: FusedOps>([b, s, t, h, kv]: [usize; 5], mask: Option<Tensor<A<B>, 4, Bool>>, what: &str) {
+fn check_attention<B: FusedOps>(
+    [b, s, t, h, kv]: [usize; 5],
+    mask: Option<Tensor<A<B>, 4, Bool>>,
+    opts: impl FnOnce(&mut AttentionOptions),
+    what: &str,
+) {
     let d = 8;
     let q = random::<A<B>, 4>([b, s, h, d]).require_grad();
     let k = random::<A<B>, 4>([b, t, kv, d]).require_grad();
@@ -87,10 +106,12 @@ fn check_attention<B: FusedOps>([b, s, t, h, kv]: [usize; 5], mask: Option<Tenso
         None => (Mask::Causal, self::mask::<B>([1, s, t], |_, i, j| j > i + (t - s))),
         Some(m) => (Mask::Explicit(m.clone().into_primitive()), m),
     };
-    let opts = super::AttentionOptions::new(d);
-    let fused = float::<A<B>, 4>(A::<B>::fused_attention(prim(q.clone()), prim(k.clone()), prim(v.clone()), fused_mask, &opts));
-    let naive = naive_attention(q.clone(), k.clone(), v.clone(), masked);
-    assert!(rel_diff(fused.clone(), naive.clone()) < TOL, "{what}: outputs differ");
+    let mut o = AttentionOptions::new(d);
+    opts(&mut o);
+    let fused = float::<A<B>, 4>(A::<B>::fused_attention(prim(q.clone()), prim(k.clone()), prim(v.clone()), fused_mask, &o));
+    let naive = naive_attention(q.clone(), k.clone(), v.clone(), masked, &o);
+    let r = rel_diff(fused.clone(), naive.clone());
+    assert!(r < TOL, "{what}: outputs differ by {r}");
     let gf = (fused * up.clone()).sum().backward();
     let gn = (naive * up).sum().backward();
     check_grads::<B, 4>(&gf, &gn, &[("q", &q), ("k", &k), ("v", &v)], what);
@@ -113,17 +134,42 @@ fn packed<B: FusedOps>(rows: &[&[usize]], seq: usize) -> Tensor<A<B>, 4, Bool> {
 }
 
 fn attention_cases<B: FusedOps>() {
+    let plain = |_: &mut AttentionOptions| {};
     // Longer than one 64-row tile, grouped-query (4 query heads on 2 kv heads).
-    check_attention::<B>([2, 70, 70, 4, 2], None, "causal");
+    check_attention::<B>([2, 70, 70, 4, 2], None, plain, "causal");
     // New queries after cached keys: query i sees keys up to i + 6.
-    check_attention::<B>([1, 3, 9, 2, 1], None, "causal after a cache");
+    check_attention::<B>([1, 3, 9, 2, 1], None, plain, "causal after a cache");
     // Packed rows: block-diagonal causal, and a padded tail.
-    check_attention::<B>([2, 70, 70, 4, 4], Some(packed::<B>(&[&[30, 30], &[66]], 70)), "packed");
-    // A sliding window shorter than the row.
+    check_attention::<B>([2, 70, 70, 4, 4], Some(packed::<B>(&[&[30, 30], &[66]], 70)), plain, "packed");
+    // A sliding window shorter than the row, as a mask.
     let window = mask::<B>([1, 70, 70], |_, i, j| !(j <= i && i - j < 16));
-    check_attention::<B>([1, 70, 70, 2, 1], Some(window.clone()), "sliding window");
+    check_attention::<B>([1, 70, 70, 2, 1], Some(window.clone()), plain, "sliding window mask");
     // One [1, 1, s, t] mask for a batch of two: every row reads it, none reads past it.
-    check_attention::<B>([2, 70, 70, 4, 2], Some(window), "one mask for the batch");
+    check_attention::<B>([2, 70, 70, 4, 2], Some(window), plain, "one mask for the batch");
+
+    // Gemma 2: its own scale, and scores soft-capped where tanh bends (|scores| ~ 1).
+    let gemma2 = |o: &mut AttentionOptions| {
+        o.scale = 0.3;
+        o.softcap = Some(1.5);
+    };
+    check_attention::<B>([2, 70, 70, 4, 2], None, gemma2, "scale and soft-cap");
+    // The window as an option: the second tile starts at key 49, the first ones are skipped.
+    let window = |o: &mut AttentionOptions| o.window = Some(16);
+    check_attention::<B>([2, 70, 70, 4, 2], None, window, "sliding window");
+    check_attention::<B>([1, 3, 9, 2, 1], None, |o: &mut AttentionOptions| o.window = Some(4), "sliding window after a cache");
+    check_attention::<B>([2, 70, 70, 4, 4], Some(packed::<B>(&[&[30, 30], &[66]], 70)), window, "sliding window on packed rows");
+    // BLOOM: ALiBi, one slope per head.
+    let alibi = |o: &mut AttentionOptions| o.alibi = Some(vec![0.5, 0.25, 0.125, 0.0625]);
+    check_attention::<B>([2, 70, 70, 4, 4], None, alibi, "ALiBi");
+    check_attention::<B>([2, 70, 70, 4, 4], Some(packed::<B>(&[&[70]], 70)), alibi, "ALiBi with one mask for the batch");
+    // All of it at once, grouped-query, over packed rows and after a cache.
+    let all = |o: &mut AttentionOptions| {
+        gemma2(o);
+        o.window = Some(20);
+        o.alibi = Some(vec![0.3, 0.2, 0.1, 0.05]);
+    };
+    check_attention::<B>([2, 70, 70, 4, 2], Some(packed::<B>(&[&[30, 30], &[66]], 70)), all, "every option");
+    check_attention::<B>([1, 3, 9, 4, 2], None, all, "every option after a cache");
 }
 
 #[test]
@@ -249,6 +295,19 @@ fn cross_entropy_generic_formula_matches_plain_ops() {
 }
 
 #[test]
+fn fast_tanh_is_within_1e7() {
+    let mut worst = 0f64;
+    for i in 0..=400_000 {
+        let x = -20.0 + 40.0 * i as f32 / 400_000.0;
+        worst = worst.max((super::cpu::tanh(x) as f64 - (x as f64).tanh()).abs());
+    }
+    assert!(worst < 1e-7, "worst absolute error {worst:e}");
+    assert_eq!(super::cpu::tanh(0.0), 0.0);
+    assert_eq!(super::cpu::tanh(f32::INFINITY), 1.0);
+    assert_eq!(super::cpu::tanh(f32::NEG_INFINITY), -1.0);
+}
+
+#[test]
 fn fast_exp_is_within_two_ulp_and_zero_below_range() {
     let mut worst = 0f64;
     for i in 0..200_000 {
@@ -269,7 +328,7 @@ fn fast_exp_is_within_two_ulp_and_zero_below_range() {
 fn attention_kernel_refuses_mismatched_shapes() {
     let q = random::<Flex, 4>([1, 4, 3, 8]);
     let k = random::<Flex, 4>([1, 4, 2, 8]);
-    Flex::attention_forward(prim(q), prim(k.clone()), prim(k), Mask::Causal);
+    Flex::attention_forward(prim(q), prim(k.clone()), prim(k), Mask::Causal, &AttentionOptions::new(8));
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The backward passes of the fused operations, for burn's autodiff backend over any backend
 //! that has them. Each operation saves only what its backward needs: attention its inputs,
-//! output and log-sum-exp; RMSNorm its input and 1/rms; RoPE nothing; SwiGLU its inputs.
+//! options, output and log-sum-exp; RMSNorm its input and 1/rms; LayerNorm its input, mean and
+//! 1/std; RoPE nothing; SwiGLU its inputs.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -51,6 +52,23 @@ impl<B: FusedOps> Backward<B, 1> for RmsNorm {
         let (x, w, rstd) = ops.state;
         if let Some(node) = node_x {
             grads.register::<B>(node.id, B::rms_norm_backward(x, w, rstd, grad));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LayerNorm;
+
+impl<B: FusedOps> Backward<B, 1> for LayerNorm {
+    /// x, weight, each row's mean and 1/std
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, w, stats) = ops.state;
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::layer_norm_backward(x, w, stats, grad));
         }
     }
 }
@@ -168,6 +186,18 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 prep.finish((x.primitive, w, rstd), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::fused_rms_norm(x.primitive, w, eps)),
+        }
+    }
+
+    fn fused_layer_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, b: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        // The weight and bias are frozen: not parents, no gradient flows to them.
+        let (w, b) = (w.primitive, b.primitive);
+        match LayerNorm.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (out, stats) = B::layer_norm_forward(x.primitive.clone(), w.clone(), b, eps);
+                prep.finish((x.primitive, w, stats), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_layer_norm(x.primitive, w, b, eps)),
         }
     }
 

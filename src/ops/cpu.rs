@@ -901,6 +901,84 @@ impl FusedOps for Flex {
         tensor(dx, shape)
     }
 
+    fn layer_norm_forward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !all_f32(&[&x, &w, &b]) {
+            return reference::layer_norm_forward::<Self>(x, w, b, eps);
+        }
+        let (x, w, b) = (contiguous(x), contiguous(w), contiguous(b));
+        let shape = dims(&x);
+        assert!(
+            shape.len() == 2 && dims(&w) == [shape[1]] && dims(&b) == [shape[1]],
+            "layer_norm: x {shape:?}, weight {:?}, bias {:?} (expected [n, d], [d], [d])",
+            dims(&w),
+            dims(&b)
+        );
+        let (xs, ws, bs) = (x.storage::<f32>(), w.storage::<f32>(), b.storage::<f32>());
+        let (n, d) = (shape[0], shape[1]);
+        let mut out = vec![0f32; n * d];
+        let mut stats = vec![0f32; n * 2];
+        out.par_chunks_mut(ROWS_PER_TASK * d).zip(stats.par_chunks_mut(ROWS_PER_TASK * 2)).enumerate().for_each(|(c, (out, stats))| {
+            for (r, (o, st)) in out.chunks_mut(d).zip(stats.chunks_mut(2)).enumerate() {
+                let x = &xs[(c * ROWS_PER_TASK + r) * d..][..d];
+                // Two passes, mean then Σ(x − mean)²: no cancellation when the mean is large.
+                let mean = x.iter().sum::<f32>() / d as f32;
+                let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+                let rstd = 1.0 / (var + eps as f32).sqrt();
+                for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(ws).zip(bs) {
+                    *o = (x - mean) * rstd * w + b;
+                }
+                st.copy_from_slice(&[mean, rstd]);
+            }
+        });
+        (tensor(out, shape), tensor(stats, vec![n, 2]))
+    }
+
+    fn layer_norm_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if !all_f32(&[&x, &w, &stats, &grad]) {
+            return reference::layer_norm_backward::<Self>(x, w, stats, grad);
+        }
+        let (x, w, stats, grad) = (contiguous(x), contiguous(w), contiguous(stats), contiguous(grad));
+        let shape = dims(&x);
+        assert!(
+            shape.len() == 2 && dims(&w) == [shape[1]] && dims(&stats) == [shape[0], 2] && dims(&grad) == shape,
+            "layer_norm backward: x {shape:?}, weight {:?}, stats {:?}, gradient {:?}",
+            dims(&w),
+            dims(&stats),
+            dims(&grad)
+        );
+        let (xs, ws, st, gs) = (x.storage::<f32>(), w.storage::<f32>(), stats.storage::<f32>(), grad.storage::<f32>());
+        let d = shape[1];
+        let mut dx = vec![0f32; xs.len()];
+        dx.par_chunks_mut(ROWS_PER_TASK * d).enumerate().for_each(|(c, dx)| {
+            for (r, dx) in dx.chunks_mut(d).enumerate() {
+                let row = c * ROWS_PER_TASK + r;
+                let (x, g) = (&xs[row * d..][..d], &gs[row * d..][..d]);
+                let (mean, rstd) = (st[2 * row], st[2 * row + 1]);
+                // mean(g·w) and mean(g·w·x̂)
+                let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                for ((&x, &g), &w) in x.iter().zip(g).zip(ws) {
+                    sum_g += g * w;
+                    sum_gx += g * w * (x - mean) * rstd;
+                }
+                let (mean_g, mean_gx) = (sum_g / d as f32, sum_gx / d as f32);
+                for (((o, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(ws) {
+                    *o = rstd * (g * w - mean_g - (x - mean) * rstd * mean_gx);
+                }
+            }
+        });
+        tensor(dx, shape)
+    }
+
     fn fused_rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
         if !all_f32(&[&x, &cos, &sin]) {
             return reference::fused_rope::<Self>(x, cos, sin);

@@ -101,11 +101,6 @@ pub trait FusedOps: Backend {
         Self::attention_forward(q, k, v, mask, opts).0
     }
 
-    /// (x − mean) / sqrt(var + eps) · w + b over the last dimension of `[n, d]`.
-    fn fused_layer_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, b: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
-        reference::layer_norm::<Self>(x, w, b, eps)
-    }
-
     /// act(gate) · up.
     fn fused_glu(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
         match act {
@@ -193,6 +188,33 @@ pub trait FusedOps: Backend {
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         reference::rms_norm_backward::<Self>(x, w, rstd, grad)
+    }
+
+    /// (x − mean) / sqrt(var + eps) · w + b over the last dimension of `[n, d]`, with the biased
+    /// variance (as torch's LayerNorm). The weight and bias are frozen in tune.
+    fn fused_layer_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, b: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        Self::layer_norm_forward(x, w, b, eps).0
+    }
+
+    /// The output and each row's mean and 1 / sqrt(var + eps), `[n, 2]`.
+    fn layer_norm_forward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::layer_norm_forward::<Self>(x, w, b, eps)
+    }
+
+    /// Gradient of x: with x̂ = (x − mean)·rstd and g = grad·w,
+    /// dx = rstd · (g − mean(g) − x̂ · mean(g·x̂)).
+    fn layer_norm_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        reference::layer_norm_backward::<Self>(x, w, stats, grad)
     }
 
     /// Rotary embedding in HF's rotate_half layout: x·cos + cat(x2, x1)·sin for x
@@ -338,13 +360,33 @@ pub mod reference {
         (loss, prim(exp * (weight / sum) - one_hot))
     }
 
-    pub fn layer_norm<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>, b: FloatTensor<B>, eps: f64) -> FloatTensor<B> {
+    pub fn layer_norm_forward<B: Backend>(
+        x: FloatTensor<B>,
+        w: FloatTensor<B>,
+        b: FloatTensor<B>,
+        eps: f64,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
         let x = float::<B, 2>(x);
+        let (w, b) = (float::<B, 1>(w).cast(DType::F32), float::<B, 1>(b).cast(DType::F32));
         let mean = x.clone().mean_dim(1);
-        let centred = x - mean;
-        let var = centred.clone().square().mean_dim(1);
-        let y = centred / (var + eps).sqrt();
-        prim(y * float::<B, 1>(w).unsqueeze::<2>() + float::<B, 1>(b).unsqueeze::<2>())
+        let centred = x - mean.clone();
+        let rstd = inverse_sqrt(centred.clone().square().mean_dim(1) + eps);
+        let out = centred * rstd.clone() * w.unsqueeze::<2>() + b.unsqueeze::<2>();
+        (prim(out), prim(Tensor::cat(vec![mean, rstd], 1)))
+    }
+
+    pub fn layer_norm_backward<B: Backend>(
+        x: FloatTensor<B>,
+        w: FloatTensor<B>,
+        stats: FloatTensor<B>,
+        grad: FloatTensor<B>,
+    ) -> FloatTensor<B> {
+        let stats = float::<B, 2>(stats);
+        let (mean, rstd) = (stats.clone().narrow(1, 0, 1), stats.narrow(1, 1, 1));
+        let x_hat = (float::<B, 2>(x) - mean) * rstd.clone();
+        let g = float::<B, 2>(grad) * float::<B, 1>(w).cast(DType::F32).unsqueeze::<2>();
+        let dot = (g.clone() * x_hat.clone()).mean_dim(1);
+        prim((g.clone() - g.mean_dim(1) - x_hat * dot) * rstd)
     }
 
     pub fn activation<B: Backend, const D: usize>(x: Tensor<B, D>, act: Activation) -> Tensor<B, D> {

@@ -182,7 +182,7 @@ fn attention_generic_backward_matches_naive_attention() {
     attention_cases::<NdArray>();
 }
 
-/// Each of RMSNorm, RoPE and SwiGLU, fused vs plain ops, under autodiff.
+/// Each of RMSNorm, LayerNorm, RoPE and SwiGLU, fused vs plain ops, under autodiff.
 fn elementwise_cases<B: FusedOps>() {
     let x = random::<A<B>, 2>([70, 24]).require_grad();
     let w = random::<A<B>, 1>([24]);
@@ -193,6 +193,19 @@ fn elementwise_cases<B: FusedOps>() {
     assert!(rel_diff(fused.clone(), naive.clone()) < TOL, "rms_norm output");
     let (gf, gn) = ((fused * up.clone()).sum().backward(), (naive * up).sum().backward());
     check_grads::<B, 2>(&gf, &gn, &[("x", &x)], "rms_norm");
+
+    // Rows far from zero mean: a one-pass variance would lose them.
+    let x = (random::<A<B>, 2>([70, 24]) + 3.0).detach().require_grad();
+    let (w, b) = (random::<A<B>, 1>([24]), random::<A<B>, 1>([24]));
+    let up = random::<A<B>, 2>([70, 24]);
+    let fused = float::<A<B>, 2>(A::<B>::fused_layer_norm(prim(x.clone()), prim(w.clone()), prim(b.clone()), 1e-5));
+    let xw = wide(x.clone());
+    let centred = xw.clone() - xw.mean_dim(1);
+    let var = centred.clone().square().mean_dim(1);
+    let naive = narrow(centred / (var + 1e-5).sqrt() * wide(w).unsqueeze::<2>() + wide(b).unsqueeze::<2>());
+    assert!(rel_diff(fused.clone(), naive.clone()) < TOL, "layer_norm output");
+    let (gf, gn) = ((fused * up.clone()).sum().backward(), (naive * up).sum().backward());
+    check_grads::<B, 2>(&gf, &gn, &[("x", &x)], "layer_norm");
 
     let x = random::<A<B>, 4>([2, 70, 3, 8]).require_grad();
     let cos = random::<A<B>, 4>([2, 70, 1, 8]);
@@ -256,12 +269,12 @@ fn lora_linear_generic_backward_matches_plain_ops() {
 }
 
 #[test]
-fn rms_norm_rope_swiglu_cpu_kernels_match_plain_ops() {
+fn norms_rope_swiglu_cpu_kernels_match_plain_ops() {
     elementwise_cases::<Flex>();
 }
 
 #[test]
-fn rms_norm_rope_swiglu_generic_backward_matches_plain_ops() {
+fn norms_rope_swiglu_generic_backward_matches_plain_ops() {
     elementwise_cases::<NdArray>();
 }
 

@@ -1,7 +1,7 @@
 //! The backward passes of the fused operations, for burn's autodiff backend over any backend
 //! that has them. Each operation saves only what its backward needs: attention its inputs,
 //! options, output and log-sum-exp; RMSNorm its input and 1/rms; LayerNorm its input, mean and
-//! 1/std; RoPE nothing; SwiGLU its inputs.
+//! 1/std; RoPE nothing; the MLP's activations their inputs.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -10,7 +10,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::ops::FloatTensor;
 
-use super::{AttentionOptions, FusedOps, LoraLinear, Mask};
+use super::{Activation, AttentionOptions, FusedOps, LoraLinear, Mask};
 
 fn inner_mask<B: FusedOps, C: CheckpointStrategy>(mask: Mask<Autodiff<B, C>>) -> Mask<B> {
     match mask {
@@ -92,21 +92,38 @@ impl<B: FusedOps> Backward<B, 1> for Rope {
 }
 
 #[derive(Debug)]
-struct SwiGlu;
+struct Glu;
 
-impl<B: FusedOps> Backward<B, 2> for SwiGlu {
-    /// gate, up
-    type State = (FloatTensor<B>, FloatTensor<B>);
+impl<B: FusedOps> Backward<B, 2> for Glu {
+    /// gate, up, activation
+    type State = (FloatTensor<B>, FloatTensor<B>, Activation);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_gate, node_up] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
-        let (gate, up) = ops.state;
-        let (dgate, dup) = B::swiglu_backward(gate, up, grad);
+        let (gate, up, act) = ops.state;
+        let (dgate, dup) = B::glu_backward(gate, up, act, grad);
         for (node, g) in [(node_gate, dgate), (node_up, dup)] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, g);
             }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ActivationOp;
+
+impl<B: FusedOps> Backward<B, 1> for ActivationOp {
+    /// x, activation
+    type State = (FloatTensor<B>, Activation);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, act) = ops.state;
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::activation_backward(x, act, grad));
         }
     }
 }
@@ -212,13 +229,23 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         }
     }
 
-    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        match SwiGlu.prepare::<C>([gate.node.clone(), up.node.clone()]).compute_bound().stateful() {
+    fn fused_glu(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
+        match Glu.prepare::<C>([gate.node.clone(), up.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let out = B::fused_swiglu(gate.primitive.clone(), up.primitive.clone());
-                prep.finish((gate.primitive, up.primitive), out)
+                let out = B::fused_glu(gate.primitive.clone(), up.primitive.clone(), act);
+                prep.finish((gate.primitive, up.primitive, act), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::fused_swiglu(gate.primitive, up.primitive)),
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_glu(gate.primitive, up.primitive, act)),
+        }
+    }
+
+    fn fused_activation(x: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
+        match ActivationOp.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::fused_activation(x.primitive.clone(), act);
+                prep.finish((x.primitive, act), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_activation(x.primitive, act)),
         }
     }
 }

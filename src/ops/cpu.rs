@@ -8,7 +8,7 @@ use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{reference, AttentionOptions, FusedOps, LoraLinear, Mask};
+use super::{float, prim, reference, Activation, AttentionOptions, FusedOps, LoraLinear, Mask};
 
 /// Query rows per attention tile: a causal tile only needs the keys up to its last row.
 const TILE: usize = 64;
@@ -51,6 +51,157 @@ pub(crate) fn tanh(x: f32) -> f32 {
     } else {
         large
     }
+}
+
+/// erf in f32 without branches or calls: x·P(2x² − 1) below |x| = 1, and above it
+/// 1 − e^{−x²}·Q((|x| − 2.5)/1.5) up to |x| = 4, past which erf is 1 in f32 (erfc(x)·e^{x²} is
+/// smooth there, erfc itself is not). P (degree 6) and Q (degree 11) are Chebyshev fits to
+/// erf(x)/x and erfc(x)·e^{x²}; within 1e-7 of erf.
+#[inline(always)]
+pub(crate) fn erf(x: f32) -> f32 {
+    #[rustfmt::skip]
+    const P: [f32; 7] = [
+        1.231_640_1e-6, -1.766_908_1e-5, 2.175_119_9e-4, -2.285_419_5e-3, 1.985_249_8e-2, -1.405_361e-1, 9.654_687_4e-1,
+    ];
+    #[rustfmt::skip]
+    const Q: [f32; 12] = [
+        -3.692_872_3e-5, 9.640_452e-5, -1.439_486e-4, 3.678_686_7e-4, -1.017_117_8e-3, 2.425_885e-3,
+        -5.567_332_9e-3, 1.248_403_5e-2, -2.700_572_5e-2, 5.611_096e-2, -1.115_210_05e-1, 2.108_063_6e-1,
+    ];
+    let a = x.abs().min(4.0);
+    let small = x * horner(2.0 * a * a - 1.0, &P);
+    let large = (1.0 - exp(-a * a) * horner((a - 2.5) * (1.0 / 1.5), &Q)).copysign(x);
+    if a < 1.0 {
+        small
+    } else {
+        large
+    }
+}
+
+/// The polynomial with coefficients `c`, highest power first, at x.
+#[inline(always)]
+fn horner<const N: usize>(x: f32, c: &[f32; N]) -> f32 {
+    c.iter().fold(0.0, |acc, &c| acc * x + c)
+}
+
+/// √(2/π) and 1/√(2π)
+const SQRT_2_OVER_PI: f32 = std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2;
+const INV_SQRT_2PI: f32 = 0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2;
+
+/// An activation as the kernels compute it: f32, inlined, without branches, so that the
+/// element-wise loops vectorize; one type per [`Activation`], so each loop is its own.
+trait Act {
+    /// act(x) and act'(x)
+    fn value_grad(x: f32) -> (f32, f32);
+
+    fn value(x: f32) -> f32 {
+        Self::value_grad(x).0
+    }
+
+    /// The gradients of gate and up for act(gate)·up and the output's gradient d.
+    #[inline(always)]
+    fn glu_grad(g: f32, u: f32, d: f32) -> (f32, f32) {
+        let (a, da) = Self::value_grad(g);
+        (d * u * da, d * a)
+    }
+}
+
+struct Silu;
+struct GeluTanh;
+struct Gelu;
+
+impl Act for Silu {
+    #[inline(always)]
+    fn value_grad(x: f32) -> (f32, f32) {
+        let sig = 1.0 / (1.0 + exp(-x));
+        (x * sig, sig * (1.0 + x * (1.0 - sig)))
+    }
+
+    #[inline(always)]
+    fn value(x: f32) -> f32 {
+        x / (1.0 + exp(-x))
+    }
+
+    #[inline(always)]
+    fn glu_grad(g: f32, u: f32, d: f32) -> (f32, f32) {
+        let sig = 1.0 / (1.0 + exp(-g));
+        (d * u * sig * (1.0 + g * (1.0 - sig)), d * g * sig)
+    }
+}
+
+impl Act for GeluTanh {
+    #[inline(always)]
+    fn value_grad(x: f32) -> (f32, f32) {
+        let th = tanh(SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x));
+        let du = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044_715 * x * x);
+        (0.5 * x * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du)
+    }
+}
+
+impl Act for Gelu {
+    #[inline(always)]
+    fn value_grad(x: f32) -> (f32, f32) {
+        let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+        (x * cdf, cdf + x * INV_SQRT_2PI * exp(-0.5 * x * x))
+    }
+}
+
+/// GELU and its tanh form as the kernels compute them, for the accuracy test.
+#[cfg(test)]
+pub(crate) fn gelu(x: f32) -> f32 {
+    Gelu::value(x)
+}
+
+#[cfg(test)]
+pub(crate) fn gelu_tanh(x: f32) -> f32 {
+    GeluTanh::value(x)
+}
+
+/// Elements per task in the element-wise kernels.
+const CHUNK: usize = 1 << 14;
+
+/// act(gate)·up
+fn glu_f32<A: Act>(gs: &[f32], us: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; gs.len()];
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+        let (g, u) = (&gs[c * CHUNK..][..out.len()], &us[c * CHUNK..][..out.len()]);
+        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+            *o = A::value(g) * u;
+        }
+    });
+    out
+}
+
+/// The gradients of gate and up.
+fn glu_backward_f32<A: Act>(gs: &[f32], us: &[f32], ds: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut dgate = vec![0f32; gs.len()];
+    let mut dup = vec![0f32; gs.len()];
+    dgate.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (dg, du))| {
+        let n = dg.len();
+        let (g, u, d) = (&gs[c * CHUNK..][..n], &us[c * CHUNK..][..n], &ds[c * CHUNK..][..n]);
+        for i in 0..n {
+            (dg[i], du[i]) = A::glu_grad(g[i], u[i], d[i]);
+        }
+    });
+    (dgate, dup)
+}
+
+/// act(x), or with `grad` the gradient of x, grad·act'(x).
+fn activation_f32<A: Act>(xs: &[f32], grad: Option<&[f32]>) -> Vec<f32> {
+    let mut out = vec![0f32; xs.len()];
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+        let x = &xs[c * CHUNK..][..out.len()];
+        match grad {
+            None => out.iter_mut().zip(x).for_each(|(o, &x)| *o = A::value(x)),
+            Some(ds) => {
+                let d = &ds[c * CHUNK..][..out.len()];
+                for ((o, &x), &d) in out.iter_mut().zip(x).zip(d) {
+                    *o = d * A::value_grad(x).1;
+                }
+            }
+        }
+    });
+    out
 }
 
 fn all_f32(ts: &[&FlexTensor]) -> bool {
@@ -1013,45 +1164,75 @@ impl FusedOps for Flex {
         tensor(out, shape)
     }
 
-    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn fused_glu(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
         if !all_f32(&[&gate, &up]) {
-            return reference::fused_swiglu::<Self>(gate, up);
+            return reference::fused_glu::<Self>(gate, up, act);
         }
         let (gate, up) = (contiguous(gate), contiguous(up));
         let shape = dims(&gate);
-        assert_eq!(dims(&up), shape, "swiglu: gate and up shapes");
+        assert_eq!(dims(&up), shape, "glu: gate {shape:?} and up {:?} shapes", dims(&up));
         let (gs, us) = (gate.storage::<f32>(), up.storage::<f32>());
-        let mut out = vec![0f32; gs.len()];
-        const CHUNK: usize = 1 << 14;
-        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
-            let (g, u) = (&gs[c * CHUNK..][..out.len()], &us[c * CHUNK..][..out.len()]);
-            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-                *o = g / (1.0 + exp(-g)) * u;
-            }
-        });
+        let out = match act {
+            Activation::Silu => glu_f32::<Silu>(gs, us),
+            Activation::GeluTanh => glu_f32::<GeluTanh>(gs, us),
+            Activation::Gelu => glu_f32::<Gelu>(gs, us),
+        };
         tensor(out, shape)
     }
 
-    fn swiglu_backward(gate: FloatTensor<Self>, up: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+    fn glu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        act: Activation,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         if !all_f32(&[&gate, &up, &grad]) {
-            return reference::swiglu_backward::<Self>(gate, up, grad);
+            return reference::glu_backward::<Self>(gate, up, act, grad);
         }
         let (gate, up, grad) = (contiguous(gate), contiguous(up), contiguous(grad));
         let shape = dims(&gate);
-        assert!(dims(&up) == shape && dims(&grad) == shape, "swiglu backward: gate, up and gradient shapes");
+        assert!(
+            dims(&up) == shape && dims(&grad) == shape,
+            "glu backward: gate {shape:?}, up {:?} and gradient {:?} shapes",
+            dims(&up),
+            dims(&grad)
+        );
         let (gs, us, ds) = (gate.storage::<f32>(), up.storage::<f32>(), grad.storage::<f32>());
-        let mut dgate = vec![0f32; gs.len()];
-        let mut dup = vec![0f32; gs.len()];
-        const CHUNK: usize = 1 << 14;
-        dgate.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (dg, du))| {
-            let n = dg.len();
-            let (g, u, d) = (&gs[c * CHUNK..][..n], &us[c * CHUNK..][..n], &ds[c * CHUNK..][..n]);
-            for i in 0..n {
-                let sig = 1.0 / (1.0 + exp(-g[i]));
-                dg[i] = d[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
-                du[i] = d[i] * g[i] * sig;
-            }
-        });
+        let (dgate, dup) = match act {
+            Activation::Silu => glu_backward_f32::<Silu>(gs, us, ds),
+            Activation::GeluTanh => glu_backward_f32::<GeluTanh>(gs, us, ds),
+            Activation::Gelu => glu_backward_f32::<Gelu>(gs, us, ds),
+        };
         (tensor(dgate, shape.clone()), tensor(dup, shape))
+    }
+
+    fn fused_activation(x: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
+        if !all_f32(&[&x]) {
+            return prim(reference::activation::<Self, 2>(float(x), act));
+        }
+        let x = contiguous(x);
+        let (shape, xs) = (dims(&x), x.storage::<f32>());
+        let out = match act {
+            Activation::Silu => activation_f32::<Silu>(xs, None),
+            Activation::GeluTanh => activation_f32::<GeluTanh>(xs, None),
+            Activation::Gelu => activation_f32::<Gelu>(xs, None),
+        };
+        tensor(out, shape)
+    }
+
+    fn activation_backward(x: FloatTensor<Self>, act: Activation, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !all_f32(&[&x, &grad]) {
+            return reference::activation_backward::<Self>(x, act, grad);
+        }
+        let (x, grad) = (contiguous(x), contiguous(grad));
+        let shape = dims(&x);
+        assert_eq!(dims(&grad), shape, "activation backward: x {shape:?} and gradient {:?} shapes", dims(&grad));
+        let (xs, ds) = (x.storage::<f32>(), grad.storage::<f32>());
+        let dx = match act {
+            Activation::Silu => activation_f32::<Silu>(xs, Some(ds)),
+            Activation::GeluTanh => activation_f32::<GeluTanh>(xs, Some(ds)),
+            Activation::Gelu => activation_f32::<Gelu>(xs, Some(ds)),
+        };
+        tensor(dx, shape)
     }
 }

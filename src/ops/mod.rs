@@ -73,12 +73,13 @@ impl AttentionOptions {
     }
 }
 
-/// The activations of the MLPs.
+/// The activations of the MLPs, for [`FusedOps::fused_glu`] and [`FusedOps::fused_activation`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
     /// x·σ(x) (SwiGLU's gate).
     Silu,
-    /// 0.5x(1 + tanh(√(2/π)(x + 0.044715x³))): gelu_new, gelu_pytorch_tanh, BLOOM's gelu.
+    /// 0.5x(1 + tanh(√(2/π)(x + 0.044715x³))): gelu_new, gelu_pytorch_tanh, BLOOM's gelu
+    /// (GeGLU's gate).
     GeluTanh,
     /// x·Φ(x), with the exact erf.
     Gelu,
@@ -99,19 +100,6 @@ pub trait FusedOps: Backend {
         opts: &AttentionOptions,
     ) -> FloatTensor<Self> {
         Self::attention_forward(q, k, v, mask, opts).0
-    }
-
-    /// act(gate) · up.
-    fn fused_glu(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
-        match act {
-            Activation::Silu => Self::fused_swiglu(gate, up),
-            _ => prim(reference::activation::<Self, 2>(float(gate), act) * float::<Self, 2>(up)),
-        }
-    }
-
-    /// act(x).
-    fn fused_activation(x: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
-        prim(reference::activation::<Self, 2>(float(x), act))
     }
 
     /// The attention output and the log-sum-exp of each query's scores, `[b, h, s]`, which
@@ -224,15 +212,30 @@ pub trait FusedOps: Backend {
         reference::fused_rope::<Self>(x, cos, sin)
     }
 
-    /// SwiGLU's gate: silu(gate) · up.
-    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        reference::fused_swiglu::<Self>(gate, up)
+    /// A gated MLP's gate, act(gate) · up for gate and up `[n, d]`: SwiGLU with [`Activation::Silu`],
+    /// GeGLU with [`Activation::GeluTanh`].
+    fn fused_glu(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
+        reference::fused_glu::<Self>(gate, up, act)
     }
 
-    /// Gradients of gate and up: with σ = sigmoid(gate), d gate = grad·up·σ·(1 + gate·(1 − σ))
-    /// and d up = grad·gate·σ.
-    fn swiglu_backward(gate: FloatTensor<Self>, up: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        reference::swiglu_backward::<Self>(gate, up, grad)
+    /// Gradients of gate and up: d gate = grad·up·act'(gate), d up = grad·act(gate).
+    fn glu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        act: Activation,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::glu_backward::<Self>(gate, up, act, grad)
+    }
+
+    /// act(x) for a plain MLP, x `[n, d]`.
+    fn fused_activation(x: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
+        prim(reference::activation::<Self, 2>(float(x), act))
+    }
+
+    /// Gradient of x: grad·act'(x).
+    fn activation_backward(x: FloatTensor<Self>, act: Activation, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::activation_backward::<Self>(x, act, grad)
     }
 }
 
@@ -427,17 +430,46 @@ pub mod reference {
         prim(x * float::<B, 4>(cos) + swapped * float::<B, 4>(sin))
     }
 
-    pub fn fused_swiglu<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
-        let gate = float::<B, 2>(gate);
-        prim(burn::tensor::activation::silu(gate) * float::<B, 2>(up))
+    /// act'(x): σ·(1 + x·(1 − σ)) for SiLU; for the tanh GELU, with u = √(2/π)(x + 0.044715x³),
+    /// 0.5(1 + tanh u) + 0.5x(1 − tanh²u)·√(2/π)(1 + 3·0.044715x²); Φ(x) + x·φ(x) for GELU.
+    pub fn activation_grad<B: Backend, const D: usize>(x: Tensor<B, D>, act: Activation) -> Tensor<B, D> {
+        use std::f64::consts::{FRAC_1_SQRT_2, PI};
+        match act {
+            Activation::Silu => {
+                let sig = burn::tensor::activation::sigmoid(x.clone());
+                sig.clone() * (x * (sig.neg() + 1.0) + 1.0)
+            }
+            Activation::GeluTanh => {
+                let k = (2.0 / PI).sqrt();
+                let th = ((x.clone() + x.clone().powi_scalar(3) * 0.044715) * k).tanh();
+                let du = (x.clone().square() * (3.0 * 0.044715) + 1.0) * k;
+                (th.clone() + 1.0) * 0.5 + x * (th.square().neg() + 1.0) * du * 0.5
+            }
+            Activation::Gelu => {
+                let cdf = ((x.clone() * FRAC_1_SQRT_2).erf() + 1.0) * 0.5;
+                let pdf = (x.clone().square() * -0.5).exp() * (1.0 / (2.0 * PI).sqrt());
+                cdf + x * pdf
+            }
+        }
     }
 
-    pub fn swiglu_backward<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>, grad: FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
+    pub fn fused_glu<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>, act: Activation) -> FloatTensor<B> {
+        prim(activation::<B, 2>(float(gate), act) * float::<B, 2>(up))
+    }
+
+    pub fn glu_backward<B: Backend>(
+        gate: FloatTensor<B>,
+        up: FloatTensor<B>,
+        act: Activation,
+        grad: FloatTensor<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
         let (gate, up, grad) = (float::<B, 2>(gate), float::<B, 2>(up), float::<B, 2>(grad));
-        let sig = burn::tensor::activation::sigmoid(gate.clone());
-        let silu = gate.clone() * sig.clone();
-        let dgate = grad.clone() * up * sig.clone() * (gate * (sig.neg() + 1.0) + 1.0);
-        (prim(dgate), prim(grad * silu))
+        let dgate = grad.clone() * up * activation_grad(gate.clone(), act);
+        (prim(dgate), prim(grad * activation(gate, act)))
+    }
+
+    pub fn activation_backward<B: Backend>(x: FloatTensor<B>, act: Activation, grad: FloatTensor<B>) -> FloatTensor<B> {
+        prim(float::<B, 2>(grad) * activation_grad(float::<B, 2>(x), act))
     }
 }
 

@@ -12,7 +12,7 @@ use burn::backend::{Autodiff, Flex, NdArray};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, DType, Distribution, ElementConversion, Tensor, TensorData};
 
-use super::{float, prim, AttentionOptions, FusedOps, Mask};
+use super::{float, prim, Activation, AttentionOptions, FusedOps, Mask};
 
 type A<B> = Autodiff<B>;
 
@@ -182,7 +182,8 @@ fn attention_generic_backward_matches_naive_attention() {
     attention_cases::<NdArray>();
 }
 
-/// Each of RMSNorm, LayerNorm, RoPE and SwiGLU, fused vs plain ops, under autodiff.
+/// Each of RMSNorm, LayerNorm, RoPE, the gated MLP's gate and the plain MLP's activation, fused
+/// vs plain ops, under autodiff.
 fn elementwise_cases<B: FusedOps>() {
     let x = random::<A<B>, 2>([70, 24]).require_grad();
     let w = random::<A<B>, 1>([24]);
@@ -221,15 +222,40 @@ fn elementwise_cases<B: FusedOps>() {
     let (gf, gn) = ((fused * up.clone()).sum().backward(), (naive * up).sum().backward());
     check_grads::<B, 4>(&gf, &gn, &[("x", &x)], "rope");
 
-    let gate = random::<A<B>, 2>([70, 40]).require_grad();
-    let upp = random::<A<B>, 2>([70, 40]).require_grad();
-    let g_out = random::<A<B>, 2>([70, 40]);
-    let fused = float::<A<B>, 2>(A::<B>::fused_swiglu(prim(gate.clone()), prim(upp.clone())));
-    let g = wide(gate.clone());
-    let naive = narrow(g.clone() / (g.neg().exp() + 1.0) * wide(upp.clone()));
-    assert!(rel_diff(fused.clone(), naive.clone()) < TOL, "swiglu output");
-    let (gf, gn) = ((fused * g_out.clone()).sum().backward(), (naive * g_out).sum().backward());
-    check_grads::<B, 2>(&gf, &gn, &[("gate", &gate), ("up", &upp)], "swiglu");
+    for act in [Activation::Silu, Activation::GeluTanh, Activation::Gelu] {
+        // ×3: through GELU's tails and both of erf's ranges (|x| < 1 and above).
+        let gate = (random::<A<B>, 2>([70, 40]) * 3.0).detach().require_grad();
+        let upp = random::<A<B>, 2>([70, 40]).require_grad();
+        let g_out = random::<A<B>, 2>([70, 40]);
+        let fused = float::<A<B>, 2>(A::<B>::fused_glu(prim(gate.clone()), prim(upp.clone()), act));
+        let naive = narrow(naive_activation(wide(gate.clone()), act) * wide(upp.clone()));
+        let what = format!("glu ({act:?})");
+        assert!(rel_diff(fused.clone(), naive.clone()) < TOL, "{what}: output");
+        let (gf, gn) = ((fused * g_out.clone()).sum().backward(), (naive * g_out.clone()).sum().backward());
+        check_grads::<B, 2>(&gf, &gn, &[("gate", &gate), ("up", &upp)], &what);
+
+        // A fresh leaf: the gate, reused for a second pair of graphs, got no gradient in the last one.
+        let x = gate.detach().require_grad();
+        let fused = float::<A<B>, 2>(A::<B>::fused_activation(prim(x.clone()), act));
+        let naive = narrow(naive_activation(wide(x.clone()), act));
+        let what = format!("activation ({act:?})");
+        assert!(rel_diff(fused.clone(), naive.clone()) < TOL, "{what}: output");
+        let (gf, gn) = ((fused * g_out.clone()).sum().backward(), (naive * g_out).sum().backward());
+        check_grads::<B, 2>(&gf, &gn, &[("x", &x)], &what);
+    }
+}
+
+/// The activations as transformers writes them.
+fn naive_activation<B: FusedOps>(x: Tensor<A<B>, 2>, act: Activation) -> Tensor<A<B>, 2> {
+    use std::f64::consts::{FRAC_1_SQRT_2, PI};
+    match act {
+        Activation::Silu => x.clone() / (x.neg().exp() + 1.0),
+        Activation::GeluTanh => {
+            let inner = (x.clone() + x.clone() * x.clone() * x.clone() * 0.044715) * (2.0 / PI).sqrt();
+            x * (inner.tanh() + 1.0) * 0.5
+        }
+        Activation::Gelu => x.clone() * ((x * FRAC_1_SQRT_2).erf() + 1.0) * 0.5,
+    }
 }
 
 /// A frozen linear layer with bias and its adapter, with and without LoRA dropout.
@@ -269,12 +295,12 @@ fn lora_linear_generic_backward_matches_plain_ops() {
 }
 
 #[test]
-fn norms_rope_swiglu_cpu_kernels_match_plain_ops() {
+fn norms_rope_activations_cpu_kernels_match_plain_ops() {
     elementwise_cases::<Flex>();
 }
 
 #[test]
-fn norms_rope_swiglu_generic_backward_matches_plain_ops() {
+fn norms_rope_activations_generic_backward_matches_plain_ops() {
     elementwise_cases::<NdArray>();
 }
 
@@ -318,6 +344,39 @@ fn fast_tanh_is_within_1e7() {
     assert_eq!(super::cpu::tanh(0.0), 0.0);
     assert_eq!(super::cpu::tanh(f32::INFINITY), 1.0);
     assert_eq!(super::cpu::tanh(f32::NEG_INFINITY), -1.0);
+}
+
+/// erf(x) = 2/√π · e^{−x²} · Σ 2ⁿ x^{2n+1} / (1·3·…·(2n+1)): positive terms, so no cancellation,
+/// to f64 precision (std has no erf).
+fn erf64(x: f64) -> f64 {
+    let a = x.abs();
+    let (mut term, mut sum, mut n) = (a, a, 0);
+    while term > 1e-17 * sum {
+        n += 1;
+        term *= 2.0 * a * a / (2 * n + 1) as f64;
+        sum += term;
+    }
+    (2.0 / std::f64::consts::PI.sqrt() * (-a * a).exp() * sum).copysign(x)
+}
+
+#[test]
+fn fast_erf_and_gelus_are_within_2e7() {
+    let (mut erf, mut gelu, mut gelu_tanh) = (0f64, 0f64, 0f64);
+    for i in 0..=400_000 {
+        let x = -10.0 + 20.0 * i as f32 / 400_000.0;
+        let xd = x as f64;
+        erf = erf.max((super::cpu::erf(x) as f64 - erf64(xd)).abs());
+        // GELU's values reach |x|, where an f32 ulp is itself above 2e-7: error relative to max(1, |x|)
+        let scale = xd.abs().max(1.0);
+        let exact = 0.5 * xd * (1.0 + erf64(xd * std::f64::consts::FRAC_1_SQRT_2));
+        gelu = gelu.max((super::cpu::gelu(x) as f64 - exact).abs() / scale);
+        let exact = 0.5 * xd * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd * xd * xd)).tanh());
+        gelu_tanh = gelu_tanh.max((super::cpu::gelu_tanh(x) as f64 - exact).abs() / scale);
+    }
+    assert!(erf <= 2e-7 && gelu <= 2e-7 && gelu_tanh <= 2e-7, "worst errors: erf {erf:e}, gelu {gelu:e}, gelu_tanh {gelu_tanh:e}");
+    assert_eq!(super::cpu::erf(0.0), 0.0);
+    assert_eq!(super::cpu::erf(f32::INFINITY), 1.0);
+    assert_eq!(super::cpu::erf(f32::NEG_INFINITY), -1.0);
 }
 
 #[test]

@@ -1136,28 +1136,31 @@ impl FusedOps for Flex {
         }
         let (x, cos, sin) = (contiguous(x), contiguous(cos), contiguous(sin));
         let shape = dims(&x);
-        let table = [shape.first().copied().unwrap_or(0), shape.get(1).copied().unwrap_or(0), 1, shape.get(3).copied().unwrap_or(0)];
+        let r = dims(&cos).get(3).copied().unwrap_or(0);
+        let table = [shape.first().copied().unwrap_or(0), shape.get(1).copied().unwrap_or(0), 1, r];
         assert!(
-            shape.len() == 4 && dims(&cos) == table && dims(&sin) == table && shape[3].is_multiple_of(2),
-            "rope: x {shape:?}, cos {:?}, sin {:?} (expected tables {table:?})",
+            shape.len() == 4 && dims(&cos) == table && dims(&sin) == table && r.is_multiple_of(2) && r <= shape[3],
+            "rope: x {shape:?}, cos {:?}, sin {:?} (expected tables [b, s, 1, r] with r even and at most the head dim)",
             dims(&cos),
             dims(&sin)
         );
         let (h, d) = (shape[2], shape[3]);
-        let half = d / 2;
+        let half = r / 2;
         let (xs, cs, ss) = (x.storage::<f32>(), cos.storage::<f32>(), sin.storage::<f32>());
         let mut out = vec![0f32; xs.len()];
         // One task per chunk of positions; every head of a position shares its cos and sin.
         out.par_chunks_mut(ROWS_PER_TASK * h * d).enumerate().for_each(|(c, out)| {
-            for (r, o) in out.chunks_mut(h * d).enumerate() {
-                let pos = c * ROWS_PER_TASK + r;
-                let (cos, sin) = (&cs[pos * d..][..d], &ss[pos * d..][..d]);
+            for (p, o) in out.chunks_mut(h * d).enumerate() {
+                let pos = c * ROWS_PER_TASK + p;
+                let (cos, sin) = (&cs[pos * r..][..r], &ss[pos * r..][..r]);
                 for (head, o) in o.chunks_mut(d).enumerate() {
                     let x = &xs[(pos * h + head) * d..][..d];
                     for i in 0..half {
                         o[i] = x[i] * cos[i] + x[i + half] * sin[i];
                         o[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
                     }
+                    // Past the rotary dimensions, each head passes through.
+                    o[r..].copy_from_slice(&x[r..]);
                 }
             }
         });

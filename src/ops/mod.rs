@@ -206,8 +206,10 @@ pub trait FusedOps: Backend {
     }
 
     /// Rotary embedding in HF's rotate_half layout: x·cos + cat(x2, x1)·sin for x
-    /// `[b, s, h, d]` and tables `[b, s, 1, d]` whose sin carries rotate_half's sign
-    /// (−sin on the first half). The backward pass is the same rotation with −sin.
+    /// `[b, s, h, d]` and tables `[b, s, 1, r]` whose sin carries rotate_half's sign
+    /// (−sin on the first half). With r < d (r even: GPT-NeoX's rotary_pct, Phi-3's
+    /// partial_rotary_factor) only the first r dimensions of each head rotate, the rest pass
+    /// through. The backward pass is the same rotation with −sin.
     fn fused_rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
         reference::fused_rope::<Self>(x, cos, sin)
     }
@@ -424,10 +426,17 @@ pub mod reference {
     }
 
     pub fn fused_rope<B: Backend>(x: FloatTensor<B>, cos: FloatTensor<B>, sin: FloatTensor<B>) -> FloatTensor<B> {
-        let x = float::<B, 4>(x);
-        let half = x.dims()[3] / 2;
-        let swapped = Tensor::cat(vec![x.clone().narrow(3, half, half), x.clone().narrow(3, 0, half)], 3);
-        prim(x * float::<B, 4>(cos) + swapped * float::<B, 4>(sin))
+        let (x, cos) = (float::<B, 4>(x), float::<B, 4>(cos));
+        let (d, r) = (x.dims()[3], cos.dims()[3]);
+        let rotate = |x: Tensor<B, 4>| {
+            let half = r / 2;
+            let swapped = Tensor::cat(vec![x.clone().narrow(3, half, half), x.clone().narrow(3, 0, half)], 3);
+            x * cos + swapped * float::<B, 4>(sin)
+        };
+        if r == d {
+            return prim(rotate(x));
+        }
+        prim(Tensor::cat(vec![rotate(x.clone().narrow(3, 0, r)), x.narrow(3, r, d - r)], 3))
     }
 
     /// act'(x): σ·(1 + x·(1 − σ)) for SiLU; for the tanh GELU, with u = √(2/π)(x + 0.044715x³),

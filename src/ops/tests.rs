@@ -208,19 +208,28 @@ fn elementwise_cases<B: FusedOps>() {
     let (gf, gn) = ((fused * up.clone()).sum().backward(), (naive * up).sum().backward());
     check_grads::<B, 2>(&gf, &gn, &[("x", &x)], "layer_norm");
 
-    let x = random::<A<B>, 4>([2, 70, 3, 8]).require_grad();
-    let cos = random::<A<B>, 4>([2, 70, 1, 8]);
-    // As Rope::tables builds them: sin carries rotate_half's sign, −sin on the first half.
-    let half = random::<A<B>, 4>([2, 70, 1, 4]);
-    let sin = Tensor::cat(vec![half.clone().neg(), half], 3);
-    let up = random::<A<B>, 4>([2, 70, 3, 8]);
-    let fused = float::<A<B>, 4>(A::<B>::fused_rope(prim(x.clone()), prim(cos.clone()), prim(sin.clone())));
-    let xw = wide(x.clone());
-    let rotated = Tensor::cat(vec![xw.clone().narrow(3, 4, 4), xw.clone().narrow(3, 0, 4)], 3);
-    let naive = narrow(xw * wide(cos) + rotated * wide(sin));
-    assert!(rel_diff(fused.clone(), naive.clone()) < TOL, "rope output");
-    let (gf, gn) = ((fused * up.clone()).sum().backward(), (naive * up).sum().backward());
-    check_grads::<B, 4>(&gf, &gn, &[("x", &x)], "rope");
+    // Every dimension rotated (r = d), and a partial rotation (r = 4 of 8) passing the rest through.
+    for r in [8, 4] {
+        let x = random::<A<B>, 4>([2, 70, 3, 8]).require_grad();
+        let cos = random::<A<B>, 4>([2, 70, 1, r]);
+        // As the rope tables build them: sin carries rotate_half's sign, −sin on the first half.
+        let half = random::<A<B>, 4>([2, 70, 1, r / 2]);
+        let sin = Tensor::cat(vec![half.clone().neg(), half], 3);
+        let up = random::<A<B>, 4>([2, 70, 3, 8]);
+        let fused = float::<A<B>, 4>(A::<B>::fused_rope(prim(x.clone()), prim(cos.clone()), prim(sin.clone())));
+        let xw = wide(x.clone());
+        let rot = xw.clone().narrow(3, 0, r);
+        let swapped = Tensor::cat(vec![rot.clone().narrow(3, r / 2, r / 2), rot.clone().narrow(3, 0, r / 2)], 3);
+        let mut parts = vec![rot * wide(cos) + swapped * wide(sin)];
+        if r < 8 {
+            parts.push(xw.narrow(3, r, 8 - r));
+        }
+        let naive = narrow(Tensor::cat(parts, 3));
+        let what = format!("rope ({r} of 8 dims)");
+        assert!(rel_diff(fused.clone(), naive.clone()) < TOL, "{what}: output");
+        let (gf, gn) = ((fused * up.clone()).sum().backward(), (naive * up).sum().backward());
+        check_grads::<B, 4>(&gf, &gn, &[("x", &x)], &what);
+    }
 
     for act in [Activation::Silu, Activation::GeluTanh, Activation::Gelu] {
         // ×3: through GELU's tails and both of erf's ranges (|x| < 1 and above).

@@ -679,6 +679,31 @@ fn check_lora(
     }
 }
 
+/// One row of [`FusedOps::cross_entropy`] with soft-capped logits: the softmax of
+/// c = cap·tanh(x/cap), its gradient chained back to x through 1 − (c/cap)² (tanh recomputed
+/// rather than kept: the row's buffer holds c, then the gradient). Returns coef·nll.
+fn capped_cross_entropy_row(x: &[f32], g: &mut [f32], target: usize, w: f32, cap: f32) -> f64 {
+    let inv = 1.0 / cap;
+    for (g, &v) in g.iter_mut().zip(x) {
+        *g = cap * tanh(v * inv);
+    }
+    let max = g.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let picked = g[target];
+    let mut sum = 0f32;
+    for g in g.iter_mut() {
+        *g = exp(*g - max);
+        sum += *g;
+    }
+    let scale = w / sum;
+    for (g, &v) in g.iter_mut().zip(x) {
+        let c = tanh(v * inv);
+        *g *= scale * (1.0 - c * c);
+    }
+    let c = tanh(x[target] * inv);
+    g[target] -= w * (1.0 - c * c);
+    (max + sum.ln() - picked) as f64 * w as f64
+}
+
 /// The mask as the kernels read it: `Some(None)` for causal, `Some(Some(bytes))` for an
 /// explicit mask stored one byte per element, None when it is stored otherwise (the kernels
 /// then leave the call to the reference path).
@@ -695,7 +720,7 @@ fn kernel_mask(mask: &Mask<Flex>) -> Option<Option<FlexTensor>> {
 
 impl FusedOps for Flex {
     fn cross_entropy(logits: FloatTensor<Self>, targets: &[u32], coef: &[f32], softcap: Option<f64>) -> (f64, FloatTensor<Self>) {
-        if !all_f32(&[&logits]) || softcap.is_some() {
+        if !all_f32(&[&logits]) {
             return reference::cross_entropy::<Self>(logits, targets, coef, softcap);
         }
         let logits = contiguous(logits);
@@ -716,6 +741,9 @@ impl FusedOps for Flex {
             .enumerate()
             .map(|(i, g)| {
                 let x = &xs[i * vocab..][..vocab];
+                if let Some(cap) = softcap {
+                    return capped_cross_entropy_row(x, g, targets[i] as usize, coef[i], cap as f32);
+                }
                 let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
                 let mut sum = 0f32;
                 for (g, &v) in g.iter_mut().zip(x) {

@@ -153,6 +153,9 @@ pub trait FusedOps: Backend {
 
     /// Cross-entropy of logits `[c, vocab]` against target ids, each row weighted by `coef`:
     /// returns Σ coef·nll and its gradient with respect to the logits, (softmax − one-hot)·coef.
+    /// With a soft-cap (Gemma 2's final_logit_softcapping) the loss is that of
+    /// c = cap·tanh(logits/cap), and the gradient is still with respect to the raw logits,
+    /// through dc/dlogits = 1 − (c/cap)².
     fn cross_entropy(logits: FloatTensor<Self>, targets: &[u32], coef: &[f32], softcap: Option<f64>) -> (f64, FloatTensor<Self>) {
         reference::cross_entropy::<Self>(logits, targets, coef, softcap)
     }

@@ -313,23 +313,30 @@ fn norms_rope_activations_generic_backward_matches_plain_ops() {
     elementwise_cases::<NdArray>();
 }
 
-/// Σ coef·nll and its gradient, from burn's autodiff of log-softmax in f64.
+/// Σ coef·nll and its gradient, from burn's autodiff of log-softmax in f64; plain and with
+/// Gemma 2's final soft-cap (at 5, where the logits, ~N(0, 16), bend).
 fn cross_entropy_cases<B: FusedOps>() {
-    let logits = random::<B, 2>([5, 1000]) * 4.0;
-    let targets = [3u32, 999, 0, 500, 42];
-    let coef = [0.5f32, 0.0, 1.0, 0.25, 2.0];
-    let (loss, grad) = B::cross_entropy(prim(logits.clone()), &targets, &coef, None);
-    let logits = Tensor::<A<B>, 2>::from_inner(logits).require_grad();
-    let x = wide(logits.clone());
-    let lse = (x.clone() - x.clone().max_dim(1).detach()).exp().sum_dim(1).log() + x.clone().max_dim(1).detach();
-    let picked =
-        Tensor::cat(targets.iter().enumerate().map(|(i, &t)| x.clone().slice([i..i + 1, t as usize..t as usize + 1])).collect(), 0);
-    let weight = wide(Tensor::<A<B>, 2>::from_data(TensorData::new(coef.to_vec(), [5, 1]), &Default::default()));
-    let naive = ((lse - picked) * weight).sum();
-    let ref_loss: f64 = naive.clone().into_scalar().elem();
-    let ref_grad = logits.grad(&naive.backward()).unwrap();
-    assert!((loss - ref_loss).abs() <= 1e-5 * ref_loss.abs(), "loss {loss} vs {ref_loss}");
-    assert!(rel_diff(float::<B, 2>(grad), ref_grad) < TOL, "gradient");
+    for softcap in [None, Some(5.0)] {
+        let logits = random::<B, 2>([5, 1000]) * 4.0;
+        let targets = [3u32, 999, 0, 500, 42];
+        let coef = [0.5f32, 0.0, 1.0, 0.25, 2.0];
+        let (loss, grad) = B::cross_entropy(prim(logits.clone()), &targets, &coef, softcap);
+        let logits = Tensor::<A<B>, 2>::from_inner(logits).require_grad();
+        let mut x = wide(logits.clone());
+        if let Some(cap) = softcap {
+            x = (x / cap).tanh() * cap;
+        }
+        let lse = (x.clone() - x.clone().max_dim(1).detach()).exp().sum_dim(1).log() + x.clone().max_dim(1).detach();
+        let picked =
+            Tensor::cat(targets.iter().enumerate().map(|(i, &t)| x.clone().slice([i..i + 1, t as usize..t as usize + 1])).collect(), 0);
+        let weight = wide(Tensor::<A<B>, 2>::from_data(TensorData::new(coef.to_vec(), [5, 1]), &Default::default()));
+        let naive = ((lse - picked) * weight).sum();
+        let ref_loss: f64 = naive.clone().into_scalar().elem();
+        let ref_grad = logits.grad(&naive.backward()).unwrap();
+        assert!((loss - ref_loss).abs() <= 1e-5 * ref_loss.abs(), "soft-cap {softcap:?}: loss {loss} vs {ref_loss}");
+        let r = rel_diff(float::<B, 2>(grad), ref_grad);
+        assert!(r < TOL, "soft-cap {softcap:?}: gradient differs by {r}");
+    }
 }
 
 #[test]

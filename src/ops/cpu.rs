@@ -732,7 +732,9 @@ impl FusedOps for Flex {
             coef.len()
         );
         let vocab = shape[1];
-        assert!(targets.iter().all(|&t| (t as usize) < vocab), "cross_entropy: a target id is not below the vocabulary size {vocab}");
+        if let Some((row, t)) = targets.iter().enumerate().find(|&(_, &t)| t as usize >= vocab) {
+            panic!("cross_entropy: target {t} of row {row} is not below the vocabulary size {vocab} (logits {shape:?})");
+        }
         let xs = logits.storage::<f32>();
         let mut grad = vec![0f32; xs.len()];
         // Per row: max, Σ exp, then the gradient (softmax − one-hot)·coef in one more pass.

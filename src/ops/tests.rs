@@ -431,3 +431,41 @@ fn lora_linear_kernel_refuses_mismatched_shapes() {
     };
     Flex::lora_linear(prim(random::<Flex, 2>([7, 24])), None, p);
 }
+
+#[test]
+#[should_panic(expected = "fused attention: mask [2, 1, 4, 4] for q [3, 4, 2, 8]")]
+fn attention_kernel_refuses_a_mask_for_another_batch() {
+    let q = random::<Flex, 4>([3, 4, 2, 8]);
+    let k = random::<Flex, 4>([3, 4, 1, 8]);
+    let m = Tensor::<Flex, 4, Bool>::from_data(TensorData::new(vec![false; 32], [2, 1, 4, 4]), &Default::default());
+    Flex::attention_forward(prim(q), prim(k.clone()), prim(k), Mask::Explicit(m.into_primitive()), &AttentionOptions::new(8));
+}
+
+#[test]
+#[should_panic(expected = "fused attention: 3 ALiBi slopes for q [1, 4, 2, 8]")]
+fn attention_kernel_refuses_alibi_slopes_for_other_heads() {
+    let q = random::<Flex, 4>([1, 4, 2, 8]);
+    let k = random::<Flex, 4>([1, 4, 1, 8]);
+    let opts = AttentionOptions { alibi: Some(vec![0.5, 0.25, 0.125]), ..AttentionOptions::new(8) };
+    Flex::attention_forward(prim(q), prim(k.clone()), prim(k), Mask::Causal, &opts);
+}
+
+#[test]
+#[should_panic(expected = "layer_norm: x [7, 24], weight [24], bias [20]")]
+fn layer_norm_kernel_refuses_a_bias_of_another_width() {
+    let (x, w, b) = (random::<Flex, 2>([7, 24]), random::<Flex, 1>([24]), random::<Flex, 1>([20]));
+    Flex::fused_layer_norm(prim(x), prim(w), prim(b), 1e-5);
+}
+
+#[test]
+#[should_panic(expected = "rope: x [1, 5, 2, 8], cos [1, 5, 1, 10]")]
+fn rope_kernel_refuses_tables_wider_than_a_head() {
+    let (x, t) = (random::<Flex, 4>([1, 5, 2, 8]), random::<Flex, 4>([1, 5, 1, 10]));
+    Flex::fused_rope(prim(x), prim(t.clone()), prim(t));
+}
+
+#[test]
+#[should_panic(expected = "cross_entropy: target 1000 of row 1 is not below the vocabulary size 1000")]
+fn cross_entropy_kernel_refuses_a_target_past_the_vocabulary() {
+    Flex::cross_entropy(prim(random::<Flex, 2>([2, 1000])), &[3, 1000], &[1.0, 1.0], None);
+}

@@ -1,4 +1,5 @@
-//! Fused operations of the decoder: attention, RMSNorm, rotary embedding and SwiGLU.
+//! Fused operations of the decoder: attention (with the families' options), RMSNorm and
+//! LayerNorm, rotary embedding (whole or partial), the MLPs' activations and the loss.
 //!
 //! Written op by op, each of these is a chain of element-wise tensor ops, and the autodiff graph
 //! keeps every intermediate for the backward pass: attention alone would keep several

@@ -1,6 +1,7 @@
 //! The backward passes of the fused operations, for burn's autodiff backend over any backend
 //! that has them. Each operation saves only what its backward needs: attention its inputs,
-//! output and log-sum-exp; RMSNorm its input and 1/rms; RoPE nothing; SwiGLU its inputs.
+//! options, output and log-sum-exp; RMSNorm its input and 1/rms; LayerNorm its input, mean and
+//! 1/std; RoPE nothing; the MLP's activations their inputs.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -9,7 +10,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::ops::FloatTensor;
 
-use super::{FusedOps, LoraLinear, Mask};
+use super::{Activation, AttentionOptions, FusedOps, LoraLinear, Mask};
 
 fn inner_mask<B: FusedOps, C: CheckpointStrategy>(mask: Mask<Autodiff<B, C>>) -> Mask<B> {
     match mask {
@@ -22,14 +23,14 @@ fn inner_mask<B: FusedOps, C: CheckpointStrategy>(mask: Mask<Autodiff<B, C>>) ->
 struct Attention;
 
 impl<B: FusedOps> Backward<B, 3> for Attention {
-    /// q, k, v, mask, output, log-sum-exp
-    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, Mask<B>, FloatTensor<B>, FloatTensor<B>);
+    /// q, k, v, mask, options, output, log-sum-exp
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, Mask<B>, AttentionOptions, FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_q, node_k, node_v] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
-        let (q, k, v, mask, out, lse) = ops.state;
-        let (dq, dk, dv) = B::attention_backward(q, k, v, mask, out, lse, grad);
+        let (q, k, v, mask, opts, out, lse) = ops.state;
+        let (dq, dk, dv) = B::attention_backward(q, k, v, mask, &opts, out, lse, grad);
         for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, g);
@@ -56,6 +57,23 @@ impl<B: FusedOps> Backward<B, 1> for RmsNorm {
 }
 
 #[derive(Debug)]
+struct LayerNorm;
+
+impl<B: FusedOps> Backward<B, 1> for LayerNorm {
+    /// x, weight, each row's mean and 1/std
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, w, stats) = ops.state;
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::layer_norm_backward(x, w, stats, grad));
+        }
+    }
+}
+
+#[derive(Debug)]
 struct Rope;
 
 impl<B: FusedOps> Backward<B, 1> for Rope {
@@ -74,21 +92,38 @@ impl<B: FusedOps> Backward<B, 1> for Rope {
 }
 
 #[derive(Debug)]
-struct SwiGlu;
+struct Glu;
 
-impl<B: FusedOps> Backward<B, 2> for SwiGlu {
-    /// gate, up
-    type State = (FloatTensor<B>, FloatTensor<B>);
+impl<B: FusedOps> Backward<B, 2> for Glu {
+    /// gate, up, activation
+    type State = (FloatTensor<B>, FloatTensor<B>, Activation);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_gate, node_up] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
-        let (gate, up) = ops.state;
-        let (dgate, dup) = B::swiglu_backward(gate, up, grad);
+        let (gate, up, act) = ops.state;
+        let (dgate, dup) = B::glu_backward(gate, up, act, grad);
         for (node, g) in [(node_gate, dgate), (node_up, dup)] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, g);
             }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ActivationOp;
+
+impl<B: FusedOps> Backward<B, 1> for ActivationOp {
+    /// x, activation
+    type State = (FloatTensor<B>, Activation);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, act) = ops.state;
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::activation_backward(x, act, grad));
         }
     }
 }
@@ -147,17 +182,13 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         mask: Mask<Self>,
-        opts: &super::AttentionOptions,
+        opts: &AttentionOptions,
     ) -> FloatTensor<Self> {
-        let d = super::float::<Self, 4>(q.clone()).dims()[3];
-        if !opts.is_plain(d) {
-            return super::reference::attention_general::<Self>(q, k, v, mask, opts);
-        }
         let mask = inner_mask(mask);
         match Attention.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let (out, lse) = B::attention_forward(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), mask.clone());
-                prep.finish((q.primitive, k.primitive, v.primitive, mask, out.clone(), lse), out)
+                let (out, lse) = B::attention_forward(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), mask.clone(), opts);
+                prep.finish((q.primitive, k.primitive, v.primitive, mask, opts.clone(), out.clone(), lse), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::fused_attention(q.primitive, k.primitive, v.primitive, mask, opts)),
         }
@@ -175,6 +206,18 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         }
     }
 
+    fn fused_layer_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, b: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        // The weight and bias are frozen: not parents, no gradient flows to them.
+        let (w, b) = (w.primitive, b.primitive);
+        match LayerNorm.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (out, stats) = B::layer_norm_forward(x.primitive.clone(), w.clone(), b, eps);
+                prep.finish((x.primitive, w, stats), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_layer_norm(x.primitive, w, b, eps)),
+        }
+    }
+
     fn fused_rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
         let (cos, sin) = (cos.primitive, sin.primitive);
         match Rope.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
@@ -186,13 +229,23 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         }
     }
 
-    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        match SwiGlu.prepare::<C>([gate.node.clone(), up.node.clone()]).compute_bound().stateful() {
+    fn fused_glu(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
+        match Glu.prepare::<C>([gate.node.clone(), up.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let out = B::fused_swiglu(gate.primitive.clone(), up.primitive.clone());
-                prep.finish((gate.primitive, up.primitive), out)
+                let out = B::fused_glu(gate.primitive.clone(), up.primitive.clone(), act);
+                prep.finish((gate.primitive, up.primitive, act), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::fused_swiglu(gate.primitive, up.primitive)),
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_glu(gate.primitive, up.primitive, act)),
+        }
+    }
+
+    fn fused_activation(x: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
+        match ActivationOp.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::fused_activation(x.primitive.clone(), act);
+                prep.finish((x.primitive, act), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_activation(x.primitive, act)),
         }
     }
 }

@@ -8,7 +8,7 @@ use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{reference, FusedOps, LoraLinear, Mask};
+use super::{float, prim, reference, Activation, AttentionOptions, FusedOps, LoraLinear, Mask};
 
 /// Query rows per attention tile: a causal tile only needs the keys up to its last row.
 const TILE: usize = 64;
@@ -35,6 +35,173 @@ pub(crate) fn exp(x: f32) -> f32 {
     } else {
         e
     }
+}
+
+/// tanh in f32 without branches or calls, so that loops over slices vectorize (Cephes' tanhf):
+/// x + x³·P(x²) below |x| = 0.625, where 1 − 2/(e^{2|x|} + 1) would lose digits to the
+/// subtraction, that above; within 1e-7 of tanh. |x| is clamped at 10, where tanh is 1 in f32.
+#[inline(always)]
+pub(crate) fn tanh(x: f32) -> f32 {
+    let a = x.abs().min(10.0);
+    let large = (1.0 - 2.0 / (exp(2.0 * a) + 1.0)).copysign(x);
+    let z = x * x;
+    let small = ((((-5.704_988_7e-3 * z + 2.063_909e-2) * z - 5.373_971_6e-2) * z + 1.333_144_2e-1) * z - 3.333_328e-1) * z * x + x;
+    if a < 0.625 {
+        small
+    } else {
+        large
+    }
+}
+
+/// erf in f32 without branches or calls: x·P(2x² − 1) below |x| = 1, and above it
+/// 1 − e^{−x²}·Q((|x| − 2.5)/1.5) up to |x| = 4, past which erf is 1 in f32 (erfc(x)·e^{x²} is
+/// smooth there, erfc itself is not). P (degree 6) and Q (degree 11) are Chebyshev fits to
+/// erf(x)/x and erfc(x)·e^{x²}; within 1e-7 of erf.
+#[inline(always)]
+pub(crate) fn erf(x: f32) -> f32 {
+    #[rustfmt::skip]
+    const P: [f32; 7] = [
+        1.231_640_1e-6, -1.766_908_1e-5, 2.175_119_9e-4, -2.285_419_5e-3, 1.985_249_8e-2, -1.405_361e-1, 9.654_687_4e-1,
+    ];
+    #[rustfmt::skip]
+    const Q: [f32; 12] = [
+        -3.692_872_3e-5, 9.640_452e-5, -1.439_486e-4, 3.678_686_7e-4, -1.017_117_8e-3, 2.425_885e-3,
+        -5.567_332_9e-3, 1.248_403_5e-2, -2.700_572_5e-2, 5.611_096e-2, -1.115_210_05e-1, 2.108_063_6e-1,
+    ];
+    let a = x.abs().min(4.0);
+    let small = x * horner(2.0 * a * a - 1.0, &P);
+    let large = (1.0 - exp(-a * a) * horner((a - 2.5) * (1.0 / 1.5), &Q)).copysign(x);
+    if a < 1.0 {
+        small
+    } else {
+        large
+    }
+}
+
+/// The polynomial with coefficients `c`, highest power first, at x.
+#[inline(always)]
+fn horner<const N: usize>(x: f32, c: &[f32; N]) -> f32 {
+    c.iter().fold(0.0, |acc, &c| acc * x + c)
+}
+
+/// √(2/π) and 1/√(2π)
+const SQRT_2_OVER_PI: f32 = std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2;
+const INV_SQRT_2PI: f32 = 0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2;
+
+/// An activation as the kernels compute it: f32, inlined, without branches, so that the
+/// element-wise loops vectorize; one type per [`Activation`], so each loop is its own.
+trait Act {
+    /// act(x) and act'(x)
+    fn value_grad(x: f32) -> (f32, f32);
+
+    fn value(x: f32) -> f32 {
+        Self::value_grad(x).0
+    }
+
+    /// The gradients of gate and up for act(gate)·up and the output's gradient d.
+    #[inline(always)]
+    fn glu_grad(g: f32, u: f32, d: f32) -> (f32, f32) {
+        let (a, da) = Self::value_grad(g);
+        (d * u * da, d * a)
+    }
+}
+
+struct Silu;
+struct GeluTanh;
+struct Gelu;
+
+impl Act for Silu {
+    #[inline(always)]
+    fn value_grad(x: f32) -> (f32, f32) {
+        let sig = 1.0 / (1.0 + exp(-x));
+        (x * sig, sig * (1.0 + x * (1.0 - sig)))
+    }
+
+    #[inline(always)]
+    fn value(x: f32) -> f32 {
+        x / (1.0 + exp(-x))
+    }
+
+    #[inline(always)]
+    fn glu_grad(g: f32, u: f32, d: f32) -> (f32, f32) {
+        let sig = 1.0 / (1.0 + exp(-g));
+        (d * u * sig * (1.0 + g * (1.0 - sig)), d * g * sig)
+    }
+}
+
+impl Act for GeluTanh {
+    #[inline(always)]
+    fn value_grad(x: f32) -> (f32, f32) {
+        let th = tanh(SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x));
+        let du = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044_715 * x * x);
+        (0.5 * x * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du)
+    }
+}
+
+impl Act for Gelu {
+    #[inline(always)]
+    fn value_grad(x: f32) -> (f32, f32) {
+        let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+        (x * cdf, cdf + x * INV_SQRT_2PI * exp(-0.5 * x * x))
+    }
+}
+
+/// GELU and its tanh form as the kernels compute them, for the accuracy test.
+#[cfg(test)]
+pub(crate) fn gelu(x: f32) -> f32 {
+    Gelu::value(x)
+}
+
+#[cfg(test)]
+pub(crate) fn gelu_tanh(x: f32) -> f32 {
+    GeluTanh::value(x)
+}
+
+/// Elements per task in the element-wise kernels.
+const CHUNK: usize = 1 << 14;
+
+/// act(gate)·up
+fn glu_f32<A: Act>(gs: &[f32], us: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; gs.len()];
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+        let (g, u) = (&gs[c * CHUNK..][..out.len()], &us[c * CHUNK..][..out.len()]);
+        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+            *o = A::value(g) * u;
+        }
+    });
+    out
+}
+
+/// The gradients of gate and up.
+fn glu_backward_f32<A: Act>(gs: &[f32], us: &[f32], ds: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut dgate = vec![0f32; gs.len()];
+    let mut dup = vec![0f32; gs.len()];
+    dgate.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (dg, du))| {
+        let n = dg.len();
+        let (g, u, d) = (&gs[c * CHUNK..][..n], &us[c * CHUNK..][..n], &ds[c * CHUNK..][..n]);
+        for i in 0..n {
+            (dg[i], du[i]) = A::glu_grad(g[i], u[i], d[i]);
+        }
+    });
+    (dgate, dup)
+}
+
+/// act(x), or with `grad` the gradient of x, grad·act'(x).
+fn activation_f32<A: Act>(xs: &[f32], grad: Option<&[f32]>) -> Vec<f32> {
+    let mut out = vec![0f32; xs.len()];
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+        let x = &xs[c * CHUNK..][..out.len()];
+        match grad {
+            None => out.iter_mut().zip(x).for_each(|(o, &x)| *o = A::value(x)),
+            Some(ds) => {
+                let d = &ds[c * CHUNK..][..out.len()];
+                for ((o, &x), &d) in out.iter_mut().zip(x).zip(d) {
+                    *o = d * A::value_grad(x).1;
+                }
+            }
+        }
+    });
+    out
 }
 
 fn all_f32(ts: &[&FlexTensor]) -> bool {
@@ -93,7 +260,7 @@ unsafe fn gemm(
     gemm::gemm(m, n, k, dst, 1, dst_rs, accumulate, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 1.0, beta, false, false, false, parallelism);
 }
 
-/// Shape and mask of one attention call.
+/// Shape, mask and options of one attention call.
 struct Geometry<'a> {
     b: usize,
     s: usize,
@@ -105,33 +272,77 @@ struct Geometry<'a> {
     mask: Option<&'a [u8]>,
     /// The mask's batch: 1 when one mask serves every row.
     mask_batch: usize,
+    /// Multiplies q·kᵀ.
+    scale: f32,
+    softcap: Option<f32>,
+    window: Option<usize>,
+    /// One slope per query head.
+    alibi: Option<&'a [f32]>,
 }
 
 impl Geometry<'_> {
-    /// Keys a tile of query rows `r0..r1` can see at all: causal tiles stop at their last row.
-    fn keys(&self, r1: usize) -> usize {
-        match self.mask {
+    /// Keys a tile of query rows `r0..r1` can see at all, `lo..hi`: a causal tile stops at its
+    /// last row's diagonal, a sliding window starts at its first row's oldest key.
+    fn keys(&self, r0: usize, r1: usize) -> (usize, usize) {
+        let hi = match self.mask {
             None => (r1 + self.t - self.s).min(self.t),
             Some(_) => self.t,
-        }
+        };
+        let lo = self.window.map_or(0, |w| (r0 + self.t - self.s + 1).saturating_sub(w));
+        (lo, hi)
     }
 
-    /// Sets masked scores of query `i` (batch row `bi`) to −∞, in a row of its first keys.
-    fn mask_row(&self, bi: usize, i: usize, row: &mut [f32]) {
+    /// Turns query `i`'s row of scale·q·kᵀ over keys `lo..lo + row.len()` (batch row `bi`, head
+    /// `head`) into the scores its softmax sees: soft-capped, plus the ALiBi bias, −∞ where masked.
+    /// With `cap_grad`, also writes dc/draw = 1 − (c/cap)² per key. Each option is its own pass
+    /// over the row, taken only when it is set.
+    fn prepare_row(&self, bi: usize, head: usize, i: usize, lo: usize, row: &mut [f32], cap_grad: Option<&mut [f32]>) {
+        if let Some(cap) = self.softcap {
+            let inv = 1.0 / cap;
+            match cap_grad {
+                Some(cg) => {
+                    for (x, g) in row.iter_mut().zip(cg) {
+                        let c = tanh(*x * inv);
+                        *x = cap * c;
+                        *g = 1.0 - c * c;
+                    }
+                }
+                None => row.iter_mut().for_each(|x| *x = cap * tanh(*x * inv)),
+            }
+        }
+        if let Some(slopes) = self.alibi {
+            // −slope·(i_abs − j) = slope·(j − i_abs)
+            let slope = slopes[head];
+            let first = lo as f32 - (i + self.t - self.s) as f32;
+            for (j, x) in row.iter_mut().enumerate() {
+                *x += slope * (first + j as f32);
+            }
+        }
+        self.mask_row(bi, i, lo, row);
+    }
+
+    /// Sets masked scores of query `i` (batch row `bi`) to −∞, in a row of keys `lo..`.
+    fn mask_row(&self, bi: usize, i: usize, lo: usize, row: &mut [f32]) {
+        let n = row.len();
         match self.mask {
             None => {
-                let limit = (i + 1 + self.t - self.s).min(row.len());
+                let limit = (i + 1 + self.t - self.s).min(lo + n) - lo;
                 row[limit..].fill(f32::NEG_INFINITY);
             }
             Some(m) => {
                 // A [1, 1, s, t] mask serves every row of the batch.
-                let m = &m[((bi % self.mask_batch) * self.s + i) * self.t..];
+                let m = &m[((bi % self.mask_batch) * self.s + i) * self.t + lo..];
                 for (x, &masked) in row.iter_mut().zip(m) {
                     if masked != 0 {
                         *x = f32::NEG_INFINITY;
                     }
                 }
             }
+        }
+        if let Some(w) = self.window {
+            // Keys before i_abs − w + 1 are out of the window.
+            let oldest = (i + self.t - self.s + 1).saturating_sub(w);
+            row[..oldest.saturating_sub(lo).min(n)].fill(f32::NEG_INFINITY);
         }
     }
 }
@@ -161,12 +372,9 @@ fn softmax_row(row: &mut [f32]) -> f32 {
     max + sum.ln()
 }
 
-// gemm's 14 arguments read best grouped (shape, destination, lhs, rhs, scale): not rustfmt's one a line.
-#[rustfmt::skip]
 fn attention_forward_f32(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<f32>, Vec<f32>) {
-    let Geometry { b, s, t, h, kv, d, .. } = *g;
+    let Geometry { b, s, t, h, kv, d, scale, .. } = *g;
     let rep = h / kv;
-    let scale = 1.0 / (d as f32).sqrt();
     let mut out = vec![0f32; b * s * h * d];
     let mut lse = vec![0f32; b * h * s];
     let out_ptr = Shared(out.as_mut_ptr());
@@ -179,22 +387,32 @@ fn attention_forward_f32(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<
         let mut scores = vec![0f32; TILE * t];
         for r0 in (0..s).step_by(TILE) {
             let rows = TILE.min(s - r0);
-            let n = g.keys(r0 + rows);
-            // scores = scale · q_tile · kᵀ, [rows, n] with row stride t
+            let (lo, hi_key) = g.keys(r0, r0 + rows);
+            let n = hi_key - lo;
+            let (k_t, v_t) = (&k0[lo * kv * d..], &v0[lo * kv * d..]);
+            // scores = scale · q_tile · k[lo..]ᵀ, [rows, n] with row stride t
             unsafe {
                 gemm(
                     ONE_CORE,
-                    rows, n, d,
-                    scores.as_mut_ptr(), t as isize, false,
-                    q0[r0 * h * d..].as_ptr(), (h * d) as isize, 1,
-                    k0.as_ptr(), 1, (kv * d) as isize,
+                    rows,
+                    n,
+                    d,
+                    scores.as_mut_ptr(),
+                    t as isize,
+                    false,
+                    q0[r0 * h * d..].as_ptr(),
+                    (h * d) as isize,
+                    1,
+                    k_t.as_ptr(),
+                    1,
+                    (kv * d) as isize,
                     scale,
                 );
             }
             for ii in 0..rows {
                 let i = r0 + ii;
                 let row = &mut scores[ii * t..ii * t + n];
-                g.mask_row(bi, i, row);
+                g.prepare_row(bi, hi, i, lo, row, None);
                 let row_lse = softmax_row(row);
                 unsafe { *lse_ptr.at((bi * h + hi) * s + i) = row_lse };
             }
@@ -202,10 +420,18 @@ fn attention_forward_f32(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<
             unsafe {
                 gemm(
                     ONE_CORE,
-                    rows, d, n,
-                    out_ptr.at(((bi * s + r0) * h + hi) * d), (h * d) as isize, false,
-                    scores.as_ptr(), t as isize, 1,
-                    v0.as_ptr(), (kv * d) as isize, 1,
+                    rows,
+                    d,
+                    n,
+                    out_ptr.at(((bi * s + r0) * h + hi) * d),
+                    (h * d) as isize,
+                    false,
+                    scores.as_ptr(),
+                    t as isize,
+                    1,
+                    v_t.as_ptr(),
+                    (kv * d) as isize,
+                    1,
                     1.0,
                 );
             }
@@ -215,8 +441,6 @@ fn attention_forward_f32(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<
 }
 
 #[allow(clippy::too_many_arguments)]
-// gemm's 14 arguments read best grouped (shape, destination, lhs, rhs, scale): not rustfmt's one a line.
-#[rustfmt::skip]
 fn attention_backward_f32(
     q: &[f32],
     k: &[f32],
@@ -226,9 +450,8 @@ fn attention_backward_f32(
     grad: &[f32],
     g: &Geometry,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let Geometry { b, s, t, h, kv, d, .. } = *g;
+    let Geometry { b, s, t, h, kv, d, scale, .. } = *g;
     let rep = h / kv;
-    let scale = 1.0 / (d as f32).sqrt();
     let mut dq = vec![0f32; b * s * h * d];
     let mut dk = vec![0f32; b * t * kv * d];
     let mut dv = vec![0f32; b * t * kv * d];
@@ -237,31 +460,82 @@ fn attention_backward_f32(
     (0..b * kv).into_par_iter().for_each(|task| {
         let (bi, gi) = (task / kv, task % kv);
         let kv_off = (bi * t * kv + gi) * d;
-        let (k0, v0) = (&k[kv_off..], &v[kv_off..]);
         let mut p = vec![0f32; TILE * t];
         let mut dp = vec![0f32; TILE * t];
+        // dc/draw of the soft-capped scores, kept from the rebuild of p to the scores' gradient
+        let mut cap_grad = vec![0f32; if g.softcap.is_some() { TILE * t } else { 0 }];
         for hi in gi * rep..(gi + 1) * rep {
             for r0 in (0..s).step_by(TILE) {
                 let rows = TILE.min(s - r0);
-                let n = g.keys(r0 + rows);
+                let (lo, hi_key) = g.keys(r0, r0 + rows);
+                let n = hi_key - lo;
+                // keys lo.. of this kv head, and their rows of dk and dv
+                let kv_t = kv_off + lo * kv * d;
+                let (k_t, v_t) = (&k[kv_t..], &v[kv_t..]);
                 let row_off = ((bi * s + r0) * h + hi) * d;
                 let (q_t, o_t, g_t) = (&q[row_off..], &out[row_off..], &grad[row_off..]);
                 let ld = (h * d) as isize;
                 unsafe {
                     // p = softmax(scale · q kᵀ), rebuilt from the saved log-sum-exp
-                    gemm(ONE_CORE, rows, n, d, p.as_mut_ptr(), t as isize, false, q_t.as_ptr(), ld, 1, k0.as_ptr(), 1, (kv * d) as isize, scale);
+                    gemm(
+                        ONE_CORE,
+                        rows,
+                        n,
+                        d,
+                        p.as_mut_ptr(),
+                        t as isize,
+                        false,
+                        q_t.as_ptr(),
+                        ld,
+                        1,
+                        k_t.as_ptr(),
+                        1,
+                        (kv * d) as isize,
+                        scale,
+                    );
                 }
                 for ii in 0..rows {
                     let i = r0 + ii;
                     let row = &mut p[ii * t..ii * t + n];
-                    g.mask_row(bi, i, row);
+                    let cg = if g.softcap.is_some() { Some(&mut cap_grad[ii * t..ii * t + n]) } else { None };
+                    g.prepare_row(bi, hi, i, lo, row, cg);
                     exp_shifted(row, lse[(bi * h + hi) * s + i]);
                 }
                 unsafe {
                     // dv += pᵀ · grad
-                    gemm(ONE_CORE, n, d, rows, dv_ptr.at(kv_off), (kv * d) as isize, true, p.as_ptr(), 1, t as isize, g_t.as_ptr(), ld, 1, 1.0);
+                    gemm(
+                        ONE_CORE,
+                        n,
+                        d,
+                        rows,
+                        dv_ptr.at(kv_t),
+                        (kv * d) as isize,
+                        true,
+                        p.as_ptr(),
+                        1,
+                        t as isize,
+                        g_t.as_ptr(),
+                        ld,
+                        1,
+                        1.0,
+                    );
                     // dp = grad · vᵀ
-                    gemm(ONE_CORE, rows, n, d, dp.as_mut_ptr(), t as isize, false, g_t.as_ptr(), ld, 1, v0.as_ptr(), 1, (kv * d) as isize, 1.0);
+                    gemm(
+                        ONE_CORE,
+                        rows,
+                        n,
+                        d,
+                        dp.as_mut_ptr(),
+                        t as isize,
+                        false,
+                        g_t.as_ptr(),
+                        ld,
+                        1,
+                        v_t.as_ptr(),
+                        1,
+                        (kv * d) as isize,
+                        1.0,
+                    );
                 }
                 // ds = p · (dp − Σ grad·out), the softmax's backward, times the score scale
                 for ii in 0..rows {
@@ -272,12 +546,46 @@ fn attention_backward_f32(
                     for (x, &pv) in dr.iter_mut().zip(pr) {
                         *x = pv * (*x - dot) * scale;
                     }
+                    if g.softcap.is_some() {
+                        // through the cap: d raw = d c · (1 − (c/cap)²)
+                        dr.iter_mut().zip(&cap_grad[ii * t..ii * t + n]).for_each(|(x, &cg)| *x *= cg);
+                    }
                 }
                 unsafe {
                     // dq = ds · k
-                    gemm(ONE_CORE, rows, d, n, dq_ptr.at(row_off), ld, false, dp.as_ptr(), t as isize, 1, k0.as_ptr(), (kv * d) as isize, 1, 1.0);
+                    gemm(
+                        ONE_CORE,
+                        rows,
+                        d,
+                        n,
+                        dq_ptr.at(row_off),
+                        ld,
+                        false,
+                        dp.as_ptr(),
+                        t as isize,
+                        1,
+                        k_t.as_ptr(),
+                        (kv * d) as isize,
+                        1,
+                        1.0,
+                    );
                     // dk += dsᵀ · q
-                    gemm(ONE_CORE, n, d, rows, dk_ptr.at(kv_off), (kv * d) as isize, true, dp.as_ptr(), 1, t as isize, q_t.as_ptr(), ld, 1, 1.0);
+                    gemm(
+                        ONE_CORE,
+                        n,
+                        d,
+                        rows,
+                        dk_ptr.at(kv_t),
+                        (kv * d) as isize,
+                        true,
+                        dp.as_ptr(),
+                        1,
+                        t as isize,
+                        q_t.as_ptr(),
+                        ld,
+                        1,
+                        1.0,
+                    );
                 }
             }
         }
@@ -285,11 +593,17 @@ fn attention_backward_f32(
     (dq, dk, dv)
 }
 
-/// Shape of q `[b, s, h, d]` and k `[b, t, kv, d]`, and the mask's bytes.
 /// The shapes the raw kernels index by, checked: q `[b, s, h, d]`, k and v `[b, t, kv, d]` with
-/// h a multiple of kv, an explicit mask `[b or 1, 1, s, t]`, and any further tensor (the output
-/// and its gradient) shaped as q.
-fn geometry<'a>(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, mask: &'a Option<FlexTensor>, like_q: &[&FlexTensor]) -> Geometry<'a> {
+/// h a multiple of kv, an explicit mask `[b or 1, 1, s, t]`, one ALiBi slope per query head, a
+/// window of at least one key, and any further tensor (the output and its gradient) shaped as q.
+fn geometry<'a>(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    mask: &'a Option<FlexTensor>,
+    opts: &'a AttentionOptions,
+    like_q: &[&FlexTensor],
+) -> Geometry<'a> {
     let (qd, kd, vd) = (dims(q), dims(k), dims(v));
     assert!(
         qd.len() == 4 && kd.len() == 4 && kd == vd && qd[0] == kd[0] && qd[3] == kd[3] && kd[2] > 0 && qd[2] % kd[2] == 0 && qd[1] <= kd[1],
@@ -307,7 +621,28 @@ fn geometry<'a>(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, mask: &'a Option
         );
         mask_batch = md[0];
     }
-    Geometry { b: qd[0], s: qd[1], h: qd[2], d: qd[3], t: kd[1], kv: kd[2], mask: mask.as_ref().map(|m| m.storage::<u8>()), mask_batch }
+    if let Some(slopes) = &opts.alibi {
+        assert_eq!(slopes.len(), qd[2], "fused attention: {} ALiBi slopes for q {qd:?}", slopes.len());
+    }
+    assert!(opts.window != Some(0), "fused attention: a sliding window of 0 keys");
+    let d = qd[3];
+    // The default scale as the kernels always computed it, in f32 (1/√d rounded from f64 differs
+    // in the last bit for some d, 96 among them).
+    let scale = if opts.scale == 1.0 / (d as f64).sqrt() { 1.0 / (d as f32).sqrt() } else { opts.scale as f32 };
+    Geometry {
+        b: qd[0],
+        s: qd[1],
+        h: qd[2],
+        d,
+        t: kd[1],
+        kv: kd[2],
+        mask: mask.as_ref().map(|m| m.storage::<u8>()),
+        mask_batch,
+        scale,
+        softcap: opts.softcap.map(|c| c as f32),
+        window: opts.window,
+        alibi: opts.alibi.as_deref(),
+    }
 }
 
 /// x `[n, in]` (and x_lora like it), w `[in, out]`, lora_A `[in, r]`, lora_B `[r, out]`, bias
@@ -344,6 +679,31 @@ fn check_lora(
     }
 }
 
+/// One row of [`FusedOps::cross_entropy`] with soft-capped logits: the softmax of
+/// c = cap·tanh(x/cap), its gradient chained back to x through 1 − (c/cap)² (tanh recomputed
+/// rather than kept: the row's buffer holds c, then the gradient). Returns coef·nll.
+fn capped_cross_entropy_row(x: &[f32], g: &mut [f32], target: usize, w: f32, cap: f32) -> f64 {
+    let inv = 1.0 / cap;
+    for (g, &v) in g.iter_mut().zip(x) {
+        *g = cap * tanh(v * inv);
+    }
+    let max = g.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let picked = g[target];
+    let mut sum = 0f32;
+    for g in g.iter_mut() {
+        *g = exp(*g - max);
+        sum += *g;
+    }
+    let scale = w / sum;
+    for (g, &v) in g.iter_mut().zip(x) {
+        let c = tanh(v * inv);
+        *g *= scale * (1.0 - c * c);
+    }
+    let c = tanh(x[target] * inv);
+    g[target] -= w * (1.0 - c * c);
+    (max + sum.ln() - picked) as f64 * w as f64
+}
+
 /// The mask as the kernels read it: `Some(None)` for causal, `Some(Some(bytes))` for an
 /// explicit mask stored one byte per element, None when it is stored otherwise (the kernels
 /// then leave the call to the reference path).
@@ -360,7 +720,7 @@ fn kernel_mask(mask: &Mask<Flex>) -> Option<Option<FlexTensor>> {
 
 impl FusedOps for Flex {
     fn cross_entropy(logits: FloatTensor<Self>, targets: &[u32], coef: &[f32], softcap: Option<f64>) -> (f64, FloatTensor<Self>) {
-        if !all_f32(&[&logits]) || softcap.is_some() {
+        if !all_f32(&[&logits]) {
             return reference::cross_entropy::<Self>(logits, targets, coef, softcap);
         }
         let logits = contiguous(logits);
@@ -372,7 +732,9 @@ impl FusedOps for Flex {
             coef.len()
         );
         let vocab = shape[1];
-        assert!(targets.iter().all(|&t| (t as usize) < vocab), "cross_entropy: a target id is not below the vocabulary size {vocab}");
+        if let Some((row, t)) = targets.iter().enumerate().find(|&(_, &t)| t as usize >= vocab) {
+            panic!("cross_entropy: target {t} of row {row} is not below the vocabulary size {vocab} (logits {shape:?})");
+        }
         let xs = logits.storage::<f32>();
         let mut grad = vec![0f32; xs.len()];
         // Per row: max, Σ exp, then the gradient (softmax − one-hot)·coef in one more pass.
@@ -381,6 +743,9 @@ impl FusedOps for Flex {
             .enumerate()
             .map(|(i, g)| {
                 let x = &xs[i * vocab..][..vocab];
+                if let Some(cap) = softcap {
+                    return capped_cross_entropy_row(x, g, targets[i] as usize, coef[i], cap as f32);
+                }
                 let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
                 let mut sum = 0f32;
                 for (g, &v) in g.iter_mut().zip(x) {
@@ -399,8 +764,6 @@ impl FusedOps for Flex {
         (loss, tensor(grad, shape))
     }
 
-    // gemm's 14 arguments read best grouped (shape, destination, lhs, rhs, scale): not rustfmt's one a line.
-    #[rustfmt::skip]
     fn lora_linear(x: FloatTensor<Self>, x_lora: Option<FloatTensor<Self>>, p: LoraLinear<Self>) -> FloatTensor<Self> {
         let mut ts = vec![&x, &p.w, &p.a, &p.b];
         ts.extend(x_lora.iter().chain(p.bias.iter()));
@@ -419,9 +782,54 @@ impl FusedOps for Flex {
         unsafe {
             // y = x·w, down = x_lora·a, y += scale · down·b: the adapter's output lands in y's
             // buffer with no separate add.
-            gemm(ALL_CORES, n, dout, din, y.as_mut_ptr(), dout as isize, false, xs.as_ptr(), din as isize, 1, ws.as_ptr(), dout as isize, 1, 1.0);
-            gemm(ALL_CORES, n, r, din, down.as_mut_ptr(), r as isize, false, xl.as_ptr(), din as isize, 1, as_.as_ptr(), r as isize, 1, 1.0);
-            gemm(ALL_CORES, n, dout, r, y.as_mut_ptr(), dout as isize, true, down.as_ptr(), r as isize, 1, bs.as_ptr(), dout as isize, 1, p.scale as f32);
+            gemm(
+                ALL_CORES,
+                n,
+                dout,
+                din,
+                y.as_mut_ptr(),
+                dout as isize,
+                false,
+                xs.as_ptr(),
+                din as isize,
+                1,
+                ws.as_ptr(),
+                dout as isize,
+                1,
+                1.0,
+            );
+            gemm(
+                ALL_CORES,
+                n,
+                r,
+                din,
+                down.as_mut_ptr(),
+                r as isize,
+                false,
+                xl.as_ptr(),
+                din as isize,
+                1,
+                as_.as_ptr(),
+                r as isize,
+                1,
+                1.0,
+            );
+            gemm(
+                ALL_CORES,
+                n,
+                dout,
+                r,
+                y.as_mut_ptr(),
+                dout as isize,
+                true,
+                down.as_ptr(),
+                r as isize,
+                1,
+                bs.as_ptr(),
+                dout as isize,
+                1,
+                p.scale as f32,
+            );
         }
         if let Some(bias) = p.bias {
             let bias = contiguous(bias);
@@ -435,8 +843,6 @@ impl FusedOps for Flex {
         tensor(y, vec![n, dout])
     }
 
-    // gemm's 14 arguments read best grouped (shape, destination, lhs, rhs, scale): not rustfmt's one a line.
-    #[rustfmt::skip]
     fn lora_linear_backward(
         x: FloatTensor<Self>,
         x_lora: Option<FloatTensor<Self>>,
@@ -465,20 +871,110 @@ impl FusedOps for Flex {
         let mut dx_lora = vec![0f32; if x_lora.is_some() { n * din } else { 0 }];
         unsafe {
             // down = x_lora·a (recomputed: [n, r] is cheap), v = grad·bᵀ
-            gemm(ALL_CORES, n, r, din, down.as_mut_ptr(), r as isize, false, xl.as_ptr(), din as isize, 1, as_.as_ptr(), r as isize, 1, 1.0);
-            gemm(ALL_CORES, n, r, dout, v.as_mut_ptr(), r as isize, false, gs.as_ptr(), dout as isize, 1, bs.as_ptr(), 1, dout as isize, 1.0);
+            gemm(
+                ALL_CORES,
+                n,
+                r,
+                din,
+                down.as_mut_ptr(),
+                r as isize,
+                false,
+                xl.as_ptr(),
+                din as isize,
+                1,
+                as_.as_ptr(),
+                r as isize,
+                1,
+                1.0,
+            );
+            gemm(
+                ALL_CORES,
+                n,
+                r,
+                dout,
+                v.as_mut_ptr(),
+                r as isize,
+                false,
+                gs.as_ptr(),
+                dout as isize,
+                1,
+                bs.as_ptr(),
+                1,
+                dout as isize,
+                1.0,
+            );
             // db = scale · downᵀ·grad, da = scale · x_loraᵀ·v
-            gemm(ALL_CORES, r, dout, n, db.as_mut_ptr(), dout as isize, false, down.as_ptr(), 1, r as isize, gs.as_ptr(), dout as isize, 1, s);
+            gemm(
+                ALL_CORES,
+                r,
+                dout,
+                n,
+                db.as_mut_ptr(),
+                dout as isize,
+                false,
+                down.as_ptr(),
+                1,
+                r as isize,
+                gs.as_ptr(),
+                dout as isize,
+                1,
+                s,
+            );
             gemm(ALL_CORES, din, r, n, da.as_mut_ptr(), r as isize, false, xl.as_ptr(), 1, din as isize, v.as_ptr(), r as isize, 1, s);
             if need_dx {
                 // dx = grad·wᵀ (+ scale · v·aᵀ when the adapter saw x itself)
-                gemm(ALL_CORES, n, din, dout, dx.as_mut_ptr(), din as isize, false, gs.as_ptr(), dout as isize, 1, ws.as_ptr(), 1, dout as isize, 1.0);
+                gemm(
+                    ALL_CORES,
+                    n,
+                    din,
+                    dout,
+                    dx.as_mut_ptr(),
+                    din as isize,
+                    false,
+                    gs.as_ptr(),
+                    dout as isize,
+                    1,
+                    ws.as_ptr(),
+                    1,
+                    dout as isize,
+                    1.0,
+                );
                 if x_lora.is_none() {
-                    gemm(ALL_CORES, n, din, r, dx.as_mut_ptr(), din as isize, true, v.as_ptr(), r as isize, 1, as_.as_ptr(), 1, r as isize, s);
+                    gemm(
+                        ALL_CORES,
+                        n,
+                        din,
+                        r,
+                        dx.as_mut_ptr(),
+                        din as isize,
+                        true,
+                        v.as_ptr(),
+                        r as isize,
+                        1,
+                        as_.as_ptr(),
+                        1,
+                        r as isize,
+                        s,
+                    );
                 }
             }
             if x_lora.is_some() {
-                gemm(ALL_CORES, n, din, r, dx_lora.as_mut_ptr(), din as isize, false, v.as_ptr(), r as isize, 1, as_.as_ptr(), 1, r as isize, s);
+                gemm(
+                    ALL_CORES,
+                    n,
+                    din,
+                    r,
+                    dx_lora.as_mut_ptr(),
+                    din as isize,
+                    false,
+                    v.as_ptr(),
+                    r as isize,
+                    1,
+                    as_.as_ptr(),
+                    1,
+                    r as isize,
+                    s,
+                );
             }
         }
         let dx = need_dx.then(|| tensor(dx, vec![n, din]));
@@ -491,12 +987,13 @@ impl FusedOps for Flex {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         mask: Mask<Self>,
+        opts: &AttentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let Some(m) = kernel_mask(&mask).filter(|_| all_f32(&[&q, &k, &v])) else {
-            return reference::attention_forward::<Self>(q, k, v, mask);
+            return reference::attention_forward::<Self>(q, k, v, mask, opts);
         };
         let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
-        let g = geometry(&q, &k, &v, &m, &[]);
+        let g = geometry(&q, &k, &v, &m, opts, &[]);
         let (out, lse) = attention_forward_f32(q.storage(), k.storage(), v.storage(), &g);
         (tensor(out, vec![g.b, g.s, g.h, g.d]), tensor(lse, vec![g.b, g.h, g.s]))
     }
@@ -506,16 +1003,17 @@ impl FusedOps for Flex {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         mask: Mask<Self>,
+        opts: &AttentionOptions,
         out: FloatTensor<Self>,
         lse: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let Some(m) = kernel_mask(&mask).filter(|_| all_f32(&[&q, &k, &v, &out, &lse, &grad])) else {
-            return reference::attention_backward::<Self>(q, k, v, mask, out, lse, grad);
+            return reference::attention_backward::<Self>(q, k, v, mask, opts, out, lse, grad);
         };
         let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
         let (out, lse, grad) = (contiguous(out), contiguous(lse), contiguous(grad));
-        let g = geometry(&q, &k, &v, &m, &[&out, &grad]);
+        let g = geometry(&q, &k, &v, &m, opts, &[&out, &grad]);
         assert_eq!(dims(&lse), [g.b, g.h, g.s], "fused attention: log-sum-exp shape");
         let (dq, dk, dv) = attention_backward_f32(q.storage(), k.storage(), v.storage(), out.storage(), lse.storage(), grad.storage(), &g);
         let kv_shape = vec![g.b, g.t, g.kv, g.d];
@@ -584,79 +1082,190 @@ impl FusedOps for Flex {
         tensor(dx, shape)
     }
 
+    fn layer_norm_forward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !all_f32(&[&x, &w, &b]) {
+            return reference::layer_norm_forward::<Self>(x, w, b, eps);
+        }
+        let (x, w, b) = (contiguous(x), contiguous(w), contiguous(b));
+        let shape = dims(&x);
+        assert!(
+            shape.len() == 2 && dims(&w) == [shape[1]] && dims(&b) == [shape[1]],
+            "layer_norm: x {shape:?}, weight {:?}, bias {:?} (expected [n, d], [d], [d])",
+            dims(&w),
+            dims(&b)
+        );
+        let (xs, ws, bs) = (x.storage::<f32>(), w.storage::<f32>(), b.storage::<f32>());
+        let (n, d) = (shape[0], shape[1]);
+        let mut out = vec![0f32; n * d];
+        let mut stats = vec![0f32; n * 2];
+        out.par_chunks_mut(ROWS_PER_TASK * d).zip(stats.par_chunks_mut(ROWS_PER_TASK * 2)).enumerate().for_each(|(c, (out, stats))| {
+            for (r, (o, st)) in out.chunks_mut(d).zip(stats.chunks_mut(2)).enumerate() {
+                let x = &xs[(c * ROWS_PER_TASK + r) * d..][..d];
+                // Two passes, mean then Σ(x − mean)²: no cancellation when the mean is large.
+                let mean = x.iter().sum::<f32>() / d as f32;
+                let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+                let rstd = 1.0 / (var + eps as f32).sqrt();
+                for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(ws).zip(bs) {
+                    *o = (x - mean) * rstd * w + b;
+                }
+                st.copy_from_slice(&[mean, rstd]);
+            }
+        });
+        (tensor(out, shape), tensor(stats, vec![n, 2]))
+    }
+
+    fn layer_norm_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if !all_f32(&[&x, &w, &stats, &grad]) {
+            return reference::layer_norm_backward::<Self>(x, w, stats, grad);
+        }
+        let (x, w, stats, grad) = (contiguous(x), contiguous(w), contiguous(stats), contiguous(grad));
+        let shape = dims(&x);
+        assert!(
+            shape.len() == 2 && dims(&w) == [shape[1]] && dims(&stats) == [shape[0], 2] && dims(&grad) == shape,
+            "layer_norm backward: x {shape:?}, weight {:?}, stats {:?}, gradient {:?}",
+            dims(&w),
+            dims(&stats),
+            dims(&grad)
+        );
+        let (xs, ws, st, gs) = (x.storage::<f32>(), w.storage::<f32>(), stats.storage::<f32>(), grad.storage::<f32>());
+        let d = shape[1];
+        let mut dx = vec![0f32; xs.len()];
+        dx.par_chunks_mut(ROWS_PER_TASK * d).enumerate().for_each(|(c, dx)| {
+            for (r, dx) in dx.chunks_mut(d).enumerate() {
+                let row = c * ROWS_PER_TASK + r;
+                let (x, g) = (&xs[row * d..][..d], &gs[row * d..][..d]);
+                let (mean, rstd) = (st[2 * row], st[2 * row + 1]);
+                // mean(g·w) and mean(g·w·x̂)
+                let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                for ((&x, &g), &w) in x.iter().zip(g).zip(ws) {
+                    sum_g += g * w;
+                    sum_gx += g * w * (x - mean) * rstd;
+                }
+                let (mean_g, mean_gx) = (sum_g / d as f32, sum_gx / d as f32);
+                for (((o, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(ws) {
+                    *o = rstd * (g * w - mean_g - (x - mean) * rstd * mean_gx);
+                }
+            }
+        });
+        tensor(dx, shape)
+    }
+
     fn fused_rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
         if !all_f32(&[&x, &cos, &sin]) {
             return reference::fused_rope::<Self>(x, cos, sin);
         }
         let (x, cos, sin) = (contiguous(x), contiguous(cos), contiguous(sin));
         let shape = dims(&x);
-        let table = [shape.first().copied().unwrap_or(0), shape.get(1).copied().unwrap_or(0), 1, shape.get(3).copied().unwrap_or(0)];
+        let r = dims(&cos).get(3).copied().unwrap_or(0);
+        let table = [shape.first().copied().unwrap_or(0), shape.get(1).copied().unwrap_or(0), 1, r];
         assert!(
-            shape.len() == 4 && dims(&cos) == table && dims(&sin) == table && shape[3].is_multiple_of(2),
-            "rope: x {shape:?}, cos {:?}, sin {:?} (expected tables {table:?})",
+            shape.len() == 4 && dims(&cos) == table && dims(&sin) == table && r.is_multiple_of(2) && r <= shape[3],
+            "rope: x {shape:?}, cos {:?}, sin {:?} (expected tables [b, s, 1, r] with r even and at most the head dim)",
             dims(&cos),
             dims(&sin)
         );
         let (h, d) = (shape[2], shape[3]);
-        let half = d / 2;
+        let half = r / 2;
         let (xs, cs, ss) = (x.storage::<f32>(), cos.storage::<f32>(), sin.storage::<f32>());
         let mut out = vec![0f32; xs.len()];
         // One task per chunk of positions; every head of a position shares its cos and sin.
         out.par_chunks_mut(ROWS_PER_TASK * h * d).enumerate().for_each(|(c, out)| {
-            for (r, o) in out.chunks_mut(h * d).enumerate() {
-                let pos = c * ROWS_PER_TASK + r;
-                let (cos, sin) = (&cs[pos * d..][..d], &ss[pos * d..][..d]);
+            for (p, o) in out.chunks_mut(h * d).enumerate() {
+                let pos = c * ROWS_PER_TASK + p;
+                let (cos, sin) = (&cs[pos * r..][..r], &ss[pos * r..][..r]);
                 for (head, o) in o.chunks_mut(d).enumerate() {
                     let x = &xs[(pos * h + head) * d..][..d];
                     for i in 0..half {
                         o[i] = x[i] * cos[i] + x[i + half] * sin[i];
                         o[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
                     }
+                    // Past the rotary dimensions, each head passes through.
+                    o[r..].copy_from_slice(&x[r..]);
                 }
             }
         });
         tensor(out, shape)
     }
 
-    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn fused_glu(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
         if !all_f32(&[&gate, &up]) {
-            return reference::fused_swiglu::<Self>(gate, up);
+            return reference::fused_glu::<Self>(gate, up, act);
         }
         let (gate, up) = (contiguous(gate), contiguous(up));
         let shape = dims(&gate);
-        assert_eq!(dims(&up), shape, "swiglu: gate and up shapes");
+        assert_eq!(dims(&up), shape, "glu: gate {shape:?} and up {:?} shapes", dims(&up));
         let (gs, us) = (gate.storage::<f32>(), up.storage::<f32>());
-        let mut out = vec![0f32; gs.len()];
-        const CHUNK: usize = 1 << 14;
-        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
-            let (g, u) = (&gs[c * CHUNK..][..out.len()], &us[c * CHUNK..][..out.len()]);
-            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-                *o = g / (1.0 + exp(-g)) * u;
-            }
-        });
+        let out = match act {
+            Activation::Silu => glu_f32::<Silu>(gs, us),
+            Activation::GeluTanh => glu_f32::<GeluTanh>(gs, us),
+            Activation::Gelu => glu_f32::<Gelu>(gs, us),
+        };
         tensor(out, shape)
     }
 
-    fn swiglu_backward(gate: FloatTensor<Self>, up: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+    fn glu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        act: Activation,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         if !all_f32(&[&gate, &up, &grad]) {
-            return reference::swiglu_backward::<Self>(gate, up, grad);
+            return reference::glu_backward::<Self>(gate, up, act, grad);
         }
         let (gate, up, grad) = (contiguous(gate), contiguous(up), contiguous(grad));
         let shape = dims(&gate);
-        assert!(dims(&up) == shape && dims(&grad) == shape, "swiglu backward: gate, up and gradient shapes");
+        assert!(
+            dims(&up) == shape && dims(&grad) == shape,
+            "glu backward: gate {shape:?}, up {:?} and gradient {:?} shapes",
+            dims(&up),
+            dims(&grad)
+        );
         let (gs, us, ds) = (gate.storage::<f32>(), up.storage::<f32>(), grad.storage::<f32>());
-        let mut dgate = vec![0f32; gs.len()];
-        let mut dup = vec![0f32; gs.len()];
-        const CHUNK: usize = 1 << 14;
-        dgate.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (dg, du))| {
-            let n = dg.len();
-            let (g, u, d) = (&gs[c * CHUNK..][..n], &us[c * CHUNK..][..n], &ds[c * CHUNK..][..n]);
-            for i in 0..n {
-                let sig = 1.0 / (1.0 + exp(-g[i]));
-                dg[i] = d[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
-                du[i] = d[i] * g[i] * sig;
-            }
-        });
+        let (dgate, dup) = match act {
+            Activation::Silu => glu_backward_f32::<Silu>(gs, us, ds),
+            Activation::GeluTanh => glu_backward_f32::<GeluTanh>(gs, us, ds),
+            Activation::Gelu => glu_backward_f32::<Gelu>(gs, us, ds),
+        };
         (tensor(dgate, shape.clone()), tensor(dup, shape))
+    }
+
+    fn fused_activation(x: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
+        if !all_f32(&[&x]) {
+            return prim(reference::activation::<Self, 2>(float(x), act));
+        }
+        let x = contiguous(x);
+        let (shape, xs) = (dims(&x), x.storage::<f32>());
+        let out = match act {
+            Activation::Silu => activation_f32::<Silu>(xs, None),
+            Activation::GeluTanh => activation_f32::<GeluTanh>(xs, None),
+            Activation::Gelu => activation_f32::<Gelu>(xs, None),
+        };
+        tensor(out, shape)
+    }
+
+    fn activation_backward(x: FloatTensor<Self>, act: Activation, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !all_f32(&[&x, &grad]) {
+            return reference::activation_backward::<Self>(x, act, grad);
+        }
+        let (x, grad) = (contiguous(x), contiguous(grad));
+        let shape = dims(&x);
+        assert_eq!(dims(&grad), shape, "activation backward: x {shape:?} and gradient {:?} shapes", dims(&grad));
+        let (xs, ds) = (x.storage::<f32>(), grad.storage::<f32>());
+        let dx = match act {
+            Activation::Silu => activation_f32::<Silu>(xs, Some(ds)),
+            Activation::GeluTanh => activation_f32::<GeluTanh>(xs, Some(ds)),
+            Activation::Gelu => activation_f32::<Gelu>(xs, Some(ds)),
+        };
+        tensor(dx, shape)
     }
 }

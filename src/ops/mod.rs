@@ -1,4 +1,5 @@
-//! Fused operations of the decoder: attention, RMSNorm, rotary embedding and SwiGLU.
+//! Fused operations of the decoder: attention (with the families' options), RMSNorm and
+//! LayerNorm, rotary embedding (whole or partial), the MLPs' activations and the loss.
 //!
 //! Written op by op, each of these is a chain of element-wise tensor ops, and the autodiff graph
 //! keeps every intermediate for the backward pass: attention alone would keep several
@@ -26,12 +27,13 @@ pub(crate) fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B
     t.into_primitive().tensor()
 }
 
-/// Which keys a query may see, for [`FusedOps::attention`].
+/// Which keys a query may see, for [`FusedOps::fused_attention`], before any sliding window.
 #[derive(Debug, Clone)]
 pub enum Mask<B: Backend> {
     /// Causal, aligned at the bottom right: query i of s sees keys 0..=i + (t − s).
     Causal,
-    /// `[batch, 1, s, t]`, `true` where attention is NOT allowed.
+    /// `[batch, 1, s, t]`, or `[1, 1, s, t]` for every row of the batch alike; `true` where
+    /// attention is NOT allowed.
     Explicit(BoolTensor<B>),
 }
 
@@ -49,39 +51,36 @@ pub struct LoraLinear<B: Backend> {
     pub scale: f64,
 }
 
-/// What varies in attention between families, for [`FusedOps::fused_attention`].
+/// What varies in attention between families, for [`FusedOps::fused_attention`]. Applied in
+/// transformers' order: s = scale·q·kᵀ; s = cap·tanh(s/cap); s += ALiBi bias; −∞ where masked
+/// or outside the window; softmax; ·v. Positions are absolute: query i of s is i_abs = i + t − s
+/// among the t keys.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttentionOptions {
     /// Multiplies q·kᵀ; 1/√head_dim unless the family says otherwise (Gemma: query_pre_attn_scalar^-½).
     pub scale: f64,
-    /// Gemma 2's attention logit soft-capping: score -> cap·tanh(score/cap), after scaling.
+    /// Gemma 2's attention logit soft-capping: score -> cap·tanh(score/cap), applied after scaling, before bias/mask.
     pub softcap: Option<f64>,
-    /// Sliding window: key j is hidden from query i when (i_abs − j_abs) >= window.
+    /// Sliding window: key j is hidden from query i when (i_abs − j_abs) >= window, on top of the mask.
     pub window: Option<usize>,
     /// ALiBi (BLOOM): one slope per query head; score += −slope_h · (i_abs − j_abs).
     pub alibi: Option<Vec<f32>>,
 }
 
 impl AttentionOptions {
+    /// Scale 1/√head_dim, nothing else.
     pub fn new(head_dim: usize) -> Self {
         AttentionOptions { scale: 1.0 / (head_dim as f64).sqrt(), softcap: None, window: None, alibi: None }
     }
-
-    /// Only the scale is set, and it is the default one: what the kernels compute.
-    pub(crate) fn is_plain(&self, head_dim: usize) -> bool {
-        self.softcap.is_none()
-            && self.window.is_none()
-            && self.alibi.is_none()
-            && (self.scale - 1.0 / (head_dim as f64).sqrt()).abs() < 1e-12
-    }
 }
 
-/// The activations of the MLPs.
+/// The activations of the MLPs, for [`FusedOps::fused_glu`] and [`FusedOps::fused_activation`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
     /// x·σ(x) (SwiGLU's gate).
     Silu,
-    /// 0.5x(1 + tanh(√(2/π)(x + 0.044715x³))): gelu_new, gelu_pytorch_tanh, BLOOM's gelu.
+    /// 0.5x(1 + tanh(√(2/π)(x + 0.044715x³))): gelu_new, gelu_pytorch_tanh, BLOOM's gelu
+    /// (GeGLU's gate).
     GeluTanh,
     /// x·Φ(x), with the exact erf.
     Gelu,
@@ -90,9 +89,10 @@ pub enum Activation {
 /// The fused operations. q, k and v are laid out `[batch, seq, heads, head_dim]` as the
 /// projections produce them, so no transpose is needed before or after attention.
 pub trait FusedOps: Backend {
-    /// softmax(q·kᵀ/√d + mask)·v with grouped-query heads: q `[b, s, h, d]`, k and v
-    /// `[b, t, kv, d]` with h a multiple of kv (query head j uses kv head j / (h / kv), as
-    /// HF's repeat_kv). Returns `[b, s, h, d]`.
+    /// softmax(scale·q·kᵀ + mask)·v with grouped-query heads and the family's options (soft-cap,
+    /// ALiBi, sliding window: [`AttentionOptions`]): q `[b, s, h, d]`, k and v `[b, t, kv, d]`
+    /// with h a multiple of kv (query head j uses kv head j / (h / kv), as HF's repeat_kv).
+    /// Returns `[b, s, h, d]`.
     fn fused_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -100,30 +100,7 @@ pub trait FusedOps: Backend {
         mask: Mask<Self>,
         opts: &AttentionOptions,
     ) -> FloatTensor<Self> {
-        let d = float::<Self, 4>(q.clone()).dims()[3];
-        if opts.is_plain(d) {
-            Self::attention_forward(q, k, v, mask).0
-        } else {
-            reference::attention_general::<Self>(q, k, v, mask, opts)
-        }
-    }
-
-    /// (x − mean) / sqrt(var + eps) · w + b over the last dimension of `[n, d]`.
-    fn fused_layer_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, b: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
-        reference::layer_norm::<Self>(x, w, b, eps)
-    }
-
-    /// act(gate) · up.
-    fn fused_glu(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
-        match act {
-            Activation::Silu => Self::fused_swiglu(gate, up),
-            _ => prim(reference::activation::<Self, 2>(float(gate), act) * float::<Self, 2>(up)),
-        }
-    }
-
-    /// act(x).
-    fn fused_activation(x: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
-        prim(reference::activation::<Self, 2>(float(x), act))
+        Self::attention_forward(q, k, v, mask, opts).0
     }
 
     /// The attention output and the log-sum-exp of each query's scores, `[b, h, s]`, which
@@ -133,22 +110,26 @@ pub trait FusedOps: Backend {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         mask: Mask<Self>,
+        opts: &AttentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        reference::attention_forward::<Self>(q, k, v, mask)
+        reference::attention_forward::<Self>(q, k, v, mask, opts)
     }
 
     /// Gradients of q, k and v from the output's gradient, recomputing the softmax from lse.
+    /// With a soft-cap c = cap·tanh(raw/cap), the scores' gradient is chained through
+    /// dc/draw = 1 − (c/cap)²; the ALiBi bias and the mask take no gradient.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         mask: Mask<Self>,
+        opts: &AttentionOptions,
         out: FloatTensor<Self>,
         lse: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        reference::attention_backward::<Self>(q, k, v, mask, out, lse, grad)
+        reference::attention_backward::<Self>(q, k, v, mask, opts, out, lse, grad)
     }
 
     /// A frozen linear layer with its LoRA adapter, `[n, in]` -> `[n, out]`:
@@ -173,6 +154,9 @@ pub trait FusedOps: Backend {
 
     /// Cross-entropy of logits `[c, vocab]` against target ids, each row weighted by `coef`:
     /// returns Σ coef·nll and its gradient with respect to the logits, (softmax − one-hot)·coef.
+    /// With a soft-cap (Gemma 2's final_logit_softcapping) the loss is that of
+    /// c = cap·tanh(logits/cap), and the gradient is still with respect to the raw logits,
+    /// through dc/dlogits = 1 − (c/cap)².
     fn cross_entropy(logits: FloatTensor<Self>, targets: &[u32], coef: &[f32], softcap: Option<f64>) -> (f64, FloatTensor<Self>) {
         reference::cross_entropy::<Self>(logits, targets, coef, softcap)
     }
@@ -198,22 +182,66 @@ pub trait FusedOps: Backend {
         reference::rms_norm_backward::<Self>(x, w, rstd, grad)
     }
 
+    /// (x − mean) / sqrt(var + eps) · w + b over the last dimension of `[n, d]`, with the biased
+    /// variance (as torch's LayerNorm). The weight and bias are frozen in tune.
+    fn fused_layer_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, b: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        Self::layer_norm_forward(x, w, b, eps).0
+    }
+
+    /// The output and each row's mean and 1 / sqrt(var + eps), `[n, 2]`.
+    fn layer_norm_forward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::layer_norm_forward::<Self>(x, w, b, eps)
+    }
+
+    /// Gradient of x: with x̂ = (x − mean)·rstd and g = grad·w,
+    /// dx = rstd · (g − mean(g) − x̂ · mean(g·x̂)).
+    fn layer_norm_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        reference::layer_norm_backward::<Self>(x, w, stats, grad)
+    }
+
     /// Rotary embedding in HF's rotate_half layout: x·cos + cat(x2, x1)·sin for x
-    /// `[b, s, h, d]` and tables `[b, s, 1, d]` whose sin carries rotate_half's sign
-    /// (−sin on the first half). The backward pass is the same rotation with −sin.
+    /// `[b, s, h, d]` and tables `[b, s, 1, r]` whose sin carries rotate_half's sign
+    /// (−sin on the first half). With r < d (r even: GPT-NeoX's rotary_pct, Phi-3's
+    /// partial_rotary_factor) only the first r dimensions of each head rotate, the rest pass
+    /// through. The backward pass is the same rotation with −sin.
     fn fused_rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
         reference::fused_rope::<Self>(x, cos, sin)
     }
 
-    /// SwiGLU's gate: silu(gate) · up.
-    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        reference::fused_swiglu::<Self>(gate, up)
+    /// A gated MLP's gate, act(gate) · up for gate and up `[n, d]`: SwiGLU with [`Activation::Silu`],
+    /// GeGLU with [`Activation::GeluTanh`].
+    fn fused_glu(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
+        reference::fused_glu::<Self>(gate, up, act)
     }
 
-    /// Gradients of gate and up: with σ = sigmoid(gate), d gate = grad·up·σ·(1 + gate·(1 − σ))
-    /// and d up = grad·gate·σ.
-    fn swiglu_backward(gate: FloatTensor<Self>, up: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        reference::swiglu_backward::<Self>(gate, up, grad)
+    /// Gradients of gate and up: d gate = grad·up·act'(gate), d up = grad·act(gate).
+    fn glu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        act: Activation,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::glu_backward::<Self>(gate, up, act, grad)
+    }
+
+    /// act(x) for a plain MLP, x `[n, d]`.
+    fn fused_activation(x: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
+        prim(reference::activation::<Self, 2>(float(x), act))
+    }
+
+    /// Gradient of x: grad·act'(x).
+    fn activation_backward(x: FloatTensor<Self>, act: Activation, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::activation_backward::<Self>(x, act, grad)
     }
 }
 
@@ -227,25 +255,28 @@ pub mod reference {
         k: FloatTensor<B>,
         v: FloatTensor<B>,
         mask: Mask<B>,
+        opts: &AttentionOptions,
     ) -> (FloatTensor<B>, FloatTensor<B>) {
         let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
-        let [_, _, h, d] = q.dims();
+        let h = q.dims()[2];
         let kv = k.dims()[2];
         let q = q.swap_dims(1, 2);
         let k = repeat_heads(k.swap_dims(1, 2), h / kv);
         let v = repeat_heads(v.swap_dims(1, 2), h / kv);
-        let scores = masked_scores(q, k, &mask, d);
+        let (scores, _) = scores(q, k, &mask, opts);
         let lse = logsumexp(scores.clone());
         let p = (scores - lse.clone()).exp();
         let out = p.matmul(v).swap_dims(1, 2);
         (prim(out), prim(lse.squeeze_dim::<3>(3)))
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn attention_backward<B: Backend>(
         q: FloatTensor<B>,
         k: FloatTensor<B>,
         v: FloatTensor<B>,
         mask: Mask<B>,
+        opts: &AttentionOptions,
         out: FloatTensor<B>,
         lse: FloatTensor<B>,
         grad: FloatTensor<B>,
@@ -254,18 +285,22 @@ pub mod reference {
         let [b, _, h, d] = q.dims();
         let [_, t, kv, _] = k.dims();
         let rep = h / kv;
-        let scale = 1.0 / (d as f64).sqrt();
         let q = q.swap_dims(1, 2);
         let k = repeat_heads(k.swap_dims(1, 2), rep);
         let v = repeat_heads(v.swap_dims(1, 2), rep);
         let out = float::<B, 4>(out).swap_dims(1, 2);
         let grad = float::<B, 4>(grad).swap_dims(1, 2);
         let lse = float::<B, 3>(lse).unsqueeze_dim::<4>(3);
-        let p = (masked_scores(q.clone(), k.clone(), &mask, d) - lse).exp();
+        let (scores, cap_grad) = scores(q.clone(), k.clone(), &mask, opts);
+        let p = (scores - lse).exp();
         let dv = p.clone().swap_dims(2, 3).matmul(grad.clone());
         let dp = grad.clone().matmul(v.swap_dims(2, 3));
         let row = (grad * out).sum_dim(3);
-        let ds = p * (dp - row) * scale;
+        let mut ds = p * (dp - row);
+        if let Some(cap_grad) = cap_grad {
+            ds = ds * cap_grad;
+        }
+        let ds = ds * opts.scale;
         let dq = ds.clone().matmul(k).swap_dims(1, 2);
         let dk = ds.swap_dims(2, 3).matmul(q);
         // Sum the gradients of the query heads that share a kv head.
@@ -334,53 +369,33 @@ pub mod reference {
         (loss, prim(exp * (weight / sum) - one_hot))
     }
 
-    /// Attention with every option, as plain tensor ops: scale, soft-cap, ALiBi bias, window.
-    pub fn attention_general<B: Backend>(
-        q: FloatTensor<B>,
-        k: FloatTensor<B>,
-        v: FloatTensor<B>,
-        mask: Mask<B>,
-        opts: &AttentionOptions,
-    ) -> FloatTensor<B> {
-        use burn::tensor::TensorData;
-        let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
-        let [b, s, h, _] = q.dims();
-        let [_, t, kv, _] = k.dims();
-        let device = q.device();
-        let q = q.swap_dims(1, 2);
-        let k = repeat_heads(k.swap_dims(1, 2), h / kv);
-        let v = repeat_heads(v.swap_dims(1, 2), h / kv);
-        let mut scores = q.matmul(k.swap_dims(2, 3)) * opts.scale;
-        if let Some(cap) = opts.softcap {
-            scores = (scores / cap).tanh() * cap;
-        }
-        // −slope·(i − j) and the window, from the absolute positions i = qi + t − s, j = kj.
-        let dist: Vec<f32> = (0..s).flat_map(|i| (0..t).map(move |j| (i + t - s) as f32 - j as f32)).collect();
-        let dist = Tensor::<B, 2>::from_data(TensorData::new(dist, [s, t]), &device);
-        if let Some(slopes) = &opts.alibi {
-            let slopes = Tensor::<B, 1>::from_data(TensorData::new(slopes.clone(), [h]), &device).reshape([1, h, 1, 1]);
-            scores = scores - dist.clone().reshape([1, 1, s, t]) * slopes;
-        }
-        let mut masked: Tensor<B, 4, Bool> = match &mask {
-            Mask::Causal => Tensor::<B, 2, Bool>::tril_mask([s, t], (t - s) as i64, &device).unsqueeze::<4>().expand([b, h, s, t]),
-            Mask::Explicit(m) => Tensor::<B, 4, Bool>::from_primitive(m.clone()).expand([b, h, s, t]),
-        };
-        if let Some(w) = opts.window {
-            let far = dist.greater_equal_elem(w as f64).unsqueeze::<4>().expand([b, h, s, t]);
-            masked = masked.bool_or(far);
-        }
-        let scores = scores.mask_fill(masked, f32::NEG_INFINITY);
-        let p = burn::tensor::activation::softmax(scores, 3);
-        prim(p.matmul(v).swap_dims(1, 2))
+    pub fn layer_norm_forward<B: Backend>(
+        x: FloatTensor<B>,
+        w: FloatTensor<B>,
+        b: FloatTensor<B>,
+        eps: f64,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
+        let x = float::<B, 2>(x);
+        let (w, b) = (float::<B, 1>(w).cast(DType::F32), float::<B, 1>(b).cast(DType::F32));
+        let mean = x.clone().mean_dim(1);
+        let centred = x - mean.clone();
+        let rstd = inverse_sqrt(centred.clone().square().mean_dim(1) + eps);
+        let out = centred * rstd.clone() * w.unsqueeze::<2>() + b.unsqueeze::<2>();
+        (prim(out), prim(Tensor::cat(vec![mean, rstd], 1)))
     }
 
-    pub fn layer_norm<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>, b: FloatTensor<B>, eps: f64) -> FloatTensor<B> {
-        let x = float::<B, 2>(x);
-        let mean = x.clone().mean_dim(1);
-        let centred = x - mean;
-        let var = centred.clone().square().mean_dim(1);
-        let y = centred / (var + eps).sqrt();
-        prim(y * float::<B, 1>(w).unsqueeze::<2>() + float::<B, 1>(b).unsqueeze::<2>())
+    pub fn layer_norm_backward<B: Backend>(
+        x: FloatTensor<B>,
+        w: FloatTensor<B>,
+        stats: FloatTensor<B>,
+        grad: FloatTensor<B>,
+    ) -> FloatTensor<B> {
+        let stats = float::<B, 2>(stats);
+        let (mean, rstd) = (stats.clone().narrow(1, 0, 1), stats.narrow(1, 1, 1));
+        let x_hat = (float::<B, 2>(x) - mean) * rstd.clone();
+        let g = float::<B, 2>(grad) * float::<B, 1>(w).cast(DType::F32).unsqueeze::<2>();
+        let dot = (g.clone() * x_hat.clone()).mean_dim(1);
+        prim((g.clone() - g.mean_dim(1) - x_hat * dot) * rstd)
     }
 
     pub fn activation<B: Backend, const D: usize>(x: Tensor<B, D>, act: Activation) -> Tensor<B, D> {
@@ -397,7 +412,7 @@ pub mod reference {
     pub fn rms_norm_forward<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>, eps: f64) -> (FloatTensor<B>, FloatTensor<B>) {
         let x = float::<B, 2>(x);
         let w = float::<B, 1>(w).cast(DType::F32);
-        let rstd = (x.clone().square().mean_dim(1) + eps).sqrt().recip();
+        let rstd = inverse_sqrt(x.clone().square().mean_dim(1) + eps);
         (prim(x * rstd.clone() * w.unsqueeze::<2>()), prim(rstd))
     }
 
@@ -415,24 +430,66 @@ pub mod reference {
     }
 
     pub fn fused_rope<B: Backend>(x: FloatTensor<B>, cos: FloatTensor<B>, sin: FloatTensor<B>) -> FloatTensor<B> {
-        let x = float::<B, 4>(x);
-        let half = x.dims()[3] / 2;
-        let swapped = Tensor::cat(vec![x.clone().narrow(3, half, half), x.clone().narrow(3, 0, half)], 3);
-        prim(x * float::<B, 4>(cos) + swapped * float::<B, 4>(sin))
+        let (x, cos) = (float::<B, 4>(x), float::<B, 4>(cos));
+        let (d, r) = (x.dims()[3], cos.dims()[3]);
+        let rotate = |x: Tensor<B, 4>| {
+            let half = r / 2;
+            let swapped = Tensor::cat(vec![x.clone().narrow(3, half, half), x.clone().narrow(3, 0, half)], 3);
+            x * cos + swapped * float::<B, 4>(sin)
+        };
+        if r == d {
+            return prim(rotate(x));
+        }
+        prim(Tensor::cat(vec![rotate(x.clone().narrow(3, 0, r)), x.narrow(3, r, d - r)], 3))
     }
 
-    pub fn fused_swiglu<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
-        let gate = float::<B, 2>(gate);
-        prim(burn::tensor::activation::silu(gate) * float::<B, 2>(up))
+    /// act'(x): σ·(1 + x·(1 − σ)) for SiLU; for the tanh GELU, with u = √(2/π)(x + 0.044715x³),
+    /// 0.5(1 + tanh u) + 0.5x(1 − tanh²u)·√(2/π)(1 + 3·0.044715x²); Φ(x) + x·φ(x) for GELU.
+    pub fn activation_grad<B: Backend, const D: usize>(x: Tensor<B, D>, act: Activation) -> Tensor<B, D> {
+        use std::f64::consts::{FRAC_1_SQRT_2, PI};
+        match act {
+            Activation::Silu => {
+                let sig = burn::tensor::activation::sigmoid(x.clone());
+                sig.clone() * (x * (sig.neg() + 1.0) + 1.0)
+            }
+            Activation::GeluTanh => {
+                let k = (2.0 / PI).sqrt();
+                let th = ((x.clone() + x.clone().powi_scalar(3) * 0.044715) * k).tanh();
+                let du = (x.clone().square() * (3.0 * 0.044715) + 1.0) * k;
+                (th.clone() + 1.0) * 0.5 + x * (th.square().neg() + 1.0) * du * 0.5
+            }
+            Activation::Gelu => {
+                let cdf = ((x.clone() * FRAC_1_SQRT_2).erf() + 1.0) * 0.5;
+                let pdf = (x.clone().square() * -0.5).exp() * (1.0 / (2.0 * PI).sqrt());
+                cdf + x * pdf
+            }
+        }
     }
 
-    pub fn swiglu_backward<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>, grad: FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
+    pub fn fused_glu<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>, act: Activation) -> FloatTensor<B> {
+        prim(activation::<B, 2>(float(gate), act) * float::<B, 2>(up))
+    }
+
+    pub fn glu_backward<B: Backend>(
+        gate: FloatTensor<B>,
+        up: FloatTensor<B>,
+        act: Activation,
+        grad: FloatTensor<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
         let (gate, up, grad) = (float::<B, 2>(gate), float::<B, 2>(up), float::<B, 2>(grad));
-        let sig = burn::tensor::activation::sigmoid(gate.clone());
-        let silu = gate.clone() * sig.clone();
-        let dgate = grad.clone() * up * sig.clone() * (gate * (sig.neg() + 1.0) + 1.0);
-        (prim(dgate), prim(grad * silu))
+        let dgate = grad.clone() * up * activation_grad(gate.clone(), act);
+        (prim(dgate), prim(grad * activation(gate, act)))
     }
+
+    pub fn activation_backward<B: Backend>(x: FloatTensor<B>, act: Activation, grad: FloatTensor<B>) -> FloatTensor<B> {
+        prim(float::<B, 2>(grad) * activation_grad(float::<B, 2>(x), act))
+    }
+}
+
+/// 1/√x by a division: burn-ndarray's `recip` is the 12-bit `rcpps` estimate on AVX2, which
+/// puts a norm's gradient ~1e-4 off.
+fn inverse_sqrt<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    x.ones_like() / x.sqrt()
 }
 
 /// `[b, kv, t, d]` -> `[b, kv·n, t, d]`, head j being kv head j / n.
@@ -444,19 +501,41 @@ fn repeat_heads<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
     x.unsqueeze_dim::<5>(2).expand([b, kv, n, t, d]).reshape([b, kv * n, t, d])
 }
 
-/// q·kᵀ/√d with masked scores at −∞, `[b, h, s, t]`.
-fn masked_scores<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, mask: &Mask<B>, d: usize) -> Tensor<B, 4> {
+/// The scores the softmax sees, `[b, h, s, t]`, in transformers' order: scale·q·kᵀ, soft-capped
+/// (c = cap·tanh(raw/cap)), plus the ALiBi bias, −∞ where masked or outside the window. With a
+/// cap, also dc/draw = 1 − (c/cap)², for the backward pass.
+fn scores<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, mask: &Mask<B>, opts: &AttentionOptions) -> (Tensor<B, 4>, Option<Tensor<B, 4>>) {
+    use burn::tensor::TensorData;
     let [b, h, s, _] = q.dims();
     let t = k.dims()[2];
-    let scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt();
-    let masked: Tensor<B, 4, Bool> = match mask {
+    let device = q.device();
+    let mut scores = q.matmul(k.swap_dims(2, 3)) * opts.scale;
+    let mut cap_grad = None;
+    if let Some(cap) = opts.softcap {
+        let capped = (scores / cap).tanh();
+        cap_grad = Some(capped.clone().square().neg() + 1.0);
+        scores = capped * cap;
+    }
+    let mut masked: Tensor<B, 4, Bool> = match mask {
         Mask::Causal => {
             // tril_mask is true above the shifted diagonal: key j hidden from query i when j > i + (t − s).
-            Tensor::<B, 2, Bool>::tril_mask([s, t], (t - s) as i64, &scores.device()).unsqueeze::<4>().expand([b, h, s, t])
+            Tensor::<B, 2, Bool>::tril_mask([s, t], (t - s) as i64, &device).unsqueeze::<4>().expand([b, h, s, t])
         }
         Mask::Explicit(m) => Tensor::<B, 4, Bool>::from_primitive(m.clone()).expand([b, h, s, t]),
     };
-    scores.mask_fill(masked, f32::NEG_INFINITY)
+    if opts.alibi.is_some() || opts.window.is_some() {
+        // i_abs − j_abs, `[1, 1, s, t]`
+        let dist: Vec<f32> = (0..s).flat_map(|i| (0..t).map(move |j| (i + t - s) as f32 - j as f32)).collect();
+        let dist = Tensor::<B, 4>::from_data(TensorData::new(dist, [1, 1, s, t]), &device).cast(scores.dtype());
+        if let Some(w) = opts.window {
+            masked = masked.bool_or(dist.clone().greater_equal_elem(w as f64).expand([b, h, s, t]));
+        }
+        if let Some(slopes) = &opts.alibi {
+            let slopes = Tensor::<B, 4>::from_data(TensorData::new(slopes.clone(), [1, h, 1, 1]), &device).cast(scores.dtype());
+            scores = scores - dist * slopes;
+        }
+    }
+    (scores.mask_fill(masked, f32::NEG_INFINITY), cap_grad)
 }
 
 /// log Σ exp over the last dimension, kept as `[.., 1]`; a row with every score masked gets

@@ -103,15 +103,10 @@ pub struct RopeTables<B: Backend> {
     pub sin: Tensor<B, 4>,
 }
 
-/// Rotates the first r dimensions of each head of q or k laid out `[batch, seq, heads, head_dim]`.
+/// Rotates the first r dimensions of each head of q or k laid out `[batch, seq, heads, head_dim]`
+/// (r from the tables: all of head_dim, or a partial rotary's fraction), one fused operation.
 pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, t: &RopeTables<B>) -> Tensor<B, 4> {
-    let [_, _, _, d] = x.dims();
-    let r = t.cos.dims()[3];
-    if r == d {
-        return float(B::fused_rope(prim(x), prim(t.cos.clone()), prim(t.sin.clone())));
-    }
-    let rotated: Tensor<B, 4> = float(B::fused_rope(prim(x.clone().narrow(3, 0, r)), prim(t.cos.clone()), prim(t.sin.clone())));
-    Tensor::cat(vec![rotated, x.narrow(3, r, d - r)], 3)
+    float(B::fused_rope(prim(x), prim(t.cos.clone()), prim(t.sin.clone())))
 }
 
 /// ALiBi's slopes as BLOOM computes them: 2^(−8i/n) for i = 1..n with n the largest power of

@@ -372,6 +372,8 @@ fn softmax_row(row: &mut [f32]) -> f32 {
     max + sum.ln()
 }
 
+// gemm's 14 arguments on one line each call: rustfmt would give each its own line.
+#[rustfmt::skip]
 fn attention_forward_f32(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<f32>, Vec<f32>) {
     let Geometry { b, s, t, h, kv, d, scale, .. } = *g;
     let rep = h / kv;
@@ -392,22 +394,7 @@ fn attention_forward_f32(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<
             let (k_t, v_t) = (&k0[lo * kv * d..], &v0[lo * kv * d..]);
             // scores = scale · q_tile · k[lo..]ᵀ, [rows, n] with row stride t
             unsafe {
-                gemm(
-                    ONE_CORE,
-                    rows,
-                    n,
-                    d,
-                    scores.as_mut_ptr(),
-                    t as isize,
-                    false,
-                    q0[r0 * h * d..].as_ptr(),
-                    (h * d) as isize,
-                    1,
-                    k_t.as_ptr(),
-                    1,
-                    (kv * d) as isize,
-                    scale,
-                );
+                gemm(ONE_CORE, rows, n, d, scores.as_mut_ptr(), t as isize, false, q0[r0 * h * d..].as_ptr(), (h * d) as isize, 1, k_t.as_ptr(), 1, (kv * d) as isize, scale);
             }
             for ii in 0..rows {
                 let i = r0 + ii;
@@ -418,22 +405,7 @@ fn attention_forward_f32(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<
             }
             // out_tile = p · v
             unsafe {
-                gemm(
-                    ONE_CORE,
-                    rows,
-                    d,
-                    n,
-                    out_ptr.at(((bi * s + r0) * h + hi) * d),
-                    (h * d) as isize,
-                    false,
-                    scores.as_ptr(),
-                    t as isize,
-                    1,
-                    v_t.as_ptr(),
-                    (kv * d) as isize,
-                    1,
-                    1.0,
-                );
+                gemm(ONE_CORE, rows, d, n, out_ptr.at(((bi * s + r0) * h + hi) * d), (h * d) as isize, false, scores.as_ptr(), t as isize, 1, v_t.as_ptr(), (kv * d) as isize, 1, 1.0);
             }
         }
     });
@@ -441,6 +413,8 @@ fn attention_forward_f32(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<
 }
 
 #[allow(clippy::too_many_arguments)]
+// gemm's 14 arguments on one line each call: rustfmt would give each its own line.
+#[rustfmt::skip]
 fn attention_backward_f32(
     q: &[f32],
     k: &[f32],
@@ -477,22 +451,7 @@ fn attention_backward_f32(
                 let ld = (h * d) as isize;
                 unsafe {
                     // p = softmax(scale · q kᵀ), rebuilt from the saved log-sum-exp
-                    gemm(
-                        ONE_CORE,
-                        rows,
-                        n,
-                        d,
-                        p.as_mut_ptr(),
-                        t as isize,
-                        false,
-                        q_t.as_ptr(),
-                        ld,
-                        1,
-                        k_t.as_ptr(),
-                        1,
-                        (kv * d) as isize,
-                        scale,
-                    );
+                    gemm(ONE_CORE, rows, n, d, p.as_mut_ptr(), t as isize, false, q_t.as_ptr(), ld, 1, k_t.as_ptr(), 1, (kv * d) as isize, scale);
                 }
                 for ii in 0..rows {
                     let i = r0 + ii;
@@ -503,39 +462,9 @@ fn attention_backward_f32(
                 }
                 unsafe {
                     // dv += pᵀ · grad
-                    gemm(
-                        ONE_CORE,
-                        n,
-                        d,
-                        rows,
-                        dv_ptr.at(kv_t),
-                        (kv * d) as isize,
-                        true,
-                        p.as_ptr(),
-                        1,
-                        t as isize,
-                        g_t.as_ptr(),
-                        ld,
-                        1,
-                        1.0,
-                    );
+                    gemm(ONE_CORE, n, d, rows, dv_ptr.at(kv_t), (kv * d) as isize, true, p.as_ptr(), 1, t as isize, g_t.as_ptr(), ld, 1, 1.0);
                     // dp = grad · vᵀ
-                    gemm(
-                        ONE_CORE,
-                        rows,
-                        n,
-                        d,
-                        dp.as_mut_ptr(),
-                        t as isize,
-                        false,
-                        g_t.as_ptr(),
-                        ld,
-                        1,
-                        v_t.as_ptr(),
-                        1,
-                        (kv * d) as isize,
-                        1.0,
-                    );
+                    gemm(ONE_CORE, rows, n, d, dp.as_mut_ptr(), t as isize, false, g_t.as_ptr(), ld, 1, v_t.as_ptr(), 1, (kv * d) as isize, 1.0);
                 }
                 // ds = p · (dp − Σ grad·out), the softmax's backward, times the score scale
                 for ii in 0..rows {
@@ -553,39 +482,9 @@ fn attention_backward_f32(
                 }
                 unsafe {
                     // dq = ds · k
-                    gemm(
-                        ONE_CORE,
-                        rows,
-                        d,
-                        n,
-                        dq_ptr.at(row_off),
-                        ld,
-                        false,
-                        dp.as_ptr(),
-                        t as isize,
-                        1,
-                        k_t.as_ptr(),
-                        (kv * d) as isize,
-                        1,
-                        1.0,
-                    );
+                    gemm(ONE_CORE, rows, d, n, dq_ptr.at(row_off), ld, false, dp.as_ptr(), t as isize, 1, k_t.as_ptr(), (kv * d) as isize, 1, 1.0);
                     // dk += dsᵀ · q
-                    gemm(
-                        ONE_CORE,
-                        n,
-                        d,
-                        rows,
-                        dk_ptr.at(kv_t),
-                        (kv * d) as isize,
-                        true,
-                        dp.as_ptr(),
-                        1,
-                        t as isize,
-                        q_t.as_ptr(),
-                        ld,
-                        1,
-                        1.0,
-                    );
+                    gemm(ONE_CORE, n, d, rows, dk_ptr.at(kv_t), (kv * d) as isize, true, dp.as_ptr(), 1, t as isize, q_t.as_ptr(), ld, 1, 1.0);
                 }
             }
         }
@@ -764,6 +663,8 @@ impl FusedOps for Flex {
         (loss, tensor(grad, shape))
     }
 
+    // gemm's 14 arguments on one line each call: rustfmt would give each its own line.
+    #[rustfmt::skip]
     fn lora_linear(x: FloatTensor<Self>, x_lora: Option<FloatTensor<Self>>, p: LoraLinear<Self>) -> FloatTensor<Self> {
         let mut ts = vec![&x, &p.w, &p.a, &p.b];
         ts.extend(x_lora.iter().chain(p.bias.iter()));
@@ -782,54 +683,9 @@ impl FusedOps for Flex {
         unsafe {
             // y = x·w, down = x_lora·a, y += scale · down·b: the adapter's output lands in y's
             // buffer with no separate add.
-            gemm(
-                ALL_CORES,
-                n,
-                dout,
-                din,
-                y.as_mut_ptr(),
-                dout as isize,
-                false,
-                xs.as_ptr(),
-                din as isize,
-                1,
-                ws.as_ptr(),
-                dout as isize,
-                1,
-                1.0,
-            );
-            gemm(
-                ALL_CORES,
-                n,
-                r,
-                din,
-                down.as_mut_ptr(),
-                r as isize,
-                false,
-                xl.as_ptr(),
-                din as isize,
-                1,
-                as_.as_ptr(),
-                r as isize,
-                1,
-                1.0,
-            );
-            gemm(
-                ALL_CORES,
-                n,
-                dout,
-                r,
-                y.as_mut_ptr(),
-                dout as isize,
-                true,
-                down.as_ptr(),
-                r as isize,
-                1,
-                bs.as_ptr(),
-                dout as isize,
-                1,
-                p.scale as f32,
-            );
+            gemm(ALL_CORES, n, dout, din, y.as_mut_ptr(), dout as isize, false, xs.as_ptr(), din as isize, 1, ws.as_ptr(), dout as isize, 1, 1.0);
+            gemm(ALL_CORES, n, r, din, down.as_mut_ptr(), r as isize, false, xl.as_ptr(), din as isize, 1, as_.as_ptr(), r as isize, 1, 1.0);
+            gemm(ALL_CORES, n, dout, r, y.as_mut_ptr(), dout as isize, true, down.as_ptr(), r as isize, 1, bs.as_ptr(), dout as isize, 1, p.scale as f32);
         }
         if let Some(bias) = p.bias {
             let bias = contiguous(bias);
@@ -843,6 +699,8 @@ impl FusedOps for Flex {
         tensor(y, vec![n, dout])
     }
 
+    // gemm's 14 arguments on one line each call: rustfmt would give each its own line.
+    #[rustfmt::skip]
     fn lora_linear_backward(
         x: FloatTensor<Self>,
         x_lora: Option<FloatTensor<Self>>,
@@ -871,110 +729,20 @@ impl FusedOps for Flex {
         let mut dx_lora = vec![0f32; if x_lora.is_some() { n * din } else { 0 }];
         unsafe {
             // down = x_lora·a (recomputed: [n, r] is cheap), v = grad·bᵀ
-            gemm(
-                ALL_CORES,
-                n,
-                r,
-                din,
-                down.as_mut_ptr(),
-                r as isize,
-                false,
-                xl.as_ptr(),
-                din as isize,
-                1,
-                as_.as_ptr(),
-                r as isize,
-                1,
-                1.0,
-            );
-            gemm(
-                ALL_CORES,
-                n,
-                r,
-                dout,
-                v.as_mut_ptr(),
-                r as isize,
-                false,
-                gs.as_ptr(),
-                dout as isize,
-                1,
-                bs.as_ptr(),
-                1,
-                dout as isize,
-                1.0,
-            );
+            gemm(ALL_CORES, n, r, din, down.as_mut_ptr(), r as isize, false, xl.as_ptr(), din as isize, 1, as_.as_ptr(), r as isize, 1, 1.0);
+            gemm(ALL_CORES, n, r, dout, v.as_mut_ptr(), r as isize, false, gs.as_ptr(), dout as isize, 1, bs.as_ptr(), 1, dout as isize, 1.0);
             // db = scale · downᵀ·grad, da = scale · x_loraᵀ·v
-            gemm(
-                ALL_CORES,
-                r,
-                dout,
-                n,
-                db.as_mut_ptr(),
-                dout as isize,
-                false,
-                down.as_ptr(),
-                1,
-                r as isize,
-                gs.as_ptr(),
-                dout as isize,
-                1,
-                s,
-            );
+            gemm(ALL_CORES, r, dout, n, db.as_mut_ptr(), dout as isize, false, down.as_ptr(), 1, r as isize, gs.as_ptr(), dout as isize, 1, s);
             gemm(ALL_CORES, din, r, n, da.as_mut_ptr(), r as isize, false, xl.as_ptr(), 1, din as isize, v.as_ptr(), r as isize, 1, s);
             if need_dx {
                 // dx = grad·wᵀ (+ scale · v·aᵀ when the adapter saw x itself)
-                gemm(
-                    ALL_CORES,
-                    n,
-                    din,
-                    dout,
-                    dx.as_mut_ptr(),
-                    din as isize,
-                    false,
-                    gs.as_ptr(),
-                    dout as isize,
-                    1,
-                    ws.as_ptr(),
-                    1,
-                    dout as isize,
-                    1.0,
-                );
+                gemm(ALL_CORES, n, din, dout, dx.as_mut_ptr(), din as isize, false, gs.as_ptr(), dout as isize, 1, ws.as_ptr(), 1, dout as isize, 1.0);
                 if x_lora.is_none() {
-                    gemm(
-                        ALL_CORES,
-                        n,
-                        din,
-                        r,
-                        dx.as_mut_ptr(),
-                        din as isize,
-                        true,
-                        v.as_ptr(),
-                        r as isize,
-                        1,
-                        as_.as_ptr(),
-                        1,
-                        r as isize,
-                        s,
-                    );
+                    gemm(ALL_CORES, n, din, r, dx.as_mut_ptr(), din as isize, true, v.as_ptr(), r as isize, 1, as_.as_ptr(), 1, r as isize, s);
                 }
             }
             if x_lora.is_some() {
-                gemm(
-                    ALL_CORES,
-                    n,
-                    din,
-                    r,
-                    dx_lora.as_mut_ptr(),
-                    din as isize,
-                    false,
-                    v.as_ptr(),
-                    r as isize,
-                    1,
-                    as_.as_ptr(),
-                    1,
-                    r as isize,
-                    s,
-                );
+                gemm(ALL_CORES, n, din, r, dx_lora.as_mut_ptr(), din as isize, false, v.as_ptr(), r as isize, 1, as_.as_ptr(), 1, r as isize, s);
             }
         }
         let dx = need_dx.then(|| tensor(dx, vec![n, din]));

@@ -709,7 +709,10 @@ impl FusedOps for Flex {
         if !(bf16 || f32_base) {
             return reference::lora_linear::<Self>(x, x_lora, p);
         }
-        let (x, w, a, b) = (contiguous(x), contiguous(p.w), contiguous(p.a), contiguous(p.b));
+        // A bf16 weight is read through its strides (a transposed view as loaded): copying it
+        // to row-major order would cost more than the product.
+        let w = if bf16 { p.w } else { contiguous(p.w) };
+        let (x, a, b) = (contiguous(x), contiguous(p.a), contiguous(p.b));
         check_lora(&x, x_lora.as_ref(), &w, &a, &b, p.bias.as_ref(), None);
         let x_lora = x_lora.map(contiguous);
         let (n, din) = (dims(&x)[0], dims(&x)[1]);
@@ -758,7 +761,8 @@ impl FusedOps for Flex {
         if !(bf16 || f32_base) {
             return reference::lora_linear_backward::<Self>(x, x_lora, p, grad, need_dx);
         }
-        let (x, w, a, b, g) = (contiguous(x), contiguous(p.w), contiguous(p.a), contiguous(p.b), contiguous(grad));
+        let w = if bf16 { p.w } else { contiguous(p.w) };
+        let (x, a, b, g) = (contiguous(x), contiguous(p.a), contiguous(p.b), contiguous(grad));
         check_lora(&x, x_lora.as_ref(), &w, &a, &b, None, Some(&g));
         let x_lora = x_lora.map(contiguous);
         let (n, din) = (dims(&x)[0], dims(&x)[1]);

@@ -40,7 +40,7 @@ impl<B: Backend> Linear<B> {
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match &self.adapter {
-            Some(lora) if lora.magnitude.is_some() => self.forward_dora(lora, x),
+            Some(lora) if lora.magnitude.is_some() => self.forward_dora(&self.weight, lora, x),
             // One fused operation when base and adapter share x's dtype (an f32 base): the
             // adapter's output is accumulated into the base's, and the backward pass needs
             // neither the base's output nor W·x's gradient for W.
@@ -66,22 +66,21 @@ impl<B: Backend> Linear<B> {
         }
     }
 
-    /// DoRA as PEFT computes it, with g = m / ‖W + s·B·A‖ per output feature (the norm a
-    /// constant): PEFT adds (g − 1)·base + g·s·B(A(x')) to the layer's output W·x + b, where x'
-    /// is x after dropout and base = W·x' without the bias. Without dropout that is
-    /// b + g·(W·x + s·B(A(x))), one fused LoRA op scaled by g; with dropout W also meets the
-    /// dropped x, as in PEFT, whose base then differs from W·x.
-    fn forward_dora<const D: usize>(&self, lora: &LoraAdapter<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    /// DoRA in PEFT's form, `weight` the dense frozen `[in, out]`. With g = m / ‖W + s·B·A‖ per
+    /// output feature (a constant: PEFT detaches the norm), PEFT adds (g − 1)·W·x' + g·s·B·A·x'
+    /// to W·x + b, x' being x after dropout. Without dropout that is b + g·(W·x + s·B·A·x), the
+    /// fused LoRA op scaled; with dropout W meets both x and x', so it takes two products.
+    fn forward_dora<const D: usize>(&self, weight: &Tensor<B, 2>, lora: &LoraAdapter<B>, x: Tensor<B, D>) -> Tensor<B, D> {
         let magnitude = lora.magnitude.clone().expect("a DoRA adapter");
         let dims = x.dims();
         let n = x.shape().num_elements() / dims[D - 1];
         let x = x.reshape([n, dims[D - 1]]);
-        let g = magnitude / lora.weight_norm(&self.weight);
+        let g = magnitude / lora.weight_norm(weight);
         let y = match lora.dropped(x.clone()) {
             None => {
-                let merged = if self.weight.dtype() == x.dtype() {
+                let merged = if weight.dtype() == x.dtype() {
                     let p = crate::ops::LoraLinear {
-                        w: prim(self.weight.clone()),
+                        w: prim(weight.clone()),
                         bias: None,
                         a: prim(lora.a.clone()),
                         b: prim(lora.b.clone()),
@@ -89,7 +88,7 @@ impl<B: Backend> Linear<B> {
                     };
                     float(B::lora_linear(prim(x), None, p))
                 } else {
-                    linear_in_weight_dtype(x.clone(), self.weight.clone(), None) + lora.delta(x)
+                    linear_in_weight_dtype(x.clone(), weight.clone(), None) + lora.delta(x)
                 };
                 let y = merged * g;
                 match &self.bias {
@@ -98,8 +97,8 @@ impl<B: Backend> Linear<B> {
                 }
             }
             Some(dropped) => {
-                let base = linear_in_weight_dtype(dropped.clone(), self.weight.clone(), None);
-                linear_in_weight_dtype(x, self.weight.clone(), self.bias.clone()) + base * (g.clone() - 1.0) + lora.delta(dropped) * g
+                let base = linear_in_weight_dtype(dropped.clone(), weight.clone(), None);
+                linear_in_weight_dtype(x, weight.clone(), self.bias.clone()) + base * (g.clone() - 1.0) + lora.delta(dropped) * g
             }
         };
         let mut out = dims;

@@ -271,3 +271,45 @@ fn dora_runs_resume_exactly_from_a_checkpoint() {
     assert!(std::fs::read(dir.join("adapter/adapter_model.safetensors")).unwrap() == adapter, "the resumed run's adapter differs");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `lora.init_from` with PEFT's DoRA adapter: the run trains DoRA (the adapter's use_dora wins
+/// over the recipe's default, as its r and alpha do), magnitudes among the trained tensors, and
+/// starts from PEFT's loss.
+#[test]
+fn init_from_takes_a_peft_dora_adapter() {
+    let dir = std::env::temp_dir().join(format!("tune-dora-init-from-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // The tiny Llama with the test tokenizer, which a recipe needs.
+    let model_dir = dir.join("model");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    for entry in std::fs::read_dir(tiny("llama")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, model_dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixtures().join("tokenizer").join(f), model_dir.join(f)).unwrap();
+    }
+    let text = format!(
+        "model:\n  path: {}\nlora:\n  dropout: 0.0\n  init_from: {}\ndataset:\n  path: {}\n  format: text\noutput:\n  dir: {}\n",
+        model_dir.display(),
+        tiny("llama").join("dora/adapter").display(),
+        fixtures().join("tiny-run/data.jsonl").display(),
+        dir.join("run").display()
+    );
+    let recipe = tune::recipe::Recipe::parse(&text, &dir.join("recipe.yaml"), &[]).unwrap();
+    assert!(!recipe.lora.use_dora, "the recipe leaves use_dora at its default");
+    let mut setup = tune::train::setup(&recipe, tune::hf::ChatDate::today()).unwrap();
+    let device = Default::default();
+    let model: CausalLm<AB> = tune::train::model_with_lora(&recipe, &mut setup, &device).unwrap();
+    assert!(setup.lora.use_dora && setup.lora.rank == 4 && setup.lora.alpha == 8.0, "{:?}", setup.lora);
+    let adapted = model.linears().iter().filter(|p| p.adapter.is_some()).count();
+    assert_eq!(lora_params(&model).len(), 3 * adapted, "lora_A, lora_B and the magnitude of each layer train");
+    let reference = reference("llama");
+    let batch = reference_batch(&reference);
+    let loss: f32 = batch_loss(&model, &batch, batch.label_count(), &device).into_scalar();
+    let want = reference["loss"].scalar();
+    assert!((loss as f64 - want).abs() <= TOL * want, "init_from: loss {loss} vs PEFT {want}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

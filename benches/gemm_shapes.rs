@@ -1,5 +1,6 @@
 //! GFLOP/s of the gemm crate (what burn-flex and tune's CPU kernels call) on W1's matmul
-//! shapes, on all cores and on one: the ceiling for tune's training step on this machine.
+//! shapes, on all cores and on one: the ceiling for tune's training step on this machine; and
+//! of tune's bf16 kernel (`tune::ops::bf16`, a bf16 base) on the same shapes, all cores.
 //!
 //! `cargo bench --bench gemm_shapes` prints a table; the README's performance section uses it
 //! to bound tokens/s (a step's FLOPs over the gemm rate).
@@ -45,6 +46,22 @@ fn gflops(par: gemm::Parallelism, m: usize, n: usize, k: usize, rhs_transposed: 
     2.0 * (m * n * k) as f64 / best / 1e9
 }
 
+/// GFLOP/s of tune's bf16 product on `[m, k]·[k, n]`, best of 20.
+fn bf16_gflops(kernel: tune::ops::bf16::Kernel, m: usize, n: usize, k: usize, rhs_transposed: bool) -> f64 {
+    use tune::ops::bf16::{matmul_with, View};
+    let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+    let b: Vec<half::bf16> = (0..k * n).map(|i| half::bf16::from_f32((i % 5) as f32 * 0.1)).collect();
+    let mut c = vec![0f32; m * n];
+    let strides = if rhs_transposed { [1, k] } else { [n, 1] };
+    let mut best = f64::MAX;
+    for _ in 0..20 {
+        let t = Instant::now();
+        matmul_with(kernel, View::row_major(&a, m, k), View::new(&b, 0, [k, n], strides), &mut c, false);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (m * n * k) as f64 / best / 1e9
+}
+
 fn main() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // (what, m, n, k, rhs transposed): 1024 tokens of SmolLM2-135M (W1).
@@ -60,11 +77,14 @@ fn main() {
         ("lm_head chunk (128 rows)", 128, 49152, 576, true),
         ("lm_head dx chunk", 128, 576, 49152, false),
     ];
-    println!("| matmul | m | n | k | GFLOP/s, {cores} cores | GFLOP/s, 1 core |");
-    println!("|---|---|---|---|---|---|");
+    use tune::ops::bf16::Kernel;
+    println!("| matmul | m | n | k | f32 GFLOP/s, {cores} cores | f32, 1 core | bf16 AVX512-BF16, {cores} cores | bf16 f32 tiles, {cores} cores |");
+    println!("|---|---|---|---|---|---|---|---|");
     for (what, m, n, k, t) in shapes {
         let all = gflops(gemm::Parallelism::Rayon(cores), m, n, k, t);
         let one = gflops(gemm::Parallelism::None, m, n, k, t);
-        println!("| {what} | {m} | {n} | {k} | {all:.1} | {one:.1} |");
+        let dp = if Kernel::has_avx512_bf16() { format!("{:.1}", bf16_gflops(Kernel::Avx512Bf16, m, n, k, t)) } else { "-".into() };
+        let tiles = bf16_gflops(Kernel::F32Tiles, m, n, k, t);
+        println!("| {what} | {m} | {n} | {k} | {all:.1} | {one:.1} | {dp} | {tiles:.1} |");
     }
 }

@@ -1,6 +1,7 @@
 //! End to end on the real SmolLM2: `tune run` with the shipped identity recipe for a few dozen
 //! steps must lower the loss on held-out records of the same dataset, and leave every output a
-//! user expects. Skipped (with a message) only when the model is absent and not required.
+//! user expects; and the same run on a bf16 base must track the f32 one step by step. Needs the
+//! model: `#[ignore]`d, run by scripts/test.sh, which fails it when the model is missing.
 
 mod common;
 
@@ -69,5 +70,26 @@ fn shipped_recipe_lowers_held_out_loss() {
     let after = held_out_loss(&model, &recipe);
     eprintln!("held-out loss: {before:.4} before, {after:.4} after {STEPS} steps");
     assert!(after < before - 0.2, "held-out loss {before:.4} -> {after:.4}: the fine-tune did not learn");
+
+    // The same run on a bf16 base (the bf16 kernels, x rounded where it enters each frozen
+    // product): every step's loss within 2% of the f32 run's.
+    let out_bf16 = out.with_extension("bf16");
+    let status = Command::new(env!("CARGO_BIN_EXE_tune"))
+        .current_dir(root)
+        .args(["run", "recipes/smollm2-identity.yaml"])
+        .arg(format!("model.path={}", dir.display()))
+        .arg(format!("train.max_steps={STEPS}"))
+        .arg("model.dtype=bf16")
+        .arg(format!("output.dir={}", out_bf16.display()))
+        .arg("--overwrite")
+        .status()
+        .unwrap();
+    assert!(status.success(), "tune run with model.dtype=bf16 failed");
+    let b = metrics::read(&out_bf16.join("metrics.jsonl")).unwrap();
+    assert_eq!(b.len(), STEPS);
+    let worst = m.iter().zip(&b).map(|(f, b)| ((b.loss as f64 - f.loss as f64) / f.loss as f64).abs()).fold(0.0, f64::max);
+    eprintln!("bf16 base: largest relative loss difference over {STEPS} steps {worst:.4}");
+    assert!(worst < 0.02, "bf16 base: a step's loss is {worst:.4} (relative) off the f32 run's");
     let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&out_bf16);
 }

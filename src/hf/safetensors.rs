@@ -186,6 +186,26 @@ impl Weights {
     /// f32, bf16 and f16 are converted; the result is the only copy tune keeps (the file stays
     /// mapped, and the tensor's pages are released once converted).
     pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        self.read_as(name, expected, |dtype, bytes| match dtype {
+            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            _ => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        })
+    }
+
+    /// As [`Weights::read_f32`], as bf16: a bf16 tensor is copied as it is (a bf16 base loads
+    /// without a conversion), f32 and f16 are rounded to nearest even.
+    pub fn read_bf16(&self, name: &str, expected: &[usize]) -> Result<Vec<bf16>> {
+        self.read_as(name, expected, |dtype, bytes| match dtype {
+            Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect(),
+            Dtype::F32 => bytes.chunks_exact(4).map(|b| bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect(),
+            _ => bytes.chunks_exact(2).map(|b| bf16::from_f32(f16::from_le_bytes([b[0], b[1]]).to_f32())).collect(),
+        })
+    }
+
+    /// Checks the tensor's presence, shape, dtype (F32, BF16 or F16) and byte count, then
+    /// converts its bytes and releases their pages.
+    fn read_as<T>(&self, name: &str, expected: &[usize], convert: impl Fn(Dtype, &[u8]) -> Vec<T>) -> Result<Vec<T>> {
         let (shard, info) = self.info(name).ok_or_else(|| Error::Tensor {
             path: self.dir.clone(),
             name: name.to_string(),
@@ -219,12 +239,7 @@ impl Weights {
         if bytes.len() != n * elem {
             return Err(Error::format(&shard.path, format!("tensor `{name}` has {} bytes, expected {}", bytes.len(), n * elem)));
         }
-        let out: Vec<f32> = match info.dtype {
-            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            _ => unreachable!("checked above"),
-        };
+        let out = convert(info.dtype, bytes);
         shard.release(shard.data_start + start, end - start);
         Ok(out)
     }

@@ -41,10 +41,9 @@ impl<B: Backend> Linear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match &self.adapter {
             Some(lora) if lora.magnitude.is_some() => self.forward_dora(&self.weight, lora, x),
-            // One fused operation when base and adapter share x's dtype (an f32 base): the
-            // adapter's output is accumulated into the base's, and the backward pass needs
-            // neither the base's output nor W·x's gradient for W.
-            Some(lora) if self.weight.dtype() == x.dtype() => {
+            // One fused operation: the adapter's output is accumulated into the base's, and
+            // the backward pass needs neither the base's output nor W·x's gradient for W.
+            Some(lora) => {
                 let dims = x.dims();
                 let n = x.shape().num_elements() / dims[D - 1];
                 let x = x.reshape([n, dims[D - 1]]);
@@ -61,7 +60,6 @@ impl<B: Backend> Linear<B> {
                 out[D - 1] = self.out_features();
                 y.reshape(out)
             }
-            Some(lora) => linear_in_weight_dtype(x.clone(), self.weight.clone(), self.bias.clone()) + lora.forward(x),
             None => linear_in_weight_dtype(x, self.weight.clone(), self.bias.clone()),
         }
     }
@@ -78,18 +76,14 @@ impl<B: Backend> Linear<B> {
         let g = magnitude / lora.weight_norm(weight);
         let y = match lora.dropped(x.clone()) {
             None => {
-                let merged = if weight.dtype() == x.dtype() {
-                    let p = crate::ops::LoraLinear {
-                        w: prim(weight.clone()),
-                        bias: None,
-                        a: prim(lora.a.clone()),
-                        b: prim(lora.b.clone()),
-                        scale: lora.scale,
-                    };
-                    float(B::lora_linear(prim(x), None, p))
-                } else {
-                    linear_in_weight_dtype(x.clone(), weight.clone(), None) + lora.delta(x)
+                let p = crate::ops::LoraLinear {
+                    w: prim(weight.clone()),
+                    bias: None,
+                    a: prim(lora.a.clone()),
+                    b: prim(lora.b.clone()),
+                    scale: lora.scale,
                 };
+                let merged: Tensor<B, 2> = float(B::lora_linear(prim(x), None, p));
                 let y = merged * g;
                 match &self.bias {
                     Some(b) => y + b.clone().unsqueeze::<2>(),
@@ -107,18 +101,20 @@ impl<B: Backend> Linear<B> {
     }
 }
 
-/// `x·w + b` computed in w's dtype (bf16 for a bf16 base) and returned in x's, so a frozen base
-/// stored in bf16 never needs an f32 copy of itself.
-pub fn linear_in_weight_dtype<B: burn::tensor::backend::Backend, const D: usize>(
-    x: Tensor<B, D>,
-    w: Tensor<B, 2>,
-    bias: Option<Tensor<B, 1>>,
-) -> Tensor<B, D> {
-    let (xd, wd) = (x.dtype(), w.dtype());
-    if xd == wd {
+/// `x·w + b` for a frozen w, returned in x's dtype. A w stored in bf16 is multiplied as it is
+/// (x rounded to bf16 where it enters, see [`crate::ops::FusedOps::frozen_matmul`]), so a bf16 base never
+/// needs an f32 copy of itself.
+pub fn linear_in_weight_dtype<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, D> {
+    if x.dtype() == w.dtype() {
         return linear(x, w, bias);
     }
-    let y = linear(x.cast(wd), w, None).cast(xd);
+    let dims = x.dims();
+    let k = dims[D - 1];
+    let x = x.reshape([dims.iter().product::<usize>() / k.max(1), k]);
+    let y: Tensor<B, 2> = float(B::frozen_matmul(prim(x), prim(w.clone())));
+    let mut out = dims;
+    out[D - 1] = w.dims()[1];
+    let y = y.reshape(out);
     match bias {
         Some(b) => y + b.unsqueeze::<D>(),
         None => y,

@@ -51,14 +51,24 @@ impl<'a, B: Backend> Loader<'a, B> {
         name.to_string()
     }
 
-    fn matrix_tensor(&self, data: Vec<f32>, shape: [usize; 2]) -> Tensor<B, 2> {
-        Tensor::from_data(TensorData::new(data, shape), (&self.device, DType::from(self.matrix_dtype)))
+    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.weights.read_f32(&self.mark_used(name), shape)
     }
 
-    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    fn mark_used(&self, name: &str) -> String {
         let name = self.stored(name);
         self.used.borrow_mut().insert(name.clone());
-        self.weights.read_f32(&name, shape)
+        name
+    }
+
+    /// A frozen matrix `[rows, cols]` as stored, in the matrix dtype. A bf16 one is read
+    /// straight into bf16: never a whole f32 tensor, and a bf16 file is only copied.
+    fn stored_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor<B, 2>> {
+        let data = match self.matrix_dtype {
+            FloatDType::BF16 => TensorData::new(self.weights.read_bf16(&self.mark_used(name), &[rows, cols])?, [rows, cols]),
+            _ => TensorData::new(self.read(name, &[rows, cols])?, [rows, cols]),
+        };
+        Ok(Tensor::from_data(data, (&self.device, DType::from(self.matrix_dtype))))
     }
 
     pub fn vector(&self, name: &str, n: usize) -> Result<Tensor<B, 1>> {
@@ -68,28 +78,30 @@ impl<'a, B: Backend> Loader<'a, B> {
 
     /// A matrix stored as HF stores it, [rows, cols].
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor<B, 2>> {
-        let data = self.read(name, &[rows, cols])?;
-        Ok(self.matrix_tensor(data, [rows, cols]))
+        self.stored_matrix(name, rows, cols)
     }
 
-    /// A linear layer at module path `name`: an `nn.Linear`'s `[out, in]` weight is transposed
-    /// while converting, so the only copy in memory is the [in, out] one; a `Conv1D`'s is
-    /// already [in, out].
+    /// A linear layer at module path `name`, its weight `[in, out]`. An `nn.Linear`'s
+    /// `[out, in]` f32 weight is transposed while converting, so the only copy in memory is the
+    /// [in, out] one (what the f32 gemm calls read fastest); a bf16 one stays as stored and is
+    /// used as a transposed view, since the bf16 kernel packs its operand either way (no
+    /// transpose at load). A `Conv1D`'s is already [in, out].
     pub fn linear(&self, name: &str, in_features: usize, out_features: usize, bias: bool, layout: WeightLayout) -> Result<Linear<B>> {
-        let weight = match layout {
-            WeightLayout::OutIn => {
-                let w = self.read(&format!("{name}.weight"), &[out_features, in_features])?;
+        let weight_name = format!("{name}.weight");
+        let weight = match (layout, self.matrix_dtype) {
+            (WeightLayout::OutIn, FloatDType::BF16) => self.stored_matrix(&weight_name, out_features, in_features)?.transpose(),
+            (WeightLayout::InOut, _) => self.stored_matrix(&weight_name, in_features, out_features)?,
+            (WeightLayout::OutIn, dtype) => {
+                let w = self.read(&weight_name, &[out_features, in_features])?;
                 let mut t = vec![0f32; w.len()];
                 for (o, row) in w.chunks_exact(in_features).enumerate() {
                     for (i, &v) in row.iter().enumerate() {
                         t[i * out_features + o] = v;
                     }
                 }
-                t
+                Tensor::from_data(TensorData::new(t, [in_features, out_features]), (&self.device, DType::from(dtype)))
             }
-            WeightLayout::InOut => self.read(&format!("{name}.weight"), &[in_features, out_features])?,
         };
-        let weight = self.matrix_tensor(weight, [in_features, out_features]);
         let bias = if bias { Some(self.vector(&format!("{name}.bias"), out_features)?) } else { None };
         Ok(Linear { name: name.to_string(), weight, bias, layout, adapter: None })
     }

@@ -157,7 +157,35 @@ impl<B: FusedOps> Backward<B, 4> for LoraLinearOp {
     }
 }
 
+#[derive(Debug)]
+struct FrozenMatmul;
+
+impl<B: FusedOps> Backward<B, 1> for FrozenMatmul {
+    /// The frozen weight.
+    type State = FloatTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::frozen_matmul(grad, B::float_transpose(ops.state)));
+        }
+    }
+}
+
 impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    fn frozen_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        // The weight is frozen: not a parent, no gradient flows to it.
+        let w = w.primitive;
+        match FrozenMatmul.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::frozen_matmul(x.primitive, w.clone());
+                prep.finish(w, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::frozen_matmul(x.primitive, w)),
+        }
+    }
+
     fn lora_linear(x: FloatTensor<Self>, x_lora: Option<FloatTensor<Self>>, p: LoraLinear<Self>) -> FloatTensor<Self> {
         // The frozen weight and bias are not parents: no gradient is computed for them.
         let inner = LoraLinear::<B> {

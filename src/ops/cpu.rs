@@ -3,11 +3,12 @@
 //! dtype take the reference path.
 
 use burn::backend::Flex;
-use burn::tensor::ops::FloatTensor;
+use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use super::bf16::{self as bf16_gemm, View};
 use super::{float, prim, reference, Activation, AttentionOptions, FusedOps, LoraLinear, Mask};
 
 /// Query rows per attention tile: a causal tile only needs the keys up to its last row.
@@ -206,6 +207,29 @@ fn activation_f32<A: Act>(xs: &[f32], grad: Option<&[f32]>) -> Vec<f32> {
 
 fn all_f32(ts: &[&FlexTensor]) -> bool {
     ts.iter().all(|t| t.dtype() == DType::F32)
+}
+
+/// A bf16 base's weight under f32 activations: what [`bf16_gemm`] multiplies.
+fn bf16_base(w: &FlexTensor, rest: &[&FlexTensor]) -> bool {
+    w.dtype() == DType::BF16 && all_f32(rest)
+}
+
+/// A 2-d bf16 tensor as the kernel reads it, views (wᵀ) included; a view with negative strides
+/// is copied first.
+fn bf16_view(w: &FlexTensor) -> (FlexTensor, [usize; 2], [usize; 2], usize) {
+    let w = if w.layout().strides().iter().all(|&s| s >= 0) { w.clone() } else { contiguous(w.clone()) };
+    let d = dims(&w);
+    assert_eq!(d.len(), 2, "bf16 weight of shape {d:?} (expected 2 dimensions)");
+    let st = w.layout().strides();
+    let (strides, offset) = ([st[0] as usize, st[1] as usize], w.layout().start_offset());
+    (w, [d[0], d[1]], strides, offset)
+}
+
+/// y `[n, m]` (= y + if `accumulate`) x `[n, k]` · w `[k, m]` for a bf16 w.
+fn bf16_matmul(x: &[f32], n: usize, w: &FlexTensor, y: &mut [f32], accumulate: bool) {
+    let (w, shape, strides, offset) = bf16_view(w);
+    let wv = View::new(w.storage::<half::bf16>(), offset, shape, strides);
+    bf16_gemm::matmul(View::row_major(x, n, shape[0]), wv, y, accumulate);
 }
 
 fn dims(t: &FlexTensor) -> Vec<usize> {
@@ -663,12 +687,26 @@ impl FusedOps for Flex {
         (loss, tensor(grad, shape))
     }
 
+    fn frozen_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !bf16_base(&w, &[&x]) {
+            return reference::frozen_matmul::<Self>(x, w);
+        }
+        let x = contiguous(x);
+        let (xd, wd) = (dims(&x), dims(&w));
+        assert!(xd.len() == 2 && wd.len() == 2 && xd[1] == wd[0], "frozen_matmul: x {xd:?}, w {wd:?} (expected [n, k], [k, m])");
+        let mut y = vec![0f32; xd[0] * wd[1]];
+        bf16_matmul(x.storage::<f32>(), xd[0], &w, &mut y, false);
+        tensor(y, vec![xd[0], wd[1]])
+    }
+
     // gemm's 14 arguments on one line each call: rustfmt would give each its own line.
     #[rustfmt::skip]
     fn lora_linear(x: FloatTensor<Self>, x_lora: Option<FloatTensor<Self>>, p: LoraLinear<Self>) -> FloatTensor<Self> {
-        let mut ts = vec![&x, &p.w, &p.a, &p.b];
+        let mut ts = vec![&x, &p.a, &p.b];
         ts.extend(x_lora.iter().chain(p.bias.iter()));
-        if !all_f32(&ts) {
+        let bf16 = bf16_base(&p.w, &ts);
+        let f32_base = all_f32(&ts) && p.w.dtype() == DType::F32;
+        if !(bf16 || f32_base) {
             return reference::lora_linear::<Self>(x, x_lora, p);
         }
         let (x, w, a, b) = (contiguous(x), contiguous(p.w), contiguous(p.a), contiguous(p.b));
@@ -676,14 +714,19 @@ impl FusedOps for Flex {
         let x_lora = x_lora.map(contiguous);
         let (n, din) = (dims(&x)[0], dims(&x)[1]);
         let (dout, r) = (dims(&w)[1], dims(&a)[1]);
-        let (xs, ws, as_, bs) = (x.storage::<f32>(), w.storage::<f32>(), a.storage::<f32>(), b.storage::<f32>());
+        let (xs, as_, bs) = (x.storage::<f32>(), a.storage::<f32>(), b.storage::<f32>());
         let xl = x_lora.as_ref().map_or(xs, |t| t.storage::<f32>());
         let mut y = vec![0f32; n * dout];
         let mut down = vec![0f32; n * r];
+        if bf16 {
+            bf16_matmul(xs, n, &w, &mut y, false);
+        }
         unsafe {
             // y = x·w, down = x_lora·a, y += scale · down·b: the adapter's output lands in y's
             // buffer with no separate add.
-            gemm(ALL_CORES, n, dout, din, y.as_mut_ptr(), dout as isize, false, xs.as_ptr(), din as isize, 1, ws.as_ptr(), dout as isize, 1, 1.0);
+            if !bf16 {
+                gemm(ALL_CORES, n, dout, din, y.as_mut_ptr(), dout as isize, false, xs.as_ptr(), din as isize, 1, w.storage::<f32>().as_ptr(), dout as isize, 1, 1.0);
+            }
             gemm(ALL_CORES, n, r, din, down.as_mut_ptr(), r as isize, false, xl.as_ptr(), din as isize, 1, as_.as_ptr(), r as isize, 1, 1.0);
             gemm(ALL_CORES, n, dout, r, y.as_mut_ptr(), dout as isize, true, down.as_ptr(), r as isize, 1, bs.as_ptr(), dout as isize, 1, p.scale as f32);
         }
@@ -708,9 +751,11 @@ impl FusedOps for Flex {
         grad: FloatTensor<Self>,
         need_dx: bool,
     ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
-        let mut ts = vec![&x, &p.w, &p.a, &p.b, &grad];
+        let mut ts = vec![&x, &p.a, &p.b, &grad];
         ts.extend(x_lora.iter());
-        if !all_f32(&ts) {
+        let bf16 = bf16_base(&p.w, &ts);
+        let f32_base = all_f32(&ts) && p.w.dtype() == DType::F32;
+        if !(bf16 || f32_base) {
             return reference::lora_linear_backward::<Self>(x, x_lora, p, grad, need_dx);
         }
         let (x, w, a, b, g) = (contiguous(x), contiguous(p.w), contiguous(p.a), contiguous(p.b), contiguous(grad));
@@ -718,7 +763,7 @@ impl FusedOps for Flex {
         let x_lora = x_lora.map(contiguous);
         let (n, din) = (dims(&x)[0], dims(&x)[1]);
         let (dout, r) = (dims(&w)[1], dims(&a)[1]);
-        let (xs, ws, as_, bs, gs) = (x.storage::<f32>(), w.storage::<f32>(), a.storage::<f32>(), b.storage::<f32>(), g.storage::<f32>());
+        let (xs, as_, bs, gs) = (x.storage::<f32>(), a.storage::<f32>(), b.storage::<f32>(), g.storage::<f32>());
         let xl = x_lora.as_ref().map_or(xs, |t| t.storage::<f32>());
         let s = p.scale as f32;
         let mut down = vec![0f32; n * r];
@@ -736,7 +781,11 @@ impl FusedOps for Flex {
             gemm(ALL_CORES, din, r, n, da.as_mut_ptr(), r as isize, false, xl.as_ptr(), 1, din as isize, v.as_ptr(), r as isize, 1, s);
             if need_dx {
                 // dx = grad·wᵀ (+ scale · v·aᵀ when the adapter saw x itself)
-                gemm(ALL_CORES, n, din, dout, dx.as_mut_ptr(), din as isize, false, gs.as_ptr(), dout as isize, 1, ws.as_ptr(), 1, dout as isize, 1.0);
+                if bf16 {
+                    bf16_matmul(gs, n, &Flex::float_transpose(w.clone()), &mut dx, false);
+                } else {
+                    gemm(ALL_CORES, n, din, dout, dx.as_mut_ptr(), din as isize, false, gs.as_ptr(), dout as isize, 1, w.storage::<f32>().as_ptr(), 1, dout as isize, 1.0);
+                }
                 if x_lora.is_none() {
                     gemm(ALL_CORES, n, din, r, dx.as_mut_ptr(), din as isize, true, v.as_ptr(), r as isize, 1, as_.as_ptr(), 1, r as isize, s);
                 }

@@ -12,6 +12,7 @@
 //! defaults double as the reference the kernels are tested against.
 
 pub mod autodiff;
+pub mod bf16;
 pub mod cpu;
 
 use burn::tensor::backend::Backend;
@@ -130,6 +131,14 @@ pub trait FusedOps: Backend {
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         reference::attention_backward::<Self>(q, k, v, mask, opts, out, lse, grad)
+    }
+
+    /// x·w for a frozen w stored in another dtype than x (a bf16 base under f32 activations),
+    /// `[n, k]`·`[k, m]` -> `[n, m]` in x's dtype: x is rounded to w's dtype where it enters the
+    /// product, as autocast rounds it, and the products are summed in f32. w may be a
+    /// transposed view (the backward pass multiplies by wᵀ). w takes no gradient.
+    fn frozen_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::frozen_matmul::<Self>(x, w)
     }
 
     /// A frozen linear layer with its LoRA adapter, `[n, in]` -> `[n, out]`:
@@ -316,17 +325,36 @@ pub mod reference {
         (prim(dq), prim(group(dk)), prim(group(dv)))
     }
 
-    pub fn lora_linear<B: Backend>(x: FloatTensor<B>, x_lora: Option<FloatTensor<B>>, p: LoraLinear<B>) -> FloatTensor<B> {
+    pub fn frozen_matmul<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>) -> FloatTensor<B> {
+        let (x, w) = (float::<B, 2>(x), float::<B, 2>(w));
+        let xd = x.dtype();
+        prim(x.cast(w.dtype()).matmul(w).cast(xd))
+    }
+
+    /// x·w for the frozen w of a layer: in x's dtype when w shares it, else through
+    /// [`FusedOps::frozen_matmul`] (a bf16 base).
+    fn base_matmul<B: FusedOps>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+        if x.dtype() == w.dtype() {
+            x.matmul(w)
+        } else {
+            float(B::frozen_matmul(prim(x), prim(w)))
+        }
+    }
+
+    pub fn lora_linear<B: FusedOps>(x: FloatTensor<B>, x_lora: Option<FloatTensor<B>>, p: LoraLinear<B>) -> FloatTensor<B> {
         use burn::tensor::module::linear;
         let x = float::<B, 2>(x);
         let x_lora = x_lora.map(float::<B, 2>).unwrap_or_else(|| x.clone());
-        let bias = p.bias.map(float::<B, 1>);
+        let mut y = base_matmul(x, float::<B, 2>(p.w));
+        if let Some(bias) = p.bias {
+            y = y + float::<B, 1>(bias).unsqueeze();
+        }
         let down = linear(x_lora, float::<B, 2>(p.a), None);
-        prim(linear(x, float::<B, 2>(p.w), bias) + linear(down, float::<B, 2>(p.b), None) * p.scale)
+        prim(y + linear(down, float::<B, 2>(p.b), None) * p.scale)
     }
 
     #[allow(clippy::type_complexity)]
-    pub fn lora_linear_backward<B: Backend>(
+    pub fn lora_linear_backward<B: FusedOps>(
         x: FloatTensor<B>,
         x_lora: Option<FloatTensor<B>>,
         p: LoraLinear<B>,
@@ -345,7 +373,7 @@ pub mod reference {
         let da = x_lora.transpose().matmul(v.clone()) * p.scale;
         let dx_lora = v.matmul(a.transpose()) * p.scale;
         let w = float::<B, 2>(p.w);
-        let dx_base = need_dx.then(|| grad.matmul(w.transpose().cast(x.dtype())));
+        let dx_base = need_dx.then(|| base_matmul(grad, w.transpose()));
         let (dx, dx_lora) = if shared { (dx_base.map(|d| d + dx_lora), None) } else { (dx_base, Some(dx_lora)) };
         (dx.map(prim), dx_lora.map(prim), prim(da), prim(db))
     }

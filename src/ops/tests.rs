@@ -40,11 +40,21 @@ fn narrow<B: FusedOps, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 
 /// Asserts the gradients the two graphs gave each tensor agree.
 fn check_grads<B: FusedOps, const D: usize>(fused: &Gradients, naive: &Gradients, xs: &[(&str, &Tensor<A<B>, D>)], what: &str) {
+    check_grads_within::<B, D>(fused, naive, xs, what, TOL)
+}
+
+fn check_grads_within<B: FusedOps, const D: usize>(
+    fused: &Gradients,
+    naive: &Gradients,
+    xs: &[(&str, &Tensor<A<B>, D>)],
+    what: &str,
+    tol: f32,
+) {
     for (name, x) in xs {
         let (f, n) = (x.grad(fused), x.grad(naive));
         assert!(f.is_some() && n.is_some(), "{what}: d{name}: fused {} naive {}", f.is_some(), n.is_some());
         let r = rel_diff(f.unwrap(), n.unwrap());
-        assert!(r < TOL, "{what}: d{name} differs by {r}");
+        assert!(r < tol, "{what}: d{name} differs by {r}");
     }
 }
 
@@ -290,6 +300,51 @@ fn lora_linear_cases<B: FusedOps>() {
         assert!(rel_diff(fused.clone(), naive.clone()) < TOL, "{what}: output");
         let (gf, gn) = ((fused * up.clone()).sum().backward(), (naive * up).sum().backward());
         check_grads::<B, 2>(&gf, &gn, &[("x", &x), ("lora_A", &a), ("lora_B", &b)], &what);
+    }
+}
+
+/// A bf16 base under f32 activations, on burn-flex (burn-ndarray holds no bf16): the frozen
+/// product, alone and with an adapter, through autodiff, against the f64 product of the same
+/// bf16 weights with the unrounded x. The kernels round x (and, backward, the output gradient)
+/// to bf16 where it enters the base's product, ~2⁻⁹ of each element; what this catches is a
+/// wrong operand or layout, which is off by O(1). The rounding itself is tested in `bf16`.
+#[test]
+fn bf16_base_cpu_kernels_match_plain_ops() {
+    const BF16_TOL: f32 = 1e-2;
+    type B = Flex;
+    let stored = random::<A<B>, 2>([40, 24]).cast(DType::BF16);
+    // w as a Linear holds an nn.Linear's weight: the transposed view of the stored [out, in].
+    for (what, w) in
+        [("w [in, out]", stored.clone().transpose().cast(DType::F32).cast(DType::BF16)), ("wᵀ view", stored.clone().transpose())]
+    {
+        let x = random::<A<B>, 2>([70, 24]).require_grad();
+        let up = random::<A<B>, 2>([70, 40]);
+        let fused = float::<A<B>, 2>(A::<B>::frozen_matmul(prim(x.clone()), prim(w.clone())));
+        assert_eq!(fused.dtype(), DType::F32, "{what}: the product comes back in x's dtype");
+        let naive = narrow(wide(x.clone()).matmul(wide(w.clone())));
+        assert!(rel_diff(fused.clone(), naive.clone()) < BF16_TOL, "frozen_matmul ({what}): output");
+        let (gf, gn) = ((fused * up.clone()).sum().backward(), (naive * up.clone()).sum().backward());
+        check_grads_within::<B, 2>(&gf, &gn, &[("x", &x)], &format!("frozen_matmul ({what})"), BF16_TOL);
+
+        // A fresh x: the first backward consumed the graph x was in.
+        let x = random::<A<B>, 2>([70, 24]).require_grad();
+        let bias = random::<A<B>, 1>([40]);
+        let a = random::<A<B>, 2>([24, 4]).require_grad();
+        let b = random::<A<B>, 2>([4, 40]).require_grad();
+        let p =
+            super::LoraLinear { w: prim(w.clone()), bias: Some(prim(bias.clone())), a: prim(a.clone()), b: prim(b.clone()), scale: 2.0 };
+        let fused = float::<A<B>, 2>(A::<B>::lora_linear(prim(x.clone()), None, p));
+        let base = wide(x.clone()).matmul(wide(w.clone())) + wide(bias).unsqueeze::<2>();
+        let naive = narrow(base + wide(x.clone()).matmul(wide(a.clone())).matmul(wide(b.clone())) * 2.0);
+        assert!(rel_diff(fused.clone(), naive.clone()) < BF16_TOL, "lora_linear, bf16 base ({what}): output");
+        let (gf, gn) = ((fused * up.clone()).sum().backward(), (naive * up).sum().backward());
+        check_grads_within::<B, 2>(
+            &gf,
+            &gn,
+            &[("x", &x), ("lora_A", &a), ("lora_B", &b)],
+            &format!("lora_linear, bf16 base ({what})"),
+            BF16_TOL,
+        );
     }
 }
 

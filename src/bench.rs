@@ -56,6 +56,7 @@ pub fn run<B: Backend>(device: &B::Device, model_dir: &Path, c: &BenchConfig) ->
         dropout: 0.0,
         target_modules: model.config.linear_names(),
         use_rslora: false,
+        use_dora: false,
     };
     peft::inject(&mut model, &lora, 0, device);
     for p in model.linears_mut() {

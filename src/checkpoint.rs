@@ -3,7 +3,7 @@
 //! - `adapter/`: the adapter in PEFT layout (f32), loadable on its own, with the chat template
 //!   the run trains with (`chat_template.jinja`) when it has one
 //! - `optimizer.safetensors`: AdamW's moments, `exp_avg.<module>.lora_A` etc., in tune's layout
-//!   ([in, r] for lora_A, [r, out] for lora_B)
+//!   ([in, r] for lora_A, [r, out] for lora_B, [1, out] for DoRA's lora_magnitude_vector)
 //! - `trainer_state.json`: step, epoch, position in the example stream, seed, hashes of the
 //!   recipe and the dataset file, the date chat templates render `strftime_now` with, tune
 //!   version, format version
@@ -135,14 +135,19 @@ pub fn save<B: Backend, O: Backend>(
     Ok(dir)
 }
 
-/// `<module>.lora_A`, `<module>.lora_B` for each adapter, in the trainer's parameter order.
+/// `<module>.lora_A`, `<module>.lora_B` (and, with DoRA, `<module>.lora_magnitude_vector`)
+/// for each adapter, in the trainer's parameter order.
 fn param_names<B: Backend>(model: &CausalLm<B>) -> Vec<String> {
-    model
-        .linears()
-        .iter()
-        .filter(|p| p.adapter.is_some())
-        .flat_map(|p| [format!("{}.lora_A", p.name), format!("{}.lora_B", p.name)])
-        .collect()
+    let mut names = Vec::new();
+    for p in model.linears() {
+        let Some(l) = &p.adapter else { continue };
+        names.push(format!("{}.lora_A", p.name));
+        names.push(format!("{}.lora_B", p.name));
+        if l.magnitude.is_some() {
+            names.push(format!("{}.{}", p.name, peft::MAGNITUDE));
+        }
+    }
+    names
 }
 
 /// A checkpoint found on disk.

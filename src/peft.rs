@@ -1,5 +1,6 @@
 //! PEFT's adapter layout (`adapter_config.json` + `adapter_model.safetensors`, tensors
-//! `base_model.model.<module>.lora_A.weight` [r, in] and `lora_B.weight` [out, r]): attaching
+//! `base_model.model.<module>.lora_A.weight` [r, in] and `lora_B.weight` [out, r], and for DoRA
+//! `lora_magnitude_vector` [out], saved without `.weight` as PEFT does): attaching
 //! fresh or saved adapters to a model's linear layers and writing them back, so that PEFT, vLLM
 //! and llama.cpp load what tune trains.
 
@@ -23,7 +24,11 @@ pub fn inject<B: Backend>(model: &mut CausalLm<B>, config: &LoraConfig, seed: u6
     let mut rng = Rng::new(seed);
     for l in model.linears_mut() {
         if config.targets(&l.name) {
-            l.adapter = Some(LoraAdapter::init(l.in_features(), l.out_features(), config, &mut rng, device));
+            let mut adapter = LoraAdapter::init(l.in_features(), l.out_features(), config, &mut rng, device);
+            if config.use_dora {
+                adapter.init_magnitude(&l.weight);
+            }
+            l.adapter = Some(adapter);
         }
     }
 }
@@ -128,8 +133,30 @@ pub fn peft_key(module: &str, which: &str) -> String {
     format!("base_model.model.{module}.{which}.weight")
 }
 
-/// Reads and checks `adapter_config.json`. Refuses what tune would get wrong silently (DoRA,
-/// biases, per-module ranks, modules_to_save); `fan_in_fan_out` is checked against the model
+/// DoRA's magnitude tensor name, as PEFT saves it: `lora_magnitude_vector`, with no `.weight`.
+pub fn magnitude_key(module: &str) -> String {
+    format!("base_model.model.{module}.{MAGNITUDE}")
+}
+
+/// PEFT's name for DoRA's magnitude.
+pub const MAGNITUDE: &str = "lora_magnitude_vector";
+
+/// The names a writer may give a projection's lora_A, lora_B or lora_magnitude_vector: PEFT's
+/// file name first, then the variants PEFT's loader also accepts (the adapter name kept,
+/// `.default.weight`; the magnitude with `.weight`).
+fn key_variants(module: &str, which: &str) -> Vec<String> {
+    if which == MAGNITUDE {
+        let key = magnitude_key(module);
+        vec![key.clone(), format!("{key}.weight"), format!("{key}.default.weight")]
+    } else {
+        let key = peft_key(module, which);
+        let alt = key.replace(".weight", ".default.weight");
+        vec![key, alt]
+    }
+}
+
+/// Reads and checks `adapter_config.json`. Refuses what tune would get wrong silently (biases,
+/// per-module ranks, modules_to_save); `fan_in_fan_out` is checked against the model
 /// when the adapter is attached. The returned LoraConfig's
 /// target_modules is empty: the tensors, not the config, say which projections are adapted.
 pub fn read_adapter_config(dir: &Path) -> Result<(AdapterConfig, LoraConfig)> {
@@ -141,9 +168,6 @@ pub fn read_adapter_config(dir: &Path) -> Result<(AdapterConfig, LoraConfig)> {
     let refuse = |what: &str| Err(Error::Unsupported(format!("{}: {what} is not supported", config_path.display())));
     if c.peft_type != "LORA" {
         return refuse(&format!("peft_type `{}` (only LORA)", c.peft_type));
-    }
-    if c.use_dora {
-        return refuse("use_dora: true");
     }
     if c.bias != "none" {
         return refuse(&format!("bias `{}` (only \"none\")", c.bias));
@@ -157,18 +181,30 @@ pub fn read_adapter_config(dir: &Path) -> Result<(AdapterConfig, LoraConfig)> {
     if c.r == 0 {
         return Err(Error::format(&config_path, "`r` must be at least 1"));
     }
-    let config =
-        LoraConfig { rank: c.r, alpha: c.lora_alpha, dropout: c.lora_dropout, target_modules: Vec::new(), use_rslora: c.use_rslora };
+    let config = LoraConfig {
+        rank: c.r,
+        alpha: c.lora_alpha,
+        dropout: c.lora_dropout,
+        target_modules: Vec::new(),
+        use_rslora: c.use_rslora,
+        use_dora: c.use_dora,
+    };
     Ok((c, config))
 }
 
-/// Splits a PEFT tensor name into (module path, "lora_A" | "lora_B"), accepting the variant with
-/// PEFT's adapter name (`.lora_A.default.weight`) that some writers keep.
+/// Splits a PEFT tensor name into (module path, "lora_A" | "lora_B" | "lora_magnitude_vector"),
+/// accepting the variants of [`key_variants`].
 pub fn split_peft_key(key: &str) -> Option<(&str, &str)> {
     let rest = key.strip_prefix("base_model.model.")?;
-    let rest = rest.strip_suffix(".weight")?;
+    let (rest, weight) = match rest.strip_suffix(".weight") {
+        Some(r) => (r, true),
+        None => (rest, false),
+    };
     let rest = rest.strip_suffix(".default").unwrap_or(rest);
-    for which in ["lora_A", "lora_B"] {
+    for which in ["lora_A", "lora_B", MAGNITUDE] {
+        if !weight && which != MAGNITUDE {
+            continue;
+        }
         if let Some(module) = rest.strip_suffix(which).and_then(|m| m.strip_suffix('.')) {
             return Some((module, which));
         }
@@ -195,24 +231,42 @@ pub fn load_peft<B: Backend>(model: &mut CausalLm<B>, dir: &Path, device: &B::De
     let mut used = std::collections::BTreeSet::new();
     let mut targets: Vec<String> = Vec::new();
     for l in model.linears_mut() {
-        // Some writers keep PEFT's adapter name in the key.
-        let pick = |which: &str| {
-            let key = peft_key(&l.name, which);
-            let alt = key.replace(".weight", ".default.weight");
-            [key, alt].into_iter().find(|k| weights.contains(k))
-        };
+        let pick = |which: &str| key_variants(&l.name, which).into_iter().find(|k| weights.contains(k));
         let (Some(a_key), Some(b_key)) = (pick("lora_A"), pick("lora_B")) else {
             continue;
         };
         let (fan_in, out) = (l.in_features(), l.out_features());
         let a = weights.read_f32(&a_key, &[c.r, fan_in])?;
         let b = weights.read_f32(&b_key, &[out, c.r])?;
+        let magnitude = match (pick(MAGNITUDE), c.use_dora) {
+            (Some(key), true) => {
+                let m = weights.read_f32(&key, &[out])?;
+                used.insert(key);
+                Some(Tensor::from_data(TensorData::new(m, [1, out]), device))
+            }
+            (None, true) => {
+                return Err(Error::Tensor {
+                    path: dir.join(ADAPTER_WEIGHTS),
+                    name: magnitude_key(&l.name),
+                    msg: format!("missing: {ADAPTER_CONFIG} says use_dora: true, so every adapted layer needs its {MAGNITUDE} [{out}]"),
+                })
+            }
+            (Some(key), false) => {
+                return Err(Error::Tensor {
+                    path: dir.join(ADAPTER_WEIGHTS),
+                    name: key,
+                    msg: format!("a DoRA magnitude, but {ADAPTER_CONFIG} says use_dora: false"),
+                })
+            }
+            (None, false) => None,
+        };
         l.adapter = Some(LoraAdapter {
             a: Tensor::from_data(TensorData::new(transpose(&a, c.r, fan_in), [fan_in, c.r]), device),
             b: Tensor::from_data(TensorData::new(transpose(&b, out, c.r), [c.r, out]), device),
             scale: config.scale(),
             dropout: config.dropout,
             dropout_seed: None,
+            magnitude,
         });
         let short = l.short_name().to_string();
         if !targets.contains(&short) {
@@ -244,6 +298,8 @@ pub fn load_peft<B: Backend>(model: &mut CausalLm<B>, dir: &Path, device: &B::De
 /// place, so a crash never leaves a half-written adapter.
 pub fn save_peft<B: Backend>(model: &CausalLm<B>, config: &LoraConfig, base_model: &str, dir: &Path) -> Result<()> {
     let mut tensors: Vec<crate::hf::safetensors::OwnedTensor> = Vec::new();
+    // The file says what its tensors are, whatever the config was.
+    let mut dora = false;
     for p in model.linears() {
         let Some(l) = &p.adapter else { continue };
         let (fan_in, r, out) = (p.in_features(), l.rank(), p.out_features());
@@ -251,6 +307,11 @@ pub fn save_peft<B: Backend>(model: &CausalLm<B>, config: &LoraConfig, base_mode
         let b: Vec<f32> = l.b.to_data().iter::<f32>().collect();
         tensors.push((peft_key(&p.name, "lora_A"), vec![r, fan_in], f32_bytes(&transpose(&a, fan_in, r))));
         tensors.push((peft_key(&p.name, "lora_B"), vec![out, r], f32_bytes(&transpose(&b, r, out))));
+        if let Some(m) = &l.magnitude {
+            dora = true;
+            let m: Vec<f32> = m.to_data().iter::<f32>().collect();
+            tensors.push((magnitude_key(&p.name), vec![out], f32_bytes(&m)));
+        }
     }
     let adapter_config = serde_json::json!({
         "peft_type": "LORA",
@@ -263,7 +324,7 @@ pub fn save_peft<B: Backend>(model: &CausalLm<B>, config: &LoraConfig, base_mode
         // PEFT's flag for Conv1D layers (GPT-2), whose weights are stored [in, out].
         "fan_in_fan_out": model.config.layout == WeightLayout::InOut,
         "use_rslora": config.use_rslora,
-        "use_dora": false,
+        "use_dora": dora,
         "modules_to_save": null,
         "base_model_name_or_path": base_model,
         "init_lora_weights": true,

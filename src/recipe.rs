@@ -86,13 +86,21 @@ pub struct LoraSection {
     pub target_modules: Option<TargetModules>,
     /// Scale by alpha / √rank instead (rsLoRA). Default false.
     pub use_rslora: bool,
-    /// A PEFT adapter directory to start from instead of a fresh init. Default none.
+    /// DoRA (weight-decomposed LoRA, as PEFT's `use_dora`): each adapted layer also trains a
+    /// magnitude per output feature, `lora_magnitude_vector`, initialised to the norm of the
+    /// frozen weight's row, and computes with m · (W + s·B·A) / ‖W + s·B·A‖, the norm per output
+    /// feature and not differentiated. One vector of out_features more per layer; each forward
+    /// pass also forms W + s·B·A once per layer for the norm. Adapters are saved with
+    /// `use_dora: true` and load in PEFT. Default false.
+    pub use_dora: bool,
+    /// A PEFT adapter directory to start from instead of a fresh init (LoRA or DoRA: its r,
+    /// alpha, targets and use_dora win over the recipe's). Default none.
     pub init_from: Option<PathBuf>,
 }
 
 impl Default for LoraSection {
     fn default() -> Self {
-        LoraSection { rank: 8, alpha: 16.0, dropout: 0.05, target_modules: None, use_rslora: false, init_from: None }
+        LoraSection { rank: 8, alpha: 16.0, dropout: 0.05, target_modules: None, use_rslora: false, use_dora: false, init_from: None }
     }
 }
 
@@ -333,6 +341,7 @@ const KEYS: &[&str] = &[
     "lora.dropout",
     "lora.target_modules",
     "lora.use_rslora",
+    "lora.use_dora",
     "lora.init_from",
     "dataset",
     "dataset.path",

@@ -1,6 +1,8 @@
-//! Adapters: the trainable part attached to a frozen linear layer. Today LoRA (Hu et al., 2021)
-//! as PEFT computes it: y = W·x + s·B(A(dropout(x))), s = alpha / r (or alpha / √r with
-//! rsLoRA); W is never merged with B·A during training.
+//! Adapters: the trainable part attached to a frozen linear layer. LoRA (Hu et al., 2021) as
+//! PEFT computes it: y = W·x + s·B(A(dropout(x))), s = alpha / r (or alpha / √r with rsLoRA);
+//! W is never merged with B·A during training. DoRA (Liu et al., 2024) adds a magnitude m per
+//! output feature: the layer's weight becomes m · (W + s·B·A) / ‖W + s·B·A‖, the norm taken per
+//! output feature and treated as a constant (no gradient), as PEFT's `DoraLinearLayer` does.
 //!
 //! This module knows nothing of models or files: `model::Linear` holds an adapter, and
 //! `crate::peft` reads and writes them in PEFT's layout.
@@ -9,6 +11,7 @@ use burn::tensor::module::linear;
 use burn::tensor::{Tensor, TensorData};
 
 use crate::backend::Backend;
+use crate::ops::{float, prim};
 use crate::rng::Rng;
 
 #[derive(Debug, Clone)]
@@ -23,6 +26,9 @@ pub struct LoraAdapter<B: Backend> {
     /// which the training loop does before each forward pass (a fresh seed per micro-batch).
     pub dropout: f64,
     pub dropout_seed: Option<u64>,
+    /// DoRA's lora_magnitude_vector as `[1, out_features]` (PEFT stores `[out]`), so it trains
+    /// beside lora_A and lora_B as one more matrix; None for plain LoRA.
+    pub magnitude: Option<Tensor<B, 2>>,
 }
 
 impl<B: Backend> LoraAdapter<B> {
@@ -39,7 +45,20 @@ impl<B: Backend> LoraAdapter<B> {
             scale: config.scale(),
             dropout: config.dropout,
             dropout_seed: None,
+            magnitude: None,
         }
+    }
+
+    /// DoRA's magnitude at the start, ‖W‖ per output feature (PEFT's init: with B zero the
+    /// layer's weight is then exactly W). `weight` is the layer's `[in, out]`.
+    pub fn init_magnitude(&mut self, weight: &Tensor<B, 2>) {
+        self.magnitude = Some(self.weight_norm(weight));
+    }
+
+    /// ‖W + s·B·A‖ per output feature, `[1, out]`, for the layer's `weight` `[in, out]`: a
+    /// constant, with no gradient to A or B (PEFT detaches it).
+    pub fn weight_norm(&self, weight: &Tensor<B, 2>) -> Tensor<B, 2> {
+        float(B::dora_weight_norm(prim(weight.clone()), prim(self.a.clone()), prim(self.b.clone()), self.scale))
     }
 
     pub fn rank(&self) -> usize {
@@ -48,12 +67,18 @@ impl<B: Backend> LoraAdapter<B> {
 
     /// Trainable parameters.
     pub fn num_parameters(&self) -> usize {
-        self.a.shape().num_elements() + self.b.shape().num_elements()
+        let magnitude = self.magnitude.as_ref().map_or(0, |m| m.shape().num_elements());
+        self.a.shape().num_elements() + self.b.shape().num_elements() + magnitude
     }
 
     /// s·B(A(dropout(x))): two thin matmuls, never the [in, out] product.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let x = self.dropped(x.clone()).unwrap_or(x);
+        self.delta(x)
+    }
+
+    /// s·B(A(x)), on x as given (dropout, if any, already applied).
+    pub fn delta<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let down = linear(x, self.a.clone(), None);
         linear(down, self.b.clone(), None) * self.scale
     }
@@ -90,6 +115,8 @@ pub struct LoraConfig {
     /// PEFT matches them: a module is targeted when its path equals one or ends with `.` + one.
     pub target_modules: Vec<String>,
     pub use_rslora: bool,
+    /// DoRA: a trained magnitude per output feature on top of B·A.
+    pub use_dora: bool,
 }
 
 impl LoraConfig {

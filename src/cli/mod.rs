@@ -75,8 +75,9 @@ fn load_model<B: tune::backend::Backend>(
         let config = tune::peft::load_peft(&mut model, &adapter_dir, device)
             .with_context(|| format!("loading adapter {}", adapter_dir.display()))?;
         eprintln!(
-            "adapter {}: rank {}, alpha {}, on {}",
+            "adapter {}: {}rank {}, alpha {}, on {}",
             adapter_dir.display(),
+            if config.use_dora { "DoRA, " } else { "" },
             config.rank,
             config.alpha,
             config.target_modules.join(", ")

@@ -97,9 +97,14 @@ pub fn validate(recipe_path: &Path, overrides: &[String]) -> anyhow::Result<()> 
     let recipe = Recipe::load(recipe_path, overrides)?;
     let setup = train::setup(&recipe, tune::hf::ChatDate::today())?;
     let c = &setup.config;
-    // Trainable parameters from shapes alone: r·(in + out) per adapted layer.
-    let trainable: usize =
-        c.linears().iter().filter(|l| setup.lora.targets(&l.path)).map(|l| setup.lora.rank * (l.in_features + l.out_features)).sum();
+    // Trainable parameters from shapes alone: r·(in + out) per adapted layer, and DoRA's out.
+    let dora = usize::from(setup.lora.use_dora);
+    let trainable: usize = c
+        .linears()
+        .iter()
+        .filter(|l| setup.lora.targets(&l.path))
+        .map(|l| setup.lora.rank * (l.in_features + l.out_features) + dora * l.out_features)
+        .sum();
     print!("{}", recipe.to_yaml());
     println!("# model: {} ({}, {:.1}M parameters)", recipe.model.path.display(), c.family.name(), c.num_parameters() as f64 / 1e6);
     println!(

@@ -1,6 +1,6 @@
-//! Base + adapter merged, W + s·B·A for every adapted layer, written as a full Hugging Face
-//! checkpoint (config, shards + index, tokenizer and chat template files), each weight in the
-//! checkpoint's own layout.
+//! Base + adapter merged, W + s·B·A for every adapted layer (DoRA: m · (W + s·B·A) /
+//! ‖W + s·B·A‖, per output feature), written as a full Hugging Face checkpoint (config, shards +
+//! index, tokenizer and chat template files), each weight in the checkpoint's own layout.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -26,7 +26,8 @@ const COPIED: &[&str] = &[
     "generation_config.json",
 ];
 
-/// Writes base + adapter merged (W + s·B·A) as a full Hugging Face checkpoint into `out`.
+/// Writes base + adapter merged (W + s·B·A, rescaled per output feature for DoRA) as a full
+/// Hugging Face checkpoint into `out`.
 pub fn export_merged(src: &Source, out: &Path, max_shard_bytes: u64, opts: &Options) -> Result<Written> {
     let (c, config) = peft_format::read_adapter_config(&src.adapter_dir)?;
     let pairs = read_pairs(&src.adapter_dir, &c)?;
@@ -89,6 +90,9 @@ pub fn export_merged(src: &Source, out: &Path, max_shard_bytes: u64, opts: &Opti
                 let mut w = base.read_f32(name, shape)?;
                 if let Some(p) = by_weight.get(name) {
                     merge_into(&mut w, p, scale, layout);
+                    if let Some(m) = &p.magnitude {
+                        rescale_rows(&mut w, m, p, layout);
+                    }
                 }
                 tensors.push((name.clone(), shape.clone(), opts.dtype.encode(&w)));
                 weight_map.insert(name.clone(), file_name(i));
@@ -142,9 +146,44 @@ pub(crate) fn merge_into(w: &mut [f32], p: &LoraPair, scale: f64, layout: Weight
     }
 }
 
+/// DoRA's merge, on w = W + s·B·A: each output feature's weights times m / their norm, as
+/// PEFT's merge computes it (the norm of the very sum being scaled). Summed in f64: a row is
+/// up to `in` long.
+pub(crate) fn rescale_rows(w: &mut [f32], magnitude: &[f32], p: &LoraPair, layout: WeightLayout) {
+    let mut sq = vec![0f64; p.out];
+    match layout {
+        WeightLayout::OutIn => {
+            for (o, row) in w.chunks_exact(p.fan_in).enumerate() {
+                sq[o] = row.iter().map(|&x| x as f64 * x as f64).sum();
+            }
+        }
+        WeightLayout::InOut => {
+            for row in w.chunks_exact(p.out) {
+                sq.iter_mut().zip(row).for_each(|(s, &x)| *s += x as f64 * x as f64);
+            }
+        }
+    }
+    // In f32 like PEFT's dora_factor, the same for every weight of the feature.
+    let factor: Vec<f32> = magnitude.iter().zip(&sq).map(|(&m, &s)| m / (s.sqrt() as f32)).collect();
+    match layout {
+        WeightLayout::OutIn => {
+            for (row, f) in w.chunks_exact_mut(p.fan_in).zip(&factor) {
+                row.iter_mut().for_each(|x| *x *= f);
+            }
+        }
+        WeightLayout::InOut => {
+            for row in w.chunks_exact_mut(p.out) {
+                row.iter_mut().zip(&factor).for_each(|(x, f)| *x *= f);
+            }
+        }
+    }
+}
+
 fn merged_card(src: &Source, base_dir: &Path, c: &LoraConfig, dtype: OutDtype) -> String {
+    let (kind, update) =
+        if c.use_dora { ("DoRA", "m · (W + s·B·A) / ‖W + s·B·A‖ (per output feature)") } else { ("LoRA", "W + s·B·A") };
     let mut s = format!(
-        "# {} with a merged LoRA adapter\n\nWritten by tune {}: W + s·B·A for every adapted projection \
+        "# {} with a merged {kind} adapter\n\nWritten by tune {}: {update} for every adapted projection \
          (rank {}, alpha {}{}, s = {:.6}), stored as {}.\n\n",
         base_dir.file_name().unwrap_or_default().to_string_lossy(),
         env!("CARGO_PKG_VERSION"),

@@ -128,34 +128,47 @@ fn fill_from_run(src: &mut Source, run: &Path, step: Option<usize>) {
     }
 }
 
-/// One adapted module: PEFT's lora_A [r, in] and lora_B [out, r], row-major f32.
+/// One adapted module: PEFT's lora_A [r, in] and lora_B [out, r], row-major f32, and DoRA's
+/// lora_magnitude_vector [out].
 pub(crate) struct LoraPair {
     module: String,
     a: Vec<f32>,
     b: Vec<f32>,
+    magnitude: Option<Vec<f32>>,
     r: usize,
     fan_in: usize,
     out: usize,
 }
 
-/// Reads every lora_A/lora_B pair of an adapter; anything else in the file is an error.
+/// Reads every lora_A/lora_B pair of an adapter, with its magnitude when the config says
+/// use_dora; anything else in the file is an error.
 pub(crate) fn read_pairs(dir: &Path, c: &AdapterConfig) -> Result<Vec<LoraPair>> {
     let path = dir.join(ADAPTER_WEIGHTS);
     let weights = Weights::open_file(&path)?;
-    let mut halves: BTreeMap<String, [Option<String>; 2]> = BTreeMap::new();
+    let mut parts: BTreeMap<String, [Option<String>; 3]> = BTreeMap::new();
     for name in weights.names() {
-        let Some((module, which)) = peft_format::split_peft_key(name) else {
+        let split = peft_format::split_peft_key(name).filter(|(_, which)| c.use_dora || *which != peft_format::MAGNITUDE);
+        let Some((module, which)) = split else {
+            let expected = if c.use_dora {
+                "base_model.model.<module>.lora_A.weight, .lora_B.weight or .lora_magnitude_vector"
+            } else {
+                "base_model.model.<module>.lora_A.weight or .lora_B.weight; a lora_magnitude_vector needs use_dora: true"
+            };
             return Err(Error::Tensor {
                 path: path.clone(),
                 name: name.to_string(),
-                msg: "not a LoRA tensor (expected base_model.model.<module>.lora_A.weight or .lora_B.weight)".into(),
+                msg: format!("not a LoRA tensor (expected {expected})"),
             });
         };
-        let slot = if which == "lora_A" { 0 } else { 1 };
-        halves.entry(module.to_string()).or_default()[slot] = Some(name.to_string());
+        let slot = match which {
+            "lora_A" => 0,
+            "lora_B" => 1,
+            _ => 2,
+        };
+        parts.entry(module.to_string()).or_default()[slot] = Some(name.to_string());
     }
     let mut pairs = Vec::new();
-    for (module, [a_name, b_name]) in halves {
+    for (module, [a_name, b_name, m_name]) in parts {
         let (Some(a_name), Some(b_name)) = (a_name, b_name) else {
             return Err(Error::Tensor { path: path.clone(), name: module, msg: "has only one of lora_A / lora_B".into() });
         };
@@ -168,9 +181,21 @@ pub(crate) fn read_pairs(dir: &Path, c: &AdapterConfig) -> Result<Vec<LoraPair>>
                 msg: format!("expected lora_A [r={}, in] and lora_B [out, r={}], found {sa:?} and {sb:?}", c.r, c.r),
             });
         }
+        let magnitude = match m_name {
+            Some(m) => Some(weights.read_f32(&m, &[sb[0]])?),
+            None if c.use_dora => {
+                return Err(Error::Tensor {
+                    path: path.clone(),
+                    name: peft_format::magnitude_key(&module),
+                    msg: format!("missing: {ADAPTER_CONFIG} says use_dora: true, so every adapted layer needs one"),
+                })
+            }
+            None => None,
+        };
         pairs.push(LoraPair {
             a: weights.read_f32(&a_name, &sa)?,
             b: weights.read_f32(&b_name, &sb)?,
+            magnitude,
             module,
             r: c.r,
             fan_in: sa[1],
@@ -302,7 +327,7 @@ mod tests {
     #[test]
     fn merge_adds_scaled_product() {
         // B [2, 1] = [1, 2], A [1, 3] = [1, 0, -1]; s = 0.5.
-        let p = LoraPair { module: "m".into(), a: vec![1.0, 0.0, -1.0], b: vec![1.0, 2.0], r: 1, fan_in: 3, out: 2 };
+        let p = LoraPair { module: "m".into(), a: vec![1.0, 0.0, -1.0], b: vec![1.0, 2.0], magnitude: None, r: 1, fan_in: 3, out: 2 };
         let mut w = vec![0.0; 6];
         merge_into(&mut w, &p, 0.5, WeightLayout::OutIn);
         assert_eq!(w, vec![0.5, 0.0, -0.5, 1.0, 0.0, -1.0]);

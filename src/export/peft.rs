@@ -3,6 +3,10 @@
 //! only, an integer `lora_alpha`, and `use_rslora: false` — vLLM and llama.cpp ignore rsLoRA
 //! and non-integer alphas, so any difference between the trained scale and alpha/r is folded
 //! into lora_B instead.
+//!
+//! A DoRA adapter keeps its lora_magnitude_vector tensors and `use_dora: true`, in PEFT's
+//! layout: PEFT loads it, consumers without DoRA do not (the merged export is the way there).
+//! Folding into lora_B still holds: it leaves s·B·A, and so DoRA's norm, unchanged.
 
 use std::path::Path;
 
@@ -38,6 +42,9 @@ pub fn export_adapter(src: &Source, out: &Path, opts: &Options) -> Result<Writte
     for p in &pairs {
         tensors.push((peft_format::peft_key(&p.module, "lora_A"), vec![p.r, p.fan_in], opts.dtype.encode(&p.a)));
         tensors.push((peft_format::peft_key(&p.module, "lora_B"), vec![p.out, p.r], opts.dtype.encode(&p.b)));
+        if let Some(m) = &p.magnitude {
+            tensors.push((peft_format::magnitude_key(&p.module), vec![p.out], opts.dtype.encode(m)));
+        }
     }
     let targets = target_kinds(&pairs);
     let base_name = opts.base_name.clone().or(c.base_model_name_or_path.clone()).unwrap_or_default();
@@ -51,7 +58,7 @@ pub fn export_adapter(src: &Source, out: &Path, opts: &Options) -> Result<Writte
         "bias": "none",
         "fan_in_fan_out": fan_in_fan_out,
         "use_rslora": false,
-        "use_dora": false,
+        "use_dora": config.use_dora,
         "modules_to_save": null,
         "base_model_name_or_path": base_name,
         "init_lora_weights": true,
@@ -109,7 +116,8 @@ fn model_card(src: &Source, base: &str, c: &LoraConfig, targets: &[String], alph
         s += &format!("base_model: {base}\n");
     }
     s += "---\n\n";
-    s += &format!("# LoRA adapter for {}\n\n", if base.is_empty() { "(unknown base model)" } else { base });
+    let kind = if c.use_dora { "DoRA" } else { "LoRA" };
+    s += &format!("# {kind} adapter for {}\n\n", if base.is_empty() { "(unknown base model)" } else { base });
     s += &format!("Trained with tune {}.\n\n", env!("CARGO_PKG_VERSION"));
     if let Some(step) = src.step {
         s += &format!("- optimizer steps: {step}\n");
@@ -131,6 +139,10 @@ fn model_card(src: &Source, base: &str, c: &LoraConfig, targets: &[String], alph
              multiplying lora_B by {fold:.6}, so every consumer computes the same output\n",
             c.scale()
         );
+    }
+    if c.use_dora {
+        s += "- DoRA: with a lora_magnitude_vector per layer (use_dora: true); PEFT loads it, a consumer \
+              without DoRA support needs `tune export --merged` instead\n";
     }
     s += &format!("- tensors stored as {}\n\n", dtype.torch_name());
     s += "## Use\n\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n";

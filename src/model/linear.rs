@@ -40,6 +40,7 @@ impl<B: Backend> Linear<B> {
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match &self.adapter {
+            Some(lora) if lora.magnitude.is_some() => self.forward_dora(&self.weight, lora, x),
             // One fused operation: the adapter's output is accumulated into the base's, and
             // the backward pass needs neither the base's output nor W·x's gradient for W.
             Some(lora) => {
@@ -61,6 +62,42 @@ impl<B: Backend> Linear<B> {
             }
             None => linear_in_weight_dtype(x, self.weight.clone(), self.bias.clone()),
         }
+    }
+
+    /// DoRA in PEFT's form, `weight` the dense frozen `[in, out]`. With g = m / ‖W + s·B·A‖ per
+    /// output feature (a constant: PEFT detaches the norm), PEFT adds (g − 1)·W·x' + g·s·B·A·x'
+    /// to W·x + b, x' being x after dropout. Without dropout that is b + g·(W·x + s·B·A·x), the
+    /// fused LoRA op scaled; with dropout W meets both x and x', so it takes two products.
+    fn forward_dora<const D: usize>(&self, weight: &Tensor<B, 2>, lora: &LoraAdapter<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+        let magnitude = lora.magnitude.clone().expect("a DoRA adapter");
+        let dims = x.dims();
+        let n = x.shape().num_elements() / dims[D - 1];
+        let x = x.reshape([n, dims[D - 1]]);
+        let g = magnitude / lora.weight_norm(weight);
+        let y = match lora.dropped(x.clone()) {
+            None => {
+                let p = crate::ops::LoraLinear {
+                    w: prim(weight.clone()),
+                    bias: None,
+                    a: prim(lora.a.clone()),
+                    b: prim(lora.b.clone()),
+                    scale: lora.scale,
+                };
+                let merged: Tensor<B, 2> = float(B::lora_linear(prim(x), None, p));
+                let y = merged * g;
+                match &self.bias {
+                    Some(b) => y + b.clone().unsqueeze::<2>(),
+                    None => y,
+                }
+            }
+            Some(dropped) => {
+                let base = linear_in_weight_dtype(dropped.clone(), weight.clone(), None);
+                linear_in_weight_dtype(x, weight.clone(), self.bias.clone()) + base * (g.clone() - 1.0) + lora.delta(dropped) * g
+            }
+        };
+        let mut out = dims;
+        out[D - 1] = self.out_features();
+        y.reshape(out)
     }
 }
 

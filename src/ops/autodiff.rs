@@ -8,6 +8,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::FloatTensor;
 
 use super::{Activation, AttentionOptions, FusedOps, LoraLinear, Mask};
@@ -203,6 +204,11 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             }
             OpsKind::UnTracked(prep) => prep.finish(B::lora_linear(x.primitive, x_lora, inner)),
         }
+    }
+
+    fn dora_weight_norm(w: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+        // A constant of the graph: no parents, so nothing of it is recorded.
+        Self::from_inner(B::dora_weight_norm(w.primitive, a.primitive, b.primitive, scale))
     }
 
     fn fused_attention(

@@ -161,6 +161,14 @@ pub trait FusedOps: Backend {
         reference::lora_linear_backward::<Self>(x, x_lora, p, grad, need_dx)
     }
 
+    /// DoRA's weight norm: the L2 norm of each output feature's weights in w + scale·a·b (w
+    /// `[in, out]`, a `[in, r]`, b `[r, out]`), computed in f32, `[1, out]`. PEFT detaches it
+    /// from the graph (DoRA, §4.3), so an autodiff backend computes it on its inner backend: the
+    /// `[in, out]` sum is a temporary, never kept for the backward pass.
+    fn dora_weight_norm(w: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+        reference::dora_weight_norm::<Self>(w, a, b, scale)
+    }
+
     /// Cross-entropy of logits `[c, vocab]` against target ids, each row weighted by `coef`:
     /// returns Σ coef·nll and its gradient with respect to the logits, (softmax − one-hot)·coef.
     /// With a soft-cap (Gemma 2's final_logit_softcapping) the loss is that of
@@ -368,6 +376,12 @@ pub mod reference {
         let dx_base = need_dx.then(|| base_matmul(grad, w.transpose()));
         let (dx, dx_lora) = if shared { (dx_base.map(|d| d + dx_lora), None) } else { (dx_base, Some(dx_lora)) };
         (dx.map(prim), dx_lora.map(prim), prim(da), prim(db))
+    }
+
+    pub fn dora_weight_norm<B: Backend>(w: FloatTensor<B>, a: FloatTensor<B>, b: FloatTensor<B>, scale: f64) -> FloatTensor<B> {
+        let w = float::<B, 2>(w).cast(DType::F32);
+        let delta = float::<B, 2>(a).matmul(float::<B, 2>(b));
+        prim((w + delta * scale).square().sum_dim(0).sqrt())
     }
 
     pub fn cross_entropy<B: Backend>(logits: FloatTensor<B>, targets: &[u32], coef: &[f32], softcap: Option<f64>) -> (f64, FloatTensor<B>) {

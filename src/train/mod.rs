@@ -173,20 +173,21 @@ fn without_grad<B: AutodiffBackend + Backend>(layer: &Block<B>) -> Block<B> {
         if let Some(l) = p.adapter.as_mut() {
             l.a = Tensor::from_inner(l.a.clone().inner());
             l.b = Tensor::from_inner(l.b.clone().inner());
+            l.magnitude = l.magnitude.take().map(|m| Tensor::from_inner(m.inner()));
         }
     }
     layer
 }
 
 /// The trainable tensors, in a fixed order: layer by layer, for each adapted projection,
-/// lora_A then lora_B.
+/// lora_A, lora_B and, with DoRA, the magnitude (`[1, out]`).
 pub fn lora_params<B: Backend>(model: &CausalLm<B>) -> Vec<Tensor<B, 2>> {
     model.layers.iter().flat_map(layer_lora_params).cloned().collect()
 }
 
 /// One layer's part of [`lora_params`].
 fn layer_lora_params<B: Backend>(layer: &Block<B>) -> impl Iterator<Item = &Tensor<B, 2>> {
-    layer.linears().into_iter().filter_map(|p| p.adapter.as_ref()).flat_map(|l| [&l.a, &l.b])
+    layer.linears().into_iter().filter_map(|p| p.adapter.as_ref()).flat_map(|l| [Some(&l.a), Some(&l.b), l.magnitude.as_ref()]).flatten()
 }
 
 fn set_lora_params<B: Backend>(model: &mut CausalLm<B>, params: Vec<Tensor<B, 2>>) {
@@ -195,6 +196,9 @@ fn set_lora_params<B: Backend>(model: &mut CausalLm<B>, params: Vec<Tensor<B, 2>
         if let Some(l) = p.adapter.as_mut() {
             l.a = it.next().expect("one tensor per lora_A");
             l.b = it.next().expect("one tensor per lora_B");
+            if l.magnitude.is_some() {
+                l.magnitude = Some(it.next().expect("one tensor per lora_magnitude_vector"));
+            }
         }
     }
 }
@@ -287,6 +291,7 @@ pub fn setup(recipe: &Recipe, chat_date: crate::hf::ChatDate) -> Result<Setup> {
         dropout: recipe.lora.dropout,
         target_modules: peft::resolve_targets(targets(recipe), &config)?,
         use_rslora: recipe.lora.use_rslora,
+        use_dora: recipe.lora.use_dora,
     };
     let t = &recipe.train;
     let per_step = t.batch_size * t.grad_accum;

@@ -275,3 +275,91 @@ fn smollm2_nf4_eval_equals_transformers_on_round_tripped_weights() {
 fn smollm2_int8_eval_equals_transformers_on_round_tripped_weights() {
     smollm2(Quantization::Int8);
 }
+
+fn temp(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tune-quant-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `tune run` with `model.quantize: nf4` trains on the quantized base, records the key, and its
+/// merged export adds the adapter to the checkpoint's original weights (as PEFT merges a QLoRA
+/// adapter into the unquantized base), not to the NF4 round trip the run trained on.
+#[test]
+fn qlora_run_merges_into_the_unquantized_base() {
+    let dir = temp("run");
+    let (model_dir, data, out) = (dir.join("model"), dir.join("data.jsonl"), dir.join("run"));
+    write_tiny_model(&model_dir, 7);
+    write_text_dataset(&data, 16, 3);
+    let recipe = format!(
+        "model:\n  path: {}\n  quantize: nf4\nlora:\n  rank: 4\n  alpha: 8\n  dropout: 0.0\n  target_modules: [q_proj, v_proj]\n\
+         dataset:\n  path: {}\n  max_seq_len: 16\ntrain:\n  max_steps: 3\n  batch_size: 4\n  lr: 1.0e-2\n\
+         output:\n  dir: {}\n  export: merged\n  export_dtype: f32\n",
+        model_dir.display(),
+        data.display(),
+        out.display()
+    );
+    std::fs::write(dir.join("recipe.yaml"), recipe).unwrap();
+    let (code, stderr) = tune(&["run", s(&dir.join("recipe.yaml"))]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(std::fs::read_to_string(out.join("recipe.yaml")).unwrap().contains("quantize: nf4"));
+
+    let base = read_reference(&model_dir.join("model.safetensors"));
+    let merged = read_reference(&out.join("export/merged/model.safetensors"));
+    let adapter = read_reference(&out.join("adapter/adapter_model.safetensors"));
+    // Not adapted: the original bits, which the NF4 round trip would have changed.
+    let name = "model.layers.0.self_attn.o_proj.weight";
+    let w = base[name].f32s();
+    assert_eq!(first_bit_difference(&merged[name].f32s(), &w), None, "{name}: merged is not the original weight");
+    let round_trip = Quantization::Nf4.quantize(&w, 32, 32).unwrap().dequantize();
+    assert!(first_bit_difference(&round_trip, &w).is_some());
+    // Adapted: W + (alpha / r)·B·A on the original W.
+    let name = "model.layers.1.self_attn.q_proj";
+    let (w, got) = (base[&format!("{name}.weight")].f32s(), merged[&format!("{name}.weight")].f32s());
+    let a = adapter[&format!("base_model.model.{name}.lora_A.weight")].f32s(); // [4, 32]
+    let b = adapter[&format!("base_model.model.{name}.lora_B.weight")].f32s(); // [32, 4]
+    assert!(b.iter().any(|&v| v != 0.0), "training moved lora_B off zero");
+    let want: Vec<f32> = (0..32 * 32)
+        .map(|k| {
+            let (o, i) = (k / 32, k % 32);
+            w[k] + 2.0 * (0..4).map(|r| b[o * 4 + r] * a[r * 32 + i]).sum::<f32>()
+        })
+        .collect();
+    let (d, scale) = max_abs_diff(&got, &want);
+    assert!(d <= 1e-6 * scale, "{name}: merged differs from W + s·B·A by {d}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `tune eval --quantize` loads the base as model.quantize does (the library path the tests
+/// above hold to transformers); a bad value names the flag and the choices.
+#[test]
+fn eval_quantize_flag() {
+    let dir = temp("eval");
+    let (model_dir, data) = (dir.join("model"), dir.join("data.jsonl"));
+    write_tiny_model(&model_dir, 5);
+    write_text_dataset(&data, 6, 9);
+    let tok = tune::hf::Tokenizer::from_model_dir(&model_dir).unwrap();
+    let records = tune::data::read_records(&data).unwrap();
+    let sequences: Vec<Vec<u32>> =
+        records.iter().map(|r| tune::data::text_ids(&tok, r.value["text"].as_str().unwrap(), tok.eos_token_id()).unwrap()).collect();
+    let mut losses = Vec::new();
+    for (flag, q) in [("nf4", Quantization::Nf4), ("int8", Quantization::Int8), ("none", Quantization::None)] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tune"))
+            .args(["eval", "--model", s(&model_dir), "--data", s(&data), "--quantize", flag, "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let opts = LoadOptions { dtype: FloatDType::F32, quantize: q };
+        let model: CausalLm<B> = model::load_with(&model_dir, &Default::default(), &opts).unwrap();
+        let want = tune::eval::evaluate(&model, &sequences, &Default::default()).loss;
+        assert_eq!(report["loss"].as_f64().unwrap(), want, "--quantize {flag}");
+        losses.push(want);
+    }
+    assert!(losses[0] != losses[2] && losses[1] != losses[2], "the flag changes the model: {losses:?}");
+    let (code, stderr) = tune(&["eval", "--model", s(&model_dir), "--data", s(&data), "--quantize", "nf5"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--quantize") && stderr.contains("nf4, int8 or none"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

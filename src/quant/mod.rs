@@ -177,15 +177,9 @@ fn clamp_min(x: f32, lo: f32) -> f32 {
     }
 }
 
-/// torch's `clamp(x, −1, 1)`: NaN stays NaN.
+/// torch's `clamp(x, −1, 1)`: NaN stays NaN (as f32::clamp keeps it).
 fn clamp_unit(x: f32) -> f32 {
-    if x < -1.0 {
-        -1.0
-    } else if x > 1.0 {
-        1.0
-    } else {
-        x
-    }
+    x.clamp(-1.0, 1.0)
 }
 
 /// The smallest absmax bitsandbytes divides by (`clamp(min=1e-38)`, the Python float cast to f32).
@@ -199,6 +193,7 @@ fn nf4_bounds() -> [f32; 15] {
 
 /// `torch.bucketize(x, bounds)` (right=False): the first i with bounds[i] >= x, by torch's own
 /// binary search, so that a tie goes to the lower code and NaN to the last.
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // torch's `!(mid >= x)`: true for NaN
 fn bucketize(x: f32, bounds: &[f32; 15]) -> u8 {
     let (mut lo, mut hi) = (0usize, bounds.len());
     while lo < hi {

@@ -191,20 +191,29 @@ fn nf4_bounds() -> [f32; 15] {
     std::array::from_fn(|i| (NF4_CODE[i] + NF4_CODE[i + 1]) / 2.0)
 }
 
-/// `torch.bucketize(x, bounds)` (right=False): the first i with bounds[i] >= x, by torch's own
-/// binary search, so that a tie goes to the lower code and NaN to the last.
-#[allow(clippy::neg_cmp_op_on_partial_ord)] // torch's `!(mid >= x)`: true for NaN
+/// `torch.bucketize(x, bounds)` (right=False): torch's binary search steps right while
+/// `!(bounds[mid] >= x)`, so over sorted bounds it returns how many bounds that holds for: a
+/// tie goes to the lower code, NaN to the last. Counted without branches, so that a block's
+/// codes vectorize.
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(b >= x)` is true for NaN, `b < x` is not
+#[inline(always)]
 fn bucketize(x: f32, bounds: &[f32; 15]) -> u8 {
-    let (mut lo, mut hi) = (0usize, bounds.len());
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        if !(bounds[mid] >= x) {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
+    bounds.iter().map(|&b| (!(b >= x)) as u8).sum()
+}
+
+/// The codes of up to one block of scaled values, two a byte, the first high; an odd count
+/// is padded with the code of 0, as bitsandbytes pads the scaled values with a 0.
+fn pack(scaled: &[f32], out: &mut [u8], bounds: &[f32; 15]) {
+    let mut q = [0u8; NF4_BLOCK];
+    for (q, &x) in q.iter_mut().zip(scaled) {
+        *q = bucketize(x, bounds);
     }
-    lo as u8
+    if scaled.len() % 2 == 1 {
+        q[scaled.len()] = bucketize(0.0, bounds);
+    }
+    for (byte, pair) in out.iter_mut().zip(q.chunks_exact(2)) {
+        *byte = (pair[0] << 4) | pair[1];
+    }
 }
 
 /// bitsandbytes' NF4: blocks of [`NF4_BLOCK`] consecutive weights (row-major over the whole
@@ -233,26 +242,21 @@ impl Nf4Matrix {
         let full = n / NF4_BLOCK * NF4_BLOCK;
         let mut packed = vec![0u8; n.div_ceil(2)];
         let mut scales = vec![0f32; n.div_ceil(NF4_BLOCK)];
-        let pack = |scaled: &mut dyn Iterator<Item = f32>, out: &mut [u8]| {
-            for byte in out.iter_mut() {
-                let hi = bucketize(scaled.next().unwrap_or(0.0), &bounds);
-                let lo = bucketize(scaled.next().unwrap_or(0.0), &bounds);
-                *byte = (hi << 4) | lo;
-            }
-        };
         packed[..full / 2].par_chunks_mut(NF4_BLOCK / 2).zip(scales.par_iter_mut()).zip(w[..full].par_chunks(NF4_BLOCK)).for_each(
             |((out, scale), block)| {
                 let m = absmax(block);
                 *scale = m;
                 let r = 1.0 / clamp_min(m, TINY);
-                pack(&mut block.iter().map(|&x| clamp_unit(x * r)), out);
+                let scaled: [f32; NF4_BLOCK] = std::array::from_fn(|j| clamp_unit(block[j] * r));
+                pack(&scaled, out, &bounds);
             },
         );
         if full < n {
             let tail = &w[full..];
             let m = clamp_min(absmax(tail), TINY);
             scales[full / NF4_BLOCK] = m;
-            pack(&mut tail.iter().map(|&x| clamp_unit(x / m)), &mut packed[full / 2..]);
+            let scaled: Vec<f32> = tail.iter().map(|&x| clamp_unit(x / m)).collect();
+            pack(&scaled, &mut packed[full / 2..], &bounds);
         }
         Nf4Matrix { rows, cols, packed, absmax: scales }
     }

@@ -27,6 +27,8 @@ pub struct BenchConfig {
     pub warmup: usize,
     /// Storage dtype of the frozen base (f32 or bf16).
     pub dtype: burn::tensor::FloatDType,
+    /// The decoder linear layers quantized (model.quantize) or not.
+    pub quantize: crate::quant::Quantization,
     pub activation_checkpointing: bool,
 }
 
@@ -38,6 +40,7 @@ pub struct BenchReport {
     pub rank: usize,
     pub steps: usize,
     pub dtype: String,
+    pub quantize: String,
     pub activation_checkpointing: bool,
     pub tokens_per_s: f64,
     pub step_s_median: f64,
@@ -48,7 +51,8 @@ pub struct BenchReport {
 
 pub fn run<B: Backend>(device: &B::Device, model_dir: &Path, c: &BenchConfig) -> Result<BenchReport> {
     let start = Instant::now();
-    let mut model: CausalLm<Autodiff<B>> = model::load_with_dtype(model_dir, device, c.dtype)?;
+    let opts = model::LoadOptions { dtype: c.dtype, quantize: c.quantize };
+    let mut model: CausalLm<Autodiff<B>> = model::load_with(model_dir, device, &opts)?;
     let load_s = start.elapsed().as_secs_f64();
     let lora = LoraConfig {
         rank: c.rank,
@@ -107,6 +111,7 @@ pub fn run<B: Backend>(device: &B::Device, model_dir: &Path, c: &BenchConfig) ->
         rank: c.rank,
         steps: c.steps,
         dtype: format!("{:?}", c.dtype).to_lowercase(),
+        quantize: c.quantize.to_string(),
         activation_checkpointing: c.activation_checkpointing,
         tokens_per_s: (c.seq * c.batch * c.steps) as f64 / total,
         step_s_median: sorted[sorted.len() / 2],

@@ -1,7 +1,7 @@
 //! tune: LoRA fine-tuning for open-weight LLMs.
 //!
-//! Data flows one way: Hugging Face files (`hf`) -> model (`model`, `lora`) -> data (`data`) ->
-//! evaluation and generation (`eval`, `generate`).
+//! Data flows one way: Hugging Face files (`hf`) -> model (`model`, `lora`; a quantized base's
+//! codecs in `quant`) -> data (`data`) -> evaluation and generation (`eval`, `generate`).
 
 pub mod adapter;
 pub mod backend;
@@ -17,6 +17,7 @@ pub mod hf;
 pub mod model;
 pub mod ops;
 pub mod peft;
+pub mod quant;
 pub mod recipe;
 pub mod rng;
 pub mod train;

@@ -26,7 +26,11 @@ pub fn inject<B: Backend>(model: &mut CausalLm<B>, config: &LoraConfig, seed: u6
         if config.targets(&l.name) {
             let mut adapter = LoraAdapter::init(l.in_features(), l.out_features(), config, &mut rng, device);
             if config.use_dora {
-                adapter.init_magnitude(&l.weight);
+                // Recipe::validate refuses lora.use_dora with model.quantize: DoRA's norm needs
+                // the dense W.
+                adapter.init_magnitude(
+                    l.weight.dense().expect("DoRA needs a dense base (use_dora with a quantized base is refused at validation)"),
+                );
             }
             l.adapter = Some(adapter);
         }
@@ -239,6 +243,15 @@ pub fn load_peft<B: Backend>(model: &mut CausalLm<B>, dir: &Path, device: &B::De
         let a = weights.read_f32(&a_key, &[c.r, fan_in])?;
         let b = weights.read_f32(&b_key, &[out, c.r])?;
         let magnitude = match (pick(MAGNITUDE), c.use_dora) {
+            (Some(key), true) if l.weight.quantized().is_some() => {
+                return Err(Error::Tensor {
+                    path: dir.join(ADAPTER_WEIGHTS),
+                    name: key,
+                    msg: "a DoRA adapter on a quantized base (model.quantize / --quantize): DoRA's weight norm needs the dense \
+                          weight, so tune does not run QDoRA; load the base unquantized"
+                        .into(),
+                })
+            }
             (Some(key), true) => {
                 let m = weights.read_f32(&key, &[out])?;
                 used.insert(key);

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::DeviceKind;
 use crate::error::did_you_mean;
 use crate::error::{Error, Result};
+use crate::quant::Quantization;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,6 +41,18 @@ pub struct ModelSection {
     /// f32 either way. The run's recipe.yaml records the value used.
     #[serde(default)]
     pub dtype: Option<BaseDtype>,
+    /// Store the decoder's linear layers quantized (QLoRA): `nf4` (bitsandbytes' 4-bit
+    /// NormalFloat: blocks of 64 consecutive weights with one f32 absmax each, no double
+    /// quantization; 0.5 byte a weight), `int8` (per output row, absmax/127 scales and
+    /// round-to-nearest-even codes as bitsandbytes' `int8_vectorwise_quant`; 1 byte a weight,
+    /// weight-only: the compute stays f32) or `none`. Default `none`. Quantized at load, one
+    /// tensor at a time; the dequantized weights equal bitsandbytes' round trip bit for bit.
+    /// Embeddings, norms and the output head stay in `model.dtype`, as in PEFT's QLoRA. LoRA
+    /// trains in f32 on the dequantized weights, which are never held whole (a tile at a time
+    /// inside the fused linear). Exports are as usual; a merged export adds the adapter to the
+    /// original, unquantized weights of `model.path`, as PEFT's merge does.
+    #[serde(default)]
+    pub quantize: Quantization,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -335,6 +348,7 @@ const KEYS: &[&str] = &[
     "model",
     "model.path",
     "model.dtype",
+    "model.quantize",
     "lora",
     "lora.rank",
     "lora.alpha",
@@ -422,6 +436,13 @@ impl Recipe {
         }
         if self.lora.rank == 0 {
             return bad("lora.rank", "must be at least 1");
+        }
+        if self.lora.use_dora && self.model.quantize != crate::quant::Quantization::None {
+            return bad(
+                "lora.use_dora",
+                "DoRA on a quantized base (model.quantize) is not supported: DoRA's weight norm needs the dense weight; \
+                 set model.quantize: none or lora.use_dora: false",
+            );
         }
         if !(0.0..1.0).contains(&self.lora.dropout) {
             return bad("lora.dropout", "must be in [0, 1)");
@@ -603,6 +624,30 @@ mod tests {
         assert_eq!(crate::train::breaking_changes(&saved, &cuda), vec!["model.dtype".to_string()]);
         let cuda_f32 = parse(MINIMAL, &["device=cuda", "model.dtype=f32"]).unwrap();
         assert!(crate::train::breaking_changes(&saved, &cuda_f32).is_empty());
+    }
+
+    /// `model.quantize` reads nf4, int8 or none (the default), is recorded in the run's
+    /// recipe.yaml, a wrong value names the key, and changing it refuses a resume.
+    #[test]
+    fn dora_on_a_quantized_base_is_refused_naming_both_keys() {
+        let err = parse(MINIMAL, &["model.quantize=nf4", "lora.use_dora=true"]).unwrap_err().to_string();
+        assert!(err.contains("lora.use_dora") && err.contains("model.quantize"), "{err}");
+        assert!(parse(MINIMAL, &["model.quantize=nf4"]).is_ok() && parse(MINIMAL, &["lora.use_dora=true"]).is_ok());
+    }
+
+    #[test]
+    fn quantize_is_a_model_key() {
+        assert_eq!(parse(MINIMAL, &[]).unwrap().model.quantize, Quantization::None);
+        let nf4 = parse(MINIMAL, &["model.quantize=nf4"]).unwrap();
+        assert_eq!(nf4.model.quantize, Quantization::Nf4);
+        assert_eq!(parse(&nf4.to_yaml(), &[]).unwrap().model.quantize, Quantization::Nf4);
+        assert_eq!(parse(MINIMAL, &["model.quantize=int8"]).unwrap().model.quantize, Quantization::Int8);
+        let err = parse(&MINIMAL.replace("  path: /m\n", "  path: /m\n  quantize: nf8\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("`model.quantize`") && err.contains("nf4") && err.contains("line 3"), "{err}");
+        let err = parse(MINIMAL, &["model.quantize=4bit"]).unwrap_err().to_string();
+        assert!(err.contains("model.quantize") && err.contains("int8"), "{err}");
+        let saved = parse(&parse(MINIMAL, &[]).unwrap().to_yaml(), &[]).unwrap();
+        assert_eq!(crate::train::breaking_changes(&saved, &nf4), vec!["model.quantize".to_string()]);
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub struct Args {
     /// in recipes).
     #[arg(long, value_parser = ["f32", "bf16"])]
     dtype: Option<String>,
+    /// Store the decoder linear layers quantized, as model.quantize: nf4, int8 or none.
+    #[arg(long, default_value = "none")]
+    quantize: tune::quant::Quantization,
     /// Recompute each layer in the backward pass (train.activation_checkpointing).
     #[arg(long)]
     activation_checkpointing: bool,
@@ -51,19 +54,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         steps: args.steps,
         warmup: 2,
         dtype,
+        quantize: args.quantize,
         activation_checkpointing: args.activation_checkpointing,
     };
     let report = tune::with_backend!(args.device, bench_on(&model, &config))?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        println!("| model | backend | dtype | seq | batch | rank | checkpointing | tokens/s | median step s | peak RSS MiB |");
-        println!("|---|---|---|---|---|---|---|---|---|---|");
+        println!("| model | backend | dtype | quantize | seq | batch | rank | checkpointing | tokens/s | median step s | peak RSS MiB |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {:.0} |",
             model.file_name().unwrap_or_default().to_string_lossy(),
             report.backend,
             report.dtype,
+            report.quantize,
             report.seq,
             report.batch,
             report.rank,

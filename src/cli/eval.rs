@@ -6,6 +6,7 @@ use tune::backend::DeviceKind;
 use tune::data::{read_records, string_field, text_ids};
 use tune::hf::Tokenizer;
 use tune::model::CausalLm;
+use tune::quant::Quantization;
 use tune::{eval, model, with_backend};
 
 #[derive(clap::Args, Debug)]
@@ -22,6 +23,9 @@ pub struct Args {
     /// A LoRA adapter: a PEFT adapter directory or a run directory.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// Store the base's decoder linear layers quantized, as model.quantize: nf4, int8 or none.
+    #[arg(long, default_value = "none")]
+    quantize: Quantization,
     #[arg(long, default_value = "cpu")]
     device: DeviceKind,
     /// Print one JSON line {"loss", "tokens", "perplexity"}.
@@ -46,7 +50,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if sequences.is_empty() {
         anyhow::bail!("{}: no records", args.data.display());
     }
-    let report = with_backend!(args.device, evaluate(&args.model, args.adapter.as_deref(), &sequences))?;
+    let report = with_backend!(args.device, evaluate(&args.model, args.adapter.as_deref(), args.quantize, &sequences))?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -59,9 +63,10 @@ fn evaluate<B: Backend>(
     device: &B::Device,
     dir: &std::path::Path,
     adapter: Option<&std::path::Path>,
+    quantize: Quantization,
     sequences: &[Vec<u32>],
 ) -> anyhow::Result<eval::EvalReport> {
-    let model: CausalLm<B> = super::load_model(dir, adapter, device)?;
+    let model: CausalLm<B> = super::load_model(dir, adapter, quantize, device)?;
     let start = Instant::now();
     let report = eval::evaluate(&model, sequences, device);
     eprintln!("evaluated {} tokens in {:.1} s", report.tokens, start.elapsed().as_secs_f64());

@@ -33,6 +33,9 @@ pub struct Args {
     /// when it has one, is used instead of the model's chat template.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// Store the base's decoder linear layers quantized, as model.quantize: nf4, int8 or none.
+    #[arg(long, default_value = "none")]
+    quantize: tune::quant::Quantization,
     #[arg(long, default_value = "cpu")]
     device: DeviceKind,
 }
@@ -67,7 +70,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 fn run_on<B: Backend>(device: &B::Device, args: &Args, tokenizer: &Tokenizer, prompt_ids: &[u32], stop: &[u32]) -> anyhow::Result<()> {
     let start = Instant::now();
-    let model: CausalLm<B> = super::load_model(&args.model, args.adapter.as_deref(), device)?;
+    let model: CausalLm<B> = super::load_model(&args.model, args.adapter.as_deref(), args.quantize, device)?;
     eprintln!("loaded {} in {:.2} s", args.model.display(), start.elapsed().as_secs_f64());
     let sampling = Sampling { temperature: args.temperature, top_p: args.top_p, seed: args.seed };
     let start = Instant::now();

@@ -62,14 +62,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Loads the base model, with the adapter at `adapter` (an adapter or run directory) attached.
+/// Loads the base model (its linear layers quantized as `quantize` says), with the adapter at
+/// `adapter` (an adapter or run directory) attached.
 fn load_model<B: tune::backend::Backend>(
     dir: &std::path::Path,
     adapter: Option<&std::path::Path>,
+    quantize: tune::quant::Quantization,
     device: &B::Device,
 ) -> anyhow::Result<tune::model::CausalLm<B>> {
     use anyhow::Context;
-    let mut model = tune::model::load(dir, device).with_context(|| format!("loading {}", dir.display()))?;
+    let opts = tune::model::LoadOptions { quantize, ..Default::default() };
+    let mut model = tune::model::load_with(dir, device, &opts).with_context(|| format!("loading {}", dir.display()))?;
     if let Some(path) = adapter {
         let adapter_dir = tune::checkpoint::resolve_adapter_dir(path)?;
         let config = tune::peft::load_peft(&mut model, &adapter_dir, device)

@@ -6,8 +6,39 @@ use burn::tensor::Tensor;
 use crate::adapter::LoraAdapter;
 use crate::backend::Backend;
 use crate::ops::{float, prim};
+use crate::quant::{QuantizedMatrix, SharedMatrix};
 
 use super::config::WeightLayout;
+
+/// The frozen weight of a [`Linear`], as the model holds it.
+#[derive(Debug, Clone)]
+pub enum FrozenWeight<B: Backend> {
+    /// `[in_features, out_features]` in `model.dtype`: an `nn.Linear`'s `[out, in]` transposed
+    /// once at load (so the forward pass is a plain matmul), a `Conv1D`'s kept as stored.
+    Dense(Tensor<B, 2>),
+    /// `[out_features, in_features]` quantized (`model.quantize`), in host memory: an
+    /// `nn.Linear`'s weight as stored, a `Conv1D`'s transposed, as bitsandbytes stores both.
+    /// Only ever dequantized a tile at a time, inside [`crate::ops::FusedOps::quant_linear`].
+    Quantized(SharedMatrix),
+}
+
+impl<B: Backend> FrozenWeight<B> {
+    /// The dense tensor, `[in, out]`; None when quantized.
+    pub fn dense(&self) -> Option<&Tensor<B, 2>> {
+        match self {
+            FrozenWeight::Dense(w) => Some(w),
+            FrozenWeight::Quantized(_) => None,
+        }
+    }
+
+    /// The quantized matrix, `[out, in]`; None when dense.
+    pub fn quantized(&self) -> Option<&QuantizedMatrix> {
+        match self {
+            FrozenWeight::Dense(_) => None,
+            FrozenWeight::Quantized(q) => Some(q),
+        }
+    }
+}
 
 /// `y = x·W (+ b)`, plus an optional adapter. Its name is the checkpoint's module path, which is
 /// also PEFT's name for it.
@@ -15,9 +46,7 @@ use super::config::WeightLayout;
 pub struct Linear<B: Backend> {
     /// Module path, e.g. `model.layers.0.self_attn.q_proj`.
     pub name: String,
-    /// `[in_features, out_features]`: an `nn.Linear`'s `[out, in]` transposed once at load (so
-    /// the forward pass is a plain matmul), a `Conv1D`'s kept as stored.
-    pub weight: Tensor<B, 2>,
+    pub weight: FrozenWeight<B>,
     pub bias: Option<Tensor<B, 1>>,
     /// How the weight is stored in the checkpoint (and so in a merged export).
     pub layout: WeightLayout,
@@ -26,11 +55,17 @@ pub struct Linear<B: Backend> {
 
 impl<B: Backend> Linear<B> {
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[0]
+        match &self.weight {
+            FrozenWeight::Dense(w) => w.dims()[0],
+            FrozenWeight::Quantized(q) => q.cols(),
+        }
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[1]
+        match &self.weight {
+            FrozenWeight::Dense(w) => w.dims()[1],
+            FrozenWeight::Quantized(q) => q.rows(),
+        }
     }
 
     /// The last component of the path (`q_proj`), which is what `target_modules` names.
@@ -39,8 +74,12 @@ impl<B: Backend> Linear<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let weight = match &self.weight {
+            FrozenWeight::Dense(w) => w,
+            FrozenWeight::Quantized(q) => return self.forward_quantized(q, x),
+        };
         match &self.adapter {
-            Some(lora) if lora.magnitude.is_some() => self.forward_dora(&self.weight, lora, x),
+            Some(lora) if lora.magnitude.is_some() => self.forward_dora(weight, lora, x),
             // One fused operation: the adapter's output is accumulated into the base's, and
             // the backward pass needs neither the base's output nor W·x's gradient for W.
             Some(lora) => {
@@ -49,7 +88,7 @@ impl<B: Backend> Linear<B> {
                 let x = x.reshape([n, dims[D - 1]]);
                 let x_lora = lora.dropped(x.clone());
                 let p = crate::ops::LoraLinear {
-                    w: prim(self.weight.clone()),
+                    w: prim(weight.clone()),
                     bias: self.bias.clone().map(prim),
                     a: prim(lora.a.clone()),
                     b: prim(lora.b.clone()),
@@ -60,7 +99,7 @@ impl<B: Backend> Linear<B> {
                 out[D - 1] = self.out_features();
                 y.reshape(out)
             }
-            None => linear_in_weight_dtype(x, self.weight.clone(), self.bias.clone()),
+            None => linear_in_weight_dtype(x, weight.clone(), self.bias.clone()),
         }
     }
 
@@ -95,6 +134,28 @@ impl<B: Backend> Linear<B> {
                 linear_in_weight_dtype(x, weight.clone(), self.bias.clone()) + base * (g.clone() - 1.0) + lora.delta(dropped) * g
             }
         };
+        let mut out = dims;
+        out[D - 1] = self.out_features();
+        y.reshape(out)
+    }
+
+    /// The quantized base, with or without its adapter, as one fused operation in x's dtype
+    /// (f32): W is dequantized a tile at a time, and takes no gradient.
+    fn forward_quantized<const D: usize>(&self, w: &SharedMatrix, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dims = x.dims();
+        let n = x.shape().num_elements() / dims[D - 1];
+        let x = x.reshape([n, dims[D - 1]]);
+        let x_lora = self.adapter.as_ref().and_then(|lora| lora.dropped(x.clone()));
+        let p = crate::ops::QuantLinear {
+            w: w.clone(),
+            bias: self.bias.clone().map(prim),
+            lora: self.adapter.as_ref().map(|lora| crate::ops::LoraWeights {
+                a: prim(lora.a.clone()),
+                b: prim(lora.b.clone()),
+                scale: lora.scale,
+            }),
+        };
+        let y: Tensor<B, 2> = float(B::quant_linear(prim(x), x_lora.map(prim), p));
         let mut out = dims;
         out[D - 1] = self.out_features();
         y.reshape(out)

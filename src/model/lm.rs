@@ -130,7 +130,8 @@ impl<B: Backend> CausalLm<B> {
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(loader.linear(names.lm_head, hidden, c.vocab_size, false, super::config::WeightLayout::OutIn)?.weight)
+            // Never quantized, as in PEFT's QLoRA.
+            Some(loader.dense_weight(names.lm_head, hidden, c.vocab_size, super::config::WeightLayout::OutIn)?)
         };
         Ok(CausalLm {
             embed_tokens,

@@ -9,9 +9,10 @@ use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 
 use super::blocks::Norm;
 use super::config::{NormKind, WeightLayout};
-use super::linear::Linear;
+use super::linear::{FrozenWeight, Linear};
 use crate::error::{Error, Result};
 use crate::hf::Weights;
+use crate::quant::Quantization;
 
 pub struct Loader<'a, B: Backend> {
     weights: &'a Weights,
@@ -19,6 +20,8 @@ pub struct Loader<'a, B: Backend> {
     /// Storage dtype of the large frozen matrices (projections, embeddings, lm_head); norms and
     /// biases stay f32.
     matrix_dtype: FloatDType,
+    /// How the decoder's linear layers are stored (embeddings, norms and the head never are).
+    quantize: Quantization,
     /// A prefix some checkpoints were saved without (`transformer.` of GPT-2 and BLOOM).
     optional_prefix: Option<&'static str>,
     used: RefCell<BTreeSet<String>>,
@@ -26,7 +29,21 @@ pub struct Loader<'a, B: Backend> {
 
 impl<'a, B: Backend> Loader<'a, B> {
     pub fn new(weights: &'a Weights, device: B::Device) -> Self {
-        Loader { weights, device, matrix_dtype: FloatDType::F32, optional_prefix: None, used: RefCell::new(BTreeSet::new()) }
+        Loader {
+            weights,
+            device,
+            matrix_dtype: FloatDType::F32,
+            quantize: Quantization::None,
+            optional_prefix: None,
+            used: RefCell::new(BTreeSet::new()),
+        }
+    }
+
+    /// Stores every [`Loader::linear`] quantized, each as soon as it is read: loading holds the
+    /// quantized layers so far and one f32 tensor, never the f32 model.
+    pub fn with_quantization(mut self, quantize: Quantization) -> Self {
+        self.quantize = quantize;
+        self
     }
 
     /// Stores the frozen matrices in `dtype` (bf16 halves their memory; compute casts at use).
@@ -81,14 +98,38 @@ impl<'a, B: Backend> Loader<'a, B> {
         self.stored_matrix(name, rows, cols)
     }
 
-    /// A linear layer at module path `name`, its weight `[in, out]`. An `nn.Linear`'s
-    /// `[out, in]` f32 weight is transposed while converting, so the only copy in memory is the
-    /// [in, out] one (what the f32 gemm calls read fastest); a bf16 one stays as stored and is
-    /// used as a transposed view, since the bf16 kernel packs its operand either way (no
-    /// transpose at load). A `Conv1D`'s is already [in, out].
+    /// A decoder's linear layer at module path `name`, quantized when the loader is (see
+    /// [`Loader::with_quantization`]), else as [`Loader::dense_weight`] reads it.
     pub fn linear(&self, name: &str, in_features: usize, out_features: usize, bias: bool, layout: WeightLayout) -> Result<Linear<B>> {
+        let weight = match self.quantize {
+            Quantization::None => FrozenWeight::Dense(self.dense_weight(name, in_features, out_features, layout)?),
+            q => {
+                // bitsandbytes quantizes [out, in]: an nn.Linear's weight as stored, a Conv1D's
+                // transposed.
+                let w = match layout {
+                    WeightLayout::OutIn => self.read(&format!("{name}.weight"), &[out_features, in_features])?,
+                    WeightLayout::InOut => crate::adapter::transpose(
+                        &self.read(&format!("{name}.weight"), &[in_features, out_features])?,
+                        in_features,
+                        out_features,
+                    ),
+                };
+                FrozenWeight::Quantized(std::sync::Arc::new(q.quantize(&w, out_features, in_features).expect("a quantization")))
+            }
+        };
+        let bias = if bias { Some(self.vector(&format!("{name}.bias"), out_features)?) } else { None };
+        Ok(Linear { name: name.to_string(), weight, bias, layout, adapter: None })
+    }
+
+    /// The weight of the linear layer at module path `name` as a dense `[in, out]` tensor in the
+    /// matrix dtype, whatever the quantization (the output head's). An `nn.Linear`'s `[out, in]`
+    /// f32 weight is transposed while converting, so the only copy in memory is the [in, out]
+    /// one (what the f32 gemm calls read fastest); a bf16 one stays as stored and is used as a
+    /// transposed view, since the bf16 kernel reads its operand either way (no transpose at
+    /// load). A `Conv1D`'s is already [in, out].
+    pub fn dense_weight(&self, name: &str, in_features: usize, out_features: usize, layout: WeightLayout) -> Result<Tensor<B, 2>> {
         let weight_name = format!("{name}.weight");
-        let weight = match (layout, self.matrix_dtype) {
+        Ok(match (layout, self.matrix_dtype) {
             (WeightLayout::OutIn, FloatDType::BF16) => self.stored_matrix(&weight_name, out_features, in_features)?.transpose(),
             (WeightLayout::InOut, _) => self.stored_matrix(&weight_name, in_features, out_features)?,
             (WeightLayout::OutIn, dtype) => {
@@ -101,9 +142,7 @@ impl<'a, B: Backend> Loader<'a, B> {
                 }
                 Tensor::from_data(TensorData::new(t, [in_features, out_features]), (&self.device, DType::from(dtype)))
             }
-        };
-        let bias = if bias { Some(self.vector(&format!("{name}.bias"), out_features)?) } else { None };
-        Ok(Linear { name: name.to_string(), weight, bias, layout, adapter: None })
+        })
     }
 
     /// A norm at module path `name` over `n` features: RMSNorm's weight (Gemma's stored w

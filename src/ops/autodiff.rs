@@ -1,7 +1,8 @@
 //! The backward passes of the fused operations, for burn's autodiff backend over any backend
 //! that has them. Each operation saves only what its backward needs: attention its inputs,
 //! options, output and log-sum-exp; RMSNorm its input and 1/rms; LayerNorm its input, mean and
-//! 1/std; RoPE nothing; the MLP's activations their inputs.
+//! 1/std; RoPE nothing; the MLP's activations their inputs; a quantized linear layer its
+//! (shared, still quantized) weight, and with an adapter its input and the adapter.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -11,7 +12,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::FloatTensor;
 
-use super::{Activation, AttentionOptions, FusedOps, LoraLinear, Mask};
+use super::{Activation, AttentionOptions, FusedOps, LoraLinear, LoraWeights, Mask, QuantLinear};
 
 fn inner_mask<B: FusedOps, C: CheckpointStrategy>(mask: Mask<Autodiff<B, C>>) -> Mask<B> {
     match mask {
@@ -173,6 +174,49 @@ impl<B: FusedOps> Backward<B, 1> for FrozenMatmul {
     }
 }
 
+#[derive(Debug)]
+struct QuantLinearOp;
+
+impl<B: FusedOps> Backward<B, 1> for QuantLinearOp {
+    /// The frozen quantized weight: dx = grad·W needs nothing else (not x).
+    type State = crate::quant::SharedMatrix;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::quant_linear_input_grad(&ops.state, grad));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct QuantLoraLinearOp;
+
+impl<B: FusedOps> Backward<B, 4> for QuantLoraLinearOp {
+    /// As [`LoraLinearOp`]'s, with the quantized weight.
+    type State = (FloatTensor<B>, Option<FloatTensor<B>>, QuantLinear<B>);
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_x_lora, node_a, node_b] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, x_lora, p) = ops.state;
+        let shared = x_lora.is_none();
+        let (dx, dx_lora, da, db) = B::quant_lora_linear_backward(x, x_lora, p, grad, node_x.is_some());
+        if let (Some(node), Some(dx)) = (node_x, dx) {
+            grads.register::<B>(node.id, dx);
+        }
+        if let (Some(node), Some(dx_lora), false) = (node_x_lora, dx_lora, shared) {
+            grads.register::<B>(node.id, dx_lora);
+        }
+        for (node, g) in [(node_a, da), (node_b, db)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
 impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     fn frozen_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         // The weight is frozen: not a parent, no gradient flows to it.
@@ -183,6 +227,36 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 prep.finish(w, out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::frozen_matmul(x.primitive, w)),
+        }
+    }
+
+    fn quant_linear(x: FloatTensor<Self>, x_lora: Option<FloatTensor<Self>>, p: QuantLinear<Self>) -> FloatTensor<Self> {
+        // The frozen weight and bias are not parents: no gradient is computed for them.
+        let bias = p.bias.map(|b| b.primitive);
+        let Some(lora) = p.lora else {
+            let inner = QuantLinear::<B> { w: p.w.clone(), bias, lora: None };
+            return match QuantLinearOp.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish(p.w, B::quant_linear(x.primitive, None, inner)),
+                OpsKind::UnTracked(prep) => prep.finish(B::quant_linear(x.primitive, None, inner)),
+            };
+        };
+        let inner = QuantLinear::<B> {
+            w: p.w,
+            bias,
+            lora: Some(LoraWeights { a: lora.a.primitive.clone(), b: lora.b.primitive.clone(), scale: lora.scale }),
+        };
+        let x_lora_node = x_lora.as_ref().map_or_else(|| x.node.clone(), |t| t.node.clone());
+        let x_lora = x_lora.map(|t| t.primitive);
+        match QuantLoraLinearOp
+            .prepare::<C>([x.node.clone(), x_lora_node, lora.a.node.clone(), lora.b.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::quant_linear(x.primitive.clone(), x_lora.clone(), inner.clone());
+                prep.finish((x.primitive, x_lora, inner), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::quant_linear(x.primitive, x_lora, inner)),
         }
     }
 

@@ -9,7 +9,9 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::bf16::{self as bf16_gemm, View};
-use super::{float, prim, reference, Activation, AttentionOptions, FusedOps, LoraLinear, Mask};
+use super::{float, prim, reference, Activation, AttentionOptions, FusedOps, LoraLinear, Mask, QuantLinear};
+
+mod quant;
 
 /// Query rows per attention tile: a causal tile only needs the keys up to its last row.
 const TILE: usize = 64;
@@ -642,6 +644,25 @@ fn kernel_mask(mask: &Mask<Flex>) -> Option<Option<FlexTensor>> {
 }
 
 impl FusedOps for Flex {
+    fn quant_linear(x: FloatTensor<Self>, x_lora: Option<FloatTensor<Self>>, p: QuantLinear<Self>) -> FloatTensor<Self> {
+        quant::forward(x, x_lora, p)
+    }
+
+    fn quant_linear_input_grad(w: &crate::quant::SharedMatrix, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        quant::input_grad(w, grad)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn quant_lora_linear_backward(
+        x: FloatTensor<Self>,
+        x_lora: Option<FloatTensor<Self>>,
+        p: QuantLinear<Self>,
+        grad: FloatTensor<Self>,
+        need_dx: bool,
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
+        quant::lora_backward(x, x_lora, p, grad, need_dx)
+    }
+
     fn cross_entropy(logits: FloatTensor<Self>, targets: &[u32], coef: &[f32], softcap: Option<f64>) -> (f64, FloatTensor<Self>) {
         if !all_f32(&[&logits]) {
             return reference::cross_entropy::<Self>(logits, targets, coef, softcap);

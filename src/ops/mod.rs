@@ -1,5 +1,6 @@
 //! Fused operations of the decoder: attention (with the families' options), RMSNorm and
-//! LayerNorm, rotary embedding (whole or partial), the MLPs' activations and the loss.
+//! LayerNorm, rotary embedding (whole or partial), the MLPs' activations, the frozen linear
+//! layers with LoRA (dense, or quantized and dequantized tile by tile) and the loss.
 //!
 //! Written op by op, each of these is a chain of element-wise tensor ops, and the autodiff graph
 //! keeps every intermediate for the backward pass: attention alone would keep several
@@ -18,6 +19,8 @@ pub mod cpu;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{BoolTensor, FloatTensor};
 use burn::tensor::{Bool, DType, Tensor, TensorPrimitive};
+
+use crate::quant::SharedMatrix;
 
 /// A backend primitive as a tensor, and back: the fused ops work on primitives.
 pub(crate) fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
@@ -48,6 +51,25 @@ pub struct LoraLinear<B: Backend> {
     /// lora_A, `[in, r]`
     pub a: FloatTensor<B>,
     /// lora_B, `[r, out]`
+    pub b: FloatTensor<B>,
+    pub scale: f64,
+}
+
+/// A frozen linear layer whose weight is stored quantized ([`crate::quant`]), for
+/// [`FusedOps::quant_linear`], with its LoRA adapter when it has one.
+#[derive(Debug, Clone)]
+pub struct QuantLinear<B: Backend> {
+    /// `[out, in]`, an `nn.Linear`'s layout, on the host: the kernels dequantize it tile by tile.
+    pub w: SharedMatrix,
+    /// `[out]`
+    pub bias: Option<FloatTensor<B>>,
+    pub lora: Option<LoraWeights<B>>,
+}
+
+/// The trainable half of [`QuantLinear`]: lora_A `[in, r]`, lora_B `[r, out]` and the scale.
+#[derive(Debug, Clone)]
+pub struct LoraWeights<B: Backend> {
+    pub a: FloatTensor<B>,
     pub b: FloatTensor<B>,
     pub scale: f64,
 }
@@ -167,6 +189,34 @@ pub trait FusedOps: Backend {
     /// `[in, out]` sum is a temporary, never kept for the backward pass.
     fn dora_weight_norm(w: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
         reference::dora_weight_norm::<Self>(w, a, b, scale)
+    }
+
+    /// [`FusedOps::lora_linear`] for a quantized frozen weight `[out, in]`:
+    /// y = x·Wᵀ + bias (+ scale·(x_lora·a)·b with an adapter), W dequantized as
+    /// [`crate::quant`] defines it. The default dequantizes W whole onto x's device for one plain
+    /// matmul (what burn-ndarray and CUDA run); the CPU kernel dequantizes a tile at a time.
+    fn quant_linear(x: FloatTensor<Self>, x_lora: Option<FloatTensor<Self>>, p: QuantLinear<Self>) -> FloatTensor<Self> {
+        reference::quant_linear::<Self>(x, x_lora, p)
+    }
+
+    /// dx = grad·W for a quantized frozen weight `[out, in]` (W takes no gradient): the backward
+    /// pass of [`FusedOps::quant_linear`] without an adapter, which needs nothing saved but W.
+    fn quant_linear_input_grad(w: &SharedMatrix, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::quant_linear_input_grad::<Self>(w, grad)
+    }
+
+    /// The backward pass of [`FusedOps::quant_linear`] with an adapter (`p.lora` is Some): as
+    /// [`FusedOps::lora_linear_backward`], gradients of x (when `need_dx`), x_lora (when given),
+    /// a and b.
+    #[allow(clippy::type_complexity)]
+    fn quant_lora_linear_backward(
+        x: FloatTensor<Self>,
+        x_lora: Option<FloatTensor<Self>>,
+        p: QuantLinear<Self>,
+        grad: FloatTensor<Self>,
+        need_dx: bool,
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
+        reference::quant_lora_linear_backward::<Self>(x, x_lora, p, grad, need_dx)
     }
 
     /// Cross-entropy of logits `[c, vocab]` against target ids, each row weighted by `coef`:
@@ -382,6 +432,44 @@ pub mod reference {
         let w = float::<B, 2>(w).cast(DType::F32);
         let delta = float::<B, 2>(a).matmul(float::<B, 2>(b));
         prim((w + delta * scale).square().sum_dim(0).sqrt())
+    }
+
+    /// The quantized weight, dequantized whole, as an `[out, in]` tensor on `device`.
+    pub fn dequantized<B: Backend>(w: &crate::quant::QuantizedMatrix, device: &B::Device) -> Tensor<B, 2> {
+        use burn::tensor::TensorData;
+        Tensor::from_data(TensorData::new(w.dequantize(), [w.rows(), w.cols()]), device)
+    }
+
+    /// The [`LoraLinear`] of a quantized layer with an adapter: W dequantized, as `[in, out]`.
+    fn dequantized_lora<B: Backend>(p: QuantLinear<B>, device: &B::Device) -> LoraLinear<B> {
+        let lora = p.lora.expect("quant_lora_linear_backward: a layer with an adapter");
+        LoraLinear { w: prim(dequantized::<B>(&p.w, device).transpose()), bias: p.bias, a: lora.a, b: lora.b, scale: lora.scale }
+    }
+
+    pub fn quant_linear<B: FusedOps>(x: FloatTensor<B>, x_lora: Option<FloatTensor<B>>, p: QuantLinear<B>) -> FloatTensor<B> {
+        let device = B::float_device(&x);
+        if p.lora.is_some() {
+            return lora_linear::<B>(x, x_lora, dequantized_lora(p, &device));
+        }
+        let w = dequantized::<B>(&p.w, &device).transpose();
+        prim(burn::tensor::module::linear(float::<B, 2>(x), w, p.bias.map(float::<B, 1>)))
+    }
+
+    pub fn quant_linear_input_grad<B: Backend>(w: &SharedMatrix, grad: FloatTensor<B>) -> FloatTensor<B> {
+        let device = B::float_device(&grad);
+        prim(float::<B, 2>(grad).matmul(dequantized::<B>(w, &device)))
+    }
+
+    #[allow(clippy::type_complexity)]
+    pub fn quant_lora_linear_backward<B: FusedOps>(
+        x: FloatTensor<B>,
+        x_lora: Option<FloatTensor<B>>,
+        p: QuantLinear<B>,
+        grad: FloatTensor<B>,
+        need_dx: bool,
+    ) -> (Option<FloatTensor<B>>, Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>) {
+        let device = B::float_device(&x);
+        lora_linear_backward::<B>(x, x_lora, dequantized_lora(p, &device), grad, need_dx)
     }
 
     pub fn cross_entropy<B: Backend>(logits: FloatTensor<B>, targets: &[u32], coef: &[f32], softcap: Option<f64>) -> (f64, FloatTensor<B>) {

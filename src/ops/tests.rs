@@ -524,3 +524,60 @@ fn rope_kernel_refuses_tables_wider_than_a_head() {
 fn cross_entropy_kernel_refuses_a_target_past_the_vocabulary() {
     Flex::cross_entropy(prim(random::<Flex, 2>([2, 1000])), &[3, 1000], &[1.0, 1.0], None);
 }
+
+/// A quantized frozen layer `[37, 70]` (NF4 blocks then span rows, the input gradient's column
+/// tiles start mid-block, the forward pass has several row tiles), with and without an adapter
+/// and LoRA dropout, against x·Wᵀ written out with W dequantized whole.
+fn quant_linear_cases<B: FusedOps>() {
+    use crate::quant::Quantization;
+    use std::sync::Arc;
+    let (out, din) = (37, 70);
+    let values: Vec<f32> = random::<B, 2>([out, din]).into_data().iter::<f32>().collect();
+    for kind in [Quantization::Nf4, Quantization::Int8] {
+        let w = Arc::new(kind.quantize(&values, out, din).unwrap());
+        let dense = Tensor::<A<B>, 2>::from_data(TensorData::new(w.dequantize(), [out, din]), &Default::default());
+        let bias = random::<A<B>, 1>([out]);
+        for (adapter, dropout) in [(false, false), (true, false), (true, true)] {
+            let x = random::<A<B>, 2>([50, din]).require_grad();
+            let a = random::<A<B>, 2>([din, 3]).require_grad();
+            let b = random::<A<B>, 2>([3, out]).require_grad();
+            let up = random::<A<B>, 2>([50, out]);
+            let keep = Tensor::<A<B>, 2>::random([50, din], Distribution::Bernoulli(0.5), &Default::default()) * 2.0;
+            let x_lora = || dropout.then(|| x.clone() * keep.clone());
+            let lora = adapter.then(|| super::LoraWeights { a: prim(a.clone()), b: prim(b.clone()), scale: 0.5 });
+            let p = super::QuantLinear { w: w.clone(), bias: Some(prim(bias.clone())), lora };
+            let fused = float::<A<B>, 2>(A::<B>::quant_linear(prim(x.clone()), x_lora().map(prim), p));
+            let mut naive = wide(x.clone()).matmul(wide(dense.clone()).transpose()) + wide(bias.clone()).unsqueeze::<2>();
+            if adapter {
+                let xl = wide(x_lora().unwrap_or_else(|| x.clone()));
+                naive = naive + xl.matmul(wide(a.clone())).matmul(wide(b.clone())) * 0.5;
+            }
+            let naive = narrow(naive);
+            let what = format!("quant_linear ({kind}, adapter {adapter}, dropout {dropout})");
+            assert!(rel_diff(fused.clone(), naive.clone()) < TOL, "{what}: output");
+            let (gf, gn) = ((fused * up.clone()).sum().backward(), (naive * up).sum().backward());
+            if adapter {
+                check_grads::<B, 2>(&gf, &gn, &[("x", &x), ("lora_A", &a), ("lora_B", &b)], &what);
+            } else {
+                check_grads::<B, 2>(&gf, &gn, &[("x", &x)], &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn quant_linear_cpu_kernel_matches_plain_ops() {
+    quant_linear_cases::<Flex>();
+}
+
+#[test]
+fn quant_linear_generic_backward_matches_plain_ops() {
+    quant_linear_cases::<NdArray>();
+}
+
+#[test]
+#[should_panic(expected = "quant_linear: x")]
+fn quant_linear_kernel_refuses_mismatched_shapes() {
+    let w = std::sync::Arc::new(crate::quant::Quantization::Nf4.quantize(&[0.5; 24 * 40], 40, 24).unwrap());
+    Flex::quant_linear(prim(random::<Flex, 2>([7, 25])), None, super::QuantLinear { w, bias: None, lora: None });
+}

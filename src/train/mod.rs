@@ -306,7 +306,8 @@ pub fn model_with_lora<B: AutodiffBackend<InnerBackend: Backend> + Backend>(
     setup: &mut Setup,
     device: &B::Device,
 ) -> Result<CausalLm<B>> {
-    let mut model: CausalLm<B> = model::load_with_dtype(&recipe.model.path, device, recipe.base_dtype().float_dtype())?;
+    let opts = model::LoadOptions { dtype: recipe.base_dtype().float_dtype(), quantize: recipe.model.quantize };
+    let mut model: CausalLm<B> = model::load_with(&recipe.model.path, device, &opts)?;
     match &recipe.lora.init_from {
         Some(dir) => {
             let loaded = peft::load_peft(&mut model, dir, device)?;

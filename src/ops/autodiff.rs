@@ -8,6 +8,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::NodeId;
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::FloatTensor;
@@ -130,6 +131,28 @@ impl<B: FusedOps> Backward<B, 1> for ActivationOp {
     }
 }
 
+/// Registers what a LoRA linear's backward pass returns, (dx, dx_lora, da, db), with the
+/// parents x, x_lora, lora_A, lora_B; when `shared` (no dropout) x_lora is x and its part is in dx.
+#[allow(clippy::type_complexity)]
+fn register_lora_grads<B: FusedOps>(
+    grads: &mut Gradients,
+    [x, x_lora, a, b]: [Option<NodeId>; 4],
+    shared: bool,
+    (dx, dx_lora, da, db): (Option<FloatTensor<B>>, Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>),
+) {
+    if let (Some(id), Some(dx)) = (x, dx) {
+        grads.register::<B>(id, dx);
+    }
+    if let (Some(id), Some(dx_lora), false) = (x_lora, dx_lora, shared) {
+        grads.register::<B>(id, dx_lora);
+    }
+    for (id, g) in [(a, da), (b, db)] {
+        if let Some(id) = id {
+            grads.register::<B>(id, g);
+        }
+    }
+}
+
 #[derive(Debug)]
 struct LoraLinearOp;
 
@@ -139,22 +162,12 @@ impl<B: FusedOps> Backward<B, 4> for LoraLinearOp {
     type State = (FloatTensor<B>, Option<FloatTensor<B>>, LoraLinear<B>);
 
     fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x, node_x_lora, node_a, node_b] = ops.parents;
+        let parents = ops.parents.map(|n| n.map(|n| n.id));
         let grad = grads.consume::<B>(&ops.node);
         let (x, x_lora, p) = ops.state;
         let shared = x_lora.is_none();
-        let (dx, dx_lora, da, db) = B::lora_linear_backward(x, x_lora, p, grad, node_x.is_some());
-        if let (Some(node), Some(dx)) = (node_x, dx) {
-            grads.register::<B>(node.id, dx);
-        }
-        if let (Some(node), Some(dx_lora), false) = (node_x_lora, dx_lora, shared) {
-            grads.register::<B>(node.id, dx_lora);
-        }
-        for (node, g) in [(node_a, da), (node_b, db)] {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        let out = B::lora_linear_backward(x, x_lora, p, grad, parents[0].is_some());
+        register_lora_grads::<B>(grads, parents, shared, out);
     }
 }
 
@@ -198,22 +211,12 @@ impl<B: FusedOps> Backward<B, 4> for QuantLoraLinearOp {
     type State = (FloatTensor<B>, Option<FloatTensor<B>>, QuantLinear<B>);
 
     fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x, node_x_lora, node_a, node_b] = ops.parents;
+        let parents = ops.parents.map(|n| n.map(|n| n.id));
         let grad = grads.consume::<B>(&ops.node);
         let (x, x_lora, p) = ops.state;
         let shared = x_lora.is_none();
-        let (dx, dx_lora, da, db) = B::quant_lora_linear_backward(x, x_lora, p, grad, node_x.is_some());
-        if let (Some(node), Some(dx)) = (node_x, dx) {
-            grads.register::<B>(node.id, dx);
-        }
-        if let (Some(node), Some(dx_lora), false) = (node_x_lora, dx_lora, shared) {
-            grads.register::<B>(node.id, dx_lora);
-        }
-        for (node, g) in [(node_a, da), (node_b, db)] {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        let out = B::quant_lora_linear_backward(x, x_lora, p, grad, parents[0].is_some());
+        register_lora_grads::<B>(grads, parents, shared, out);
     }
 }
 

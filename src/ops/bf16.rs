@@ -205,18 +205,6 @@ fn widen(b: View<bf16>, p0: usize, kr: usize, j0: usize, w: usize, out: &mut [f3
     by_columns
 }
 
-/// A pointer that tasks writing disjoint parts of one buffer may share.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    fn at(self, offset: usize) -> *mut f32 {
-        unsafe { self.0.add(offset) }
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -224,7 +212,8 @@ mod avx512 {
     use half::bf16;
     use rayon::prelude::*;
 
-    use super::{round, Shared, View, KC, MR, NR};
+    use super::super::cpu::Shared;
+    use super::{round, View, KC, MR, NR};
 
     /// The two bf16 of a k-pair in one word, the even k in the low half (as `vdpbf16ps` pairs them).
     fn pair(lo: bf16, hi: bf16) -> u32 {

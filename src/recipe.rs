@@ -155,16 +155,34 @@ impl TargetModules {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetSection {
-    /// JSON lines file (or a JSON array file) of records.
-    pub path: PathBuf,
-    /// `text` {"text"}, `alpaca` {"instruction","input"?,"output"} or `chat` {"messages"}.
-    /// Detected from the first record's keys when omitted.
+    /// The dataset file: JSON lines (`.jsonl`), a JSON array, or parquet (`.parquet`, or any
+    /// file starting with parquet's `PAR1` magic: each row a record, its columns the keys).
+    /// Either `path` or `sources` is set.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// The record shape of `path` (see [`DataFormat`]). Detected from the first record's keys
+    /// when omitted.
     #[serde(default)]
     pub format: Option<DataFormat>,
+    /// Several datasets mixed into one, instead of `path`: a list of `{path, format?,
+    /// weight?}`, each read and detected as `path` is. Without weights every example of every
+    /// source is seen once an epoch (the files concatenated, as axolotl's `datasets:` list).
+    /// With weights (all sources then have one; positive numbers, relative) a weight is the
+    /// sampling probability of its source, as LLaMA-Factory's `interleave_probs`: an epoch still
+    /// holds as many examples (rows when packed) as all sources together, and source i fills
+    /// round(p_i × that) of them (largest remainders; p_i = weight_i / Σ weight), drawn without
+    /// replacement from its own shuffled order and continuing where the previous epoch stopped,
+    /// so a source weighted above its size is repeated (up-sampled) and one below it is cut
+    /// (down-sampled), and across epochs every example of it comes round. The mixture is a pure
+    /// function of train.seed and the epoch (so a resumed run sees the same batches); with
+    /// `shuffle: false` each epoch is the sources' shares in source order.
+    #[serde(default)]
+    pub sources: Option<Vec<DataSource>>,
     /// Examples are truncated to this many tokens. Default 512.
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: usize,
-    /// alpaca/chat: also compute the loss on the prompt / user turns. Default false.
+    /// alpaca/chat/sharegpt/prompt_completion: also compute the loss on the prompt / user
+    /// turns. Default false.
     #[serde(default)]
     pub train_on_input: bool,
     /// Concatenate examples into rows of max_seq_len (positions restart and attention stays
@@ -174,10 +192,11 @@ pub struct DatasetSection {
     /// Shuffle the example order each epoch (seeded by train.seed). Default true.
     #[serde(default = "yes")]
     pub shuffle: bool,
-    /// text/alpaca: append the EOS token to each example (never twice). Default true.
+    /// text/alpaca/prompt_completion (strings): append the EOS token to each example (never
+    /// twice). Default true.
     #[serde(default = "yes")]
     pub add_eos: bool,
-    /// chat: the chat template to render conversations with, instead of the model's own: a
+    /// chat/sharegpt/prompt_completion (messages): the chat template to render conversations with, instead of the model's own: a
     /// built-in name (`chatml`: `<|im_start|>{role}\n{content}<|im_end|>\n` per message and
     /// `<|im_start|>assistant\n` as the generation prompt, transformers' ChatML) or a Jinja file
     /// (any value holding a `/` or a `.`: `./template`, `chat.jinja`; relative to the current
@@ -190,6 +209,55 @@ pub struct DatasetSection {
 }
 
 impl DatasetSection {
+    /// The datasets the recipe reads: `sources`, or `path` with `format` as one source.
+    pub fn sources(&self) -> Vec<DataSource> {
+        match (&self.sources, &self.path) {
+            (Some(s), _) => s.clone(),
+            (None, Some(path)) => vec![DataSource { path: path.clone(), format: self.format, weight: None }],
+            (None, None) => Vec::new(),
+        }
+    }
+
+    /// The sampling weights of the sources, when they have them (see `sources`).
+    pub fn weights(&self) -> Option<Vec<f64>> {
+        self.sources.as_ref()?.iter().map(|s| s.weight).collect()
+    }
+
+    fn check_sources(&self) -> Result<()> {
+        let bad = |key: &str, msg: String| Err(Error::Unsupported(format!("{key}: {msg}")));
+        let Some(sources) = &self.sources else {
+            if self.path.is_none() {
+                return bad("dataset", "set `path` (one file) or `sources` (a list of {path, format?, weight?})".into());
+            }
+            return Ok(());
+        };
+        if self.path.is_some() || self.format.is_some() {
+            return bad(
+                if self.path.is_some() { "dataset.path" } else { "dataset.format" },
+                "set either dataset.path (with dataset.format) or dataset.sources (each with its own format), not both".into(),
+            );
+        }
+        if sources.is_empty() {
+            return bad("dataset.sources", "empty list (expected [{path, format?, weight?}, ...])".into());
+        }
+        let weighted = sources.iter().filter(|s| s.weight.is_some()).count();
+        if weighted != 0 && weighted != sources.len() {
+            let i = sources.iter().position(|s| s.weight.is_none()).expect("one has none");
+            return bad(
+                &format!("dataset.sources[{i}].weight"),
+                "missing: either every source has a weight or none has (then each example is seen once an epoch)".into(),
+            );
+        }
+        for (i, s) in sources.iter().enumerate() {
+            if let Some(w) = s.weight {
+                if !(w.is_finite() && w > 0.0) {
+                    return bad(&format!("dataset.sources[{i}].weight"), format!("{w}: must be a positive number"));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The Jinja source `chat_template` names (a built-in's, or the file's) and where it comes
     /// from (the built-in's name or the file), if set.
     pub fn chat_template_source(&self) -> Result<Option<(String, String)>> {
@@ -232,12 +300,47 @@ fn check_chat_template(value: &str) -> Result<()> {
     Ok(())
 }
 
+/// One dataset of `dataset.sources`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSource {
+    /// The file, as `dataset.path`.
+    pub path: PathBuf,
+    /// Its record shape, as `dataset.format`. Detected when omitted.
+    #[serde(default)]
+    pub format: Option<DataFormat>,
+    /// Its sampling weight (see `dataset.sources`). Default: none (every example once).
+    #[serde(default)]
+    pub weight: Option<f64>,
+}
+
+/// The record shapes tune reads. Detected from the first record's keys, in this order:
+/// `messages` (chat), `conversations` (sharegpt), `prompt` + `completion`
+/// (prompt_completion), `instruction` + `output` (alpaca), `text`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum DataFormat {
+    /// `{"text"}`: loss on every token.
     Text,
+    /// `{"instruction", "input"?, "output"}`: the Stanford Alpaca prompt; loss on the response.
     Alpaca,
+    /// OpenAI-style `{"messages": [{"role", "content", ...}], "tools"?}`: rendered with the chat
+    /// template (a `system` turn as the template places it, `tools` passed to it as
+    /// `apply_chat_template(tools=...)` does; other message keys such as `tool_calls`,
+    /// `tool_call_id`, `name` reach the template as they are; a null `content` is empty); loss
+    /// on the assistant turns.
     Chat,
+    /// ShareGPT `{"conversations": [{"from", "value"}], "system"?, "tools"?}`, rendered as chat.
+    /// Roles as axolotl's default mapping: `human`/`user` -> user, `gpt`/`assistant` ->
+    /// assistant, `system`, `tool`; any other is an error. A record-level `system` string
+    /// becomes a first system turn unless the conversation starts with one (LLaMA-Factory's
+    /// rule); `tools` may be a list or a JSON string of one (as LLaMA-Factory stores it).
+    Sharegpt,
+    /// TRL's `{"prompt", "completion"}`: both strings (the text is prompt + completion, the
+    /// prompt's tokens are those of the prompt alone, EOS appended), or both message lists
+    /// (prompt rendered with the generation prompt, then prompt + completion rendered whole,
+    /// with the record's `tools`). Loss on the completion only.
+    PromptCompletion,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -360,6 +463,7 @@ const KEYS: &[&str] = &[
     "dataset",
     "dataset.path",
     "dataset.format",
+    "dataset.sources",
     "dataset.max_seq_len",
     "dataset.train_on_input",
     "dataset.packed",
@@ -413,7 +517,10 @@ impl Recipe {
     /// Expands `~` and makes relative paths absolute against the current directory.
     fn resolve_paths(mut self) -> Result<Recipe> {
         self.model.path = resolve(&self.model.path);
-        self.dataset.path = resolve(&self.dataset.path);
+        self.dataset.path = self.dataset.path.as_deref().map(resolve);
+        for s in self.dataset.sources.iter_mut().flatten() {
+            s.path = resolve(&s.path);
+        }
         self.output.dir = resolve(&self.output.dir);
         self.lora.init_from = self.lora.init_from.as_deref().map(resolve);
         if let Some(t) = self.dataset.chat_template.as_mut().filter(|t| !names_builtin_template(t)) {
@@ -468,7 +575,7 @@ impl Recipe {
         if let Some(t) = &self.dataset.chat_template {
             check_chat_template(t)?;
         }
-        Ok(())
+        self.dataset.check_sources()
     }
 
     pub fn to_yaml(&self) -> String {
@@ -750,6 +857,6 @@ mod tests {
         let r = parse("model:\n  path: ~/m\ndataset:\n  path: d.jsonl\noutput:\n  dir: out\n", &[]).unwrap();
         assert!(r.model.path.is_absolute() && r.model.path.ends_with("m"));
         assert!(!r.model.path.to_string_lossy().contains('~'));
-        assert_eq!(r.dataset.path, std::env::current_dir().unwrap().join("d.jsonl"));
+        assert_eq!(r.dataset.path, Some(std::env::current_dir().unwrap().join("d.jsonl")));
     }
 }

@@ -60,7 +60,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 if args.adapter.is_some() { ", nor has the adapter (chat_template.jinja)" } else { "" }
             )
         })?;
-        let text = template.render(&[Message { role: "user".into(), content: args.prompt.clone() }], true)?;
+        let text = template.render(&[Message::new("user", args.prompt.clone())], true)?;
         // The template already holds any special tokens, as with apply_chat_template.
         tokenizer.encode(&text, false)?
     };

@@ -107,17 +107,32 @@ pub fn validate(recipe_path: &Path, overrides: &[String]) -> anyhow::Result<()> 
         .sum();
     print!("{}", recipe.to_yaml());
     println!("# model: {} ({}, {:.1}M parameters)", recipe.model.path.display(), c.family.name(), c.num_parameters() as f64 / 1e6);
-    println!(
-        "# dataset: {} examples ({:?}), {} rows, {} label tokens",
-        setup.data.examples,
-        setup.data.format,
-        setup.data.rows.len(),
-        setup.data.label_tokens
-    );
+    let d = &setup.data;
+    println!("# dataset: {} examples, {} rows, {} label tokens", d.examples, d.rows.len(), d.label_tokens);
+    let max_seq_len = recipe.dataset.max_seq_len;
+    let order = d.order(recipe.dataset.shuffle, recipe.train.seed);
+    for (i, s) in d.sources.iter().enumerate() {
+        let l = &s.lengths;
+        let share = match (&d.weights, order.counts()) {
+            (Some(w), Some(c)) => format!(", weight {}: {} rows an epoch", w[i], c[i]),
+            _ => String::new(),
+        };
+        println!("# {}: {} records ({}), {} rows{share}", s.path.display(), s.records, format_name(s.format), s.rows);
+        println!(
+            "#   tokens per record: min {}, median {}, p90 {}, p99 {}, max {} (before truncation)",
+            l.min, l.median, l.p90, l.p99, l.max
+        );
+        println!("#   truncated at max_seq_len {max_seq_len}: {}; no labelled token left (skipped): {}", s.truncated, s.skipped);
+    }
     println!("# trainable parameters: {trainable} ({:.3}% of the model)", 100.0 * trainable as f64 / c.num_parameters() as f64);
     println!("# optimizer steps: {}", setup.total_steps);
     println!("recipe OK");
     Ok(())
+}
+
+/// A format's name as the recipe writes it.
+fn format_name(f: tune::recipe::DataFormat) -> String {
+    serde_yaml::to_string(&f).map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 /// An indicatif bar on a terminal; plain log lines otherwise (CI logs, files).
@@ -143,6 +158,19 @@ impl Observer for Progress {
         match &self.bar {
             Some(bar) => bar.println(line),
             None => eprintln!("{line}"),
+        }
+    }
+
+    fn dataset(&mut self, data: &tune::train::data::Prepared) {
+        for s in &data.sources {
+            if s.skipped > 0 {
+                eprintln!(
+                    "{}: skipped {} of {} records with no labelled token left after truncation (dataset.max_seq_len)",
+                    s.path.display(),
+                    s.skipped,
+                    s.records
+                );
+            }
         }
     }
 

@@ -1,7 +1,8 @@
-//! Datasets: JSON lines (or a JSON array) of records, turned into token ids.
+//! Datasets: JSON lines, a JSON array, or a parquet file of records, turned into token ids.
 
 pub mod batch;
 pub mod examples;
+pub mod parquet;
 
 use std::path::Path;
 
@@ -10,22 +11,56 @@ use serde_json::Value;
 use crate::error::{read_to_string, Error, Result};
 use crate::hf::Tokenizer;
 
-/// One record and the line it starts on (1-based), for error messages.
+/// What a record's number counts in its file, for error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Unit {
+    /// A line of a JSON-lines file (1-based).
+    #[default]
+    Line,
+    /// An element of a JSON array file (1-based).
+    Element,
+    /// A row of a parquet file (1-based).
+    Row,
+}
+
+/// One record and where it is in its file (1-based), for error messages.
 #[derive(Debug, Clone)]
 pub struct Record {
     pub line: usize,
     pub value: Value,
+    pub unit: Unit,
 }
 
-/// Reads a `.jsonl` file (one JSON object per line, blank lines skipped) or a file holding one
-/// JSON array of objects.
+impl Record {
+    /// A record on line `line` of a JSON-lines file.
+    pub fn at_line(line: usize, value: Value) -> Self {
+        Record { line, value, unit: Unit::Line }
+    }
+
+    /// "line 3", "element 3" or "row 3".
+    pub fn at(&self) -> String {
+        let unit = match self.unit {
+            Unit::Line => "line",
+            Unit::Element => "element",
+            Unit::Row => "row",
+        };
+        format!("{unit} {}", self.line)
+    }
+}
+
+/// Reads a dataset file: parquet (by its `.parquet` extension or its `PAR1` magic bytes; see
+/// [`parquet::read_records`]), else a `.jsonl` file (one JSON object per line, blank lines
+/// skipped) or a file holding one JSON array of objects.
 pub fn read_records(path: &Path) -> Result<Vec<Record>> {
+    if parquet::is_parquet(path) {
+        return parquet::read_records(path);
+    }
     let text = read_to_string(path)?;
     if text.trim_start().starts_with('[') {
         let values: Vec<Value> =
             serde_json::from_str(&text).map_err(|e| Error::format(path, format!("line {}: invalid JSON array: {e}", e.line())))?;
         // Line numbers of array elements are not tracked; report the element's index instead.
-        return Ok(values.into_iter().enumerate().map(|(i, value)| Record { line: i + 1, value }).collect());
+        return Ok(values.into_iter().enumerate().map(|(i, value)| Record { line: i + 1, value, unit: Unit::Element }).collect());
     }
     let mut records = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -37,7 +72,7 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
         if !value.is_object() {
             return Err(Error::format(path, format!("line {}: expected a JSON object", i + 1)));
         }
-        records.push(Record { line: i + 1, value });
+        records.push(Record::at_line(i + 1, value));
     }
     Ok(records)
 }
@@ -46,8 +81,8 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
 pub fn string_field<'a>(path: &Path, record: &'a Record, key: &str) -> Result<&'a str> {
     match record.value.get(key) {
         Some(Value::String(s)) => Ok(s),
-        Some(other) => Err(Error::format(path, format!("line {}: `{key}` must be a string, found {}", record.line, json_kind(other)))),
-        None => Err(Error::format(path, format!("line {}: missing key `{key}` (expected {{\"{key}\": \"...\"}})", record.line))),
+        Some(other) => Err(Error::format(path, format!("{}: `{key}` must be a string, found {}", record.at(), json_kind(other)))),
+        None => Err(Error::format(path, format!("{}: missing key `{key}` (expected {{\"{key}\": \"...\"}})", record.at()))),
     }
 }
 
@@ -72,4 +107,31 @@ pub fn text_ids(tokenizer: &Tokenizer, text: &str, eos: Option<u32>) -> Result<V
         }
     }
     Ok(ids)
+}
+
+/// min / median / p90 / p99 / max of token lengths. Percentiles are nearest-rank: the p-th is
+/// the smallest length that at least p% of the examples do not exceed (so the median of an
+/// even count is the lower middle one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LengthSummary {
+    pub min: usize,
+    pub median: usize,
+    pub p90: usize,
+    pub p99: usize,
+    pub max: usize,
+}
+
+impl LengthSummary {
+    /// The summary of `lengths` (all zero when empty).
+    pub fn of(lengths: &[usize]) -> Self {
+        if lengths.is_empty() {
+            return LengthSummary::default();
+        }
+        let mut sorted = lengths.to_vec();
+        sorted.sort_unstable();
+        let n = sorted.len();
+        // ceil(p·n/100) - 1, in integers.
+        let rank = |p: usize| sorted[(p * n).div_ceil(100).max(1) - 1];
+        LengthSummary { min: sorted[0], median: rank(50), p90: rank(90), p99: rank(99), max: sorted[n - 1] }
+    }
 }

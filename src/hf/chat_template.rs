@@ -28,11 +28,15 @@ use crate::error::{read_json, read_to_string, Error, Result};
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// The message's other keys, which the template sees as they are: an assistant's
+    /// `tool_calls`, a tool reply's `name` or `tool_call_id`, ...
+    #[serde(flatten, default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Message {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message { role: role.into(), content: content.into() }
+        Message { role: role.into(), content: content.into(), extra: serde_json::Map::new() }
     }
 }
 
@@ -286,7 +290,13 @@ impl ChatTemplate {
     /// add_generation_prompt=...)` does. `raise_exception(msg)` in the template becomes an
     /// `Error::Template` holding `msg`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        self.render_ctx(messages, add_generation_prompt, false)
+        self.render_ctx(messages, None, add_generation_prompt, false)
+    }
+
+    /// As [`ChatTemplate::render`], with `tools` (the JSON list of tool schemas that
+    /// `apply_chat_template(tools=...)` takes) in the template's `tools` instead of None.
+    pub fn render_tools(&self, messages: &[Message], tools: Option<&serde_json::Value>, add_generation_prompt: bool) -> Result<String> {
+        self.render_ctx(messages, tools, add_generation_prompt, false)
     }
 
     /// Renders as [`ChatTemplate::render`] does, and returns the byte ranges of the text that
@@ -294,7 +304,17 @@ impl ChatTemplate {
     /// records them). Their output must reach the text unchanged: a block whose output is
     /// captured and altered (by `{% set %}...{% endset %}` and a filter, say) is an error.
     pub fn render_with_generation(&self, messages: &[Message], add_generation_prompt: bool) -> Result<(String, Vec<Range<usize>>)> {
-        let plain = self.render_ctx(messages, add_generation_prompt, false)?;
+        self.render_with_generation_tools(messages, None, add_generation_prompt)
+    }
+
+    /// As [`ChatTemplate::render_with_generation`], with `tools` as in [`ChatTemplate::render_tools`].
+    pub fn render_with_generation_tools(
+        &self,
+        messages: &[Message],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<(String, Vec<Range<usize>>)> {
+        let plain = self.render_ctx(messages, tools, add_generation_prompt, false)?;
         if !self.has_generation {
             return Ok((plain, Vec::new()));
         }
@@ -304,7 +324,7 @@ impl ChatTemplate {
                 "a message holds U+FDD0 or U+FDD1, the noncharacters that mark {% generation %} blocks while rendering".into(),
             ));
         }
-        let marked = self.render_ctx(messages, add_generation_prompt, true)?;
+        let marked = self.render_ctx(messages, tools, add_generation_prompt, true)?;
         let mut text = String::with_capacity(marked.len());
         let mut open = Vec::new();
         let mut spans = Vec::new();
@@ -326,10 +346,16 @@ impl ChatTemplate {
         Ok((text, spans))
     }
 
-    fn render_ctx(&self, messages: &[Message], add_generation_prompt: bool, track_generation: bool) -> Result<String> {
+    fn render_ctx(
+        &self,
+        messages: &[Message],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+        track_generation: bool,
+    ) -> Result<String> {
         let mut ctx: Vec<(&str, Value)> = vec![
             ("messages", Value::from_serialize(messages)),
-            ("tools", Value::from(())),
+            ("tools", tools.map_or(Value::from(()), Value::from_serialize)),
             ("documents", Value::from(())),
             ("add_generation_prompt", Value::from(add_generation_prompt)),
         ];

@@ -2,23 +2,62 @@
 
 use crate::checkpoint;
 use crate::data::batch::{pack, Batch, Row};
-use crate::data::examples::{build_example, detect_format, ExampleOptions};
-use crate::data::read_records;
+use crate::data::examples::{build_full_example, detect_format, uses_chat_template, ExampleOptions};
+use crate::data::{read_records, LengthSummary};
 use crate::error::{Error, Result};
 use crate::hf::{adapter_template, ChatDate, Tokenizer};
 use crate::recipe::{DataFormat, Recipe};
 use crate::rng::Rng;
 
 pub struct Prepared {
+    /// The format of the first source (see `sources` for each).
     pub format: DataFormat,
+    /// Every source's rows, source after source.
     pub rows: Vec<Row>,
-    /// Examples read (before packing).
+    /// Examples kept (before packing): those with at least one labelled token.
     pub examples: usize,
     pub label_tokens: usize,
     pub pad_id: u32,
     /// The chat template the run trains with, saved with its adapters (`chat_template.jinja`):
     /// set for chat data, and whenever the template is not the model's own.
     pub chat_template: Option<String>,
+    /// Each source: its file, format, counts and rows (`rows` holds them in this order).
+    pub sources: Vec<SourceStats>,
+    /// The sources' sampling weights, when the recipe gives them.
+    pub weights: Option<Vec<f64>>,
+}
+
+/// What reading one dataset file found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceStats {
+    pub path: std::path::PathBuf,
+    pub format: DataFormat,
+    /// Records read.
+    pub records: usize,
+    /// Token lengths of the records before truncation.
+    pub lengths: LengthSummary,
+    /// Records longer than max_seq_len (cut to it).
+    pub truncated: usize,
+    /// Records with no labelled token once truncated (a response cut off, or empty): left out
+    /// of training, since they would add nothing to the loss.
+    pub skipped: usize,
+    /// Rows this source contributes (examples, or packed rows).
+    pub rows: usize,
+}
+
+impl Prepared {
+    /// Records left out for having no labelled token, over all sources.
+    pub fn skipped(&self) -> usize {
+        self.sources.iter().map(|s| s.skipped).sum()
+    }
+
+    /// The order rows are visited in (see [`Order`]).
+    pub fn order(&self, shuffle: bool, seed: u64) -> Order {
+        match &self.weights {
+            Some(w) => Order::mixture(&self.sources.iter().map(|s| s.rows).collect::<Vec<_>>(), w, shuffle, seed),
+            None => Order::new(self.rows.len(), shuffle, seed),
+        }
+    }
 }
 
 /// The chat template the recipe asks for instead of the model's, and where it comes from:
@@ -58,64 +97,191 @@ pub fn chat_date(recipe: &Recipe, start: &super::Start) -> ChatDate {
     state.and_then(|s| s.chat_date).unwrap_or_else(ChatDate::today)
 }
 
-/// Reads, tokenizes, masks and (optionally) packs the recipe's dataset.
+/// Reads, tokenizes, masks and (optionally) packs the recipe's datasets, each source on its
+/// own (a packed row never mixes sources). Records left with no labelled token after
+/// truncation are skipped and counted ([`SourceStats::skipped`]).
 pub fn prepare(recipe: &Recipe, tokenizer: &Tokenizer, config_eos: Option<u32>) -> Result<Prepared> {
     let d = &recipe.dataset;
-    let records = read_records(&d.path)?;
-    let Some(first) = records.first() else {
-        return Err(Error::format(&d.path, "the dataset is empty"));
-    };
-    let format = match d.format {
-        Some(f) => f,
-        None => detect_format(&d.path, first)?,
-    };
-    if format == DataFormat::Chat && tokenizer.chat_template().is_none() {
-        return Err(Error::Model(format!(
-            "{}: chat data needs a chat template, and the model in {} has none (no chat_template in tokenizer_config.json, no chat_template.jinja); set dataset.chat_template to a built-in (`chatml`) or a Jinja file",
-            d.path.display(),
-            recipe.model.path.display()
-        )));
-    }
     let eos = tokenizer.eos_token_id().or(config_eos);
     let opts = ExampleOptions { max_seq_len: d.max_seq_len, train_on_input: d.train_on_input, add_eos: d.add_eos, eos };
-    let examples = records.iter().map(|r| build_example(&d.path, r, format, tokenizer, opts)).collect::<Result<Vec<_>>>()?;
-    let rows: Vec<Row> = if d.packed { pack(&examples, d.max_seq_len) } else { examples.iter().map(Row::from_example).collect() };
+    let mut rows: Vec<Row> = Vec::new();
+    let mut sources = Vec::new();
+    let mut examples_kept = 0;
+    let mut any_chat = false;
+    for source in d.sources() {
+        let path = &source.path;
+        let records = read_records(path)?;
+        let Some(first) = records.first() else {
+            return Err(Error::format(path, "the dataset is empty"));
+        };
+        let format = match source.format {
+            Some(f) => f,
+            None => detect_format(path, first)?,
+        };
+        let chat = uses_chat_template(format, first);
+        any_chat |= chat;
+        if chat && tokenizer.chat_template().is_none() {
+            return Err(Error::Model(format!(
+                "{}: chat data needs a chat template, and the model in {} has none (no chat_template in tokenizer_config.json, no chat_template.jinja); set dataset.chat_template to a built-in (`chatml`) or a Jinja file",
+                path.display(),
+                recipe.model.path.display()
+            )));
+        }
+        let mut lengths = Vec::with_capacity(records.len());
+        let (mut truncated, mut skipped) = (0, 0);
+        let mut examples = Vec::with_capacity(records.len());
+        for r in &records {
+            let mut ex = build_full_example(path, r, format, tokenizer, opts)?;
+            lengths.push(ex.ids.len());
+            if ex.ids.len() > d.max_seq_len {
+                truncated += 1;
+                ex.ids.truncate(d.max_seq_len);
+                ex.trained.truncate(d.max_seq_len);
+            }
+            if ex.label_count() == 0 {
+                skipped += 1;
+                continue;
+            }
+            examples.push(ex);
+        }
+        examples_kept += examples.len();
+        let source_rows: Vec<Row> =
+            if d.packed { pack(&examples, d.max_seq_len) } else { examples.iter().map(Row::from_example).collect() };
+        sources.push(SourceStats {
+            path: path.clone(),
+            format,
+            records: records.len(),
+            lengths: LengthSummary::of(&lengths),
+            truncated,
+            skipped,
+            rows: source_rows.len(),
+        });
+        rows.extend(source_rows);
+    }
     let label_tokens: usize = rows.iter().map(|r| r.weights.iter().filter(|&&w| w > 0.0).count()).sum();
     if label_tokens == 0 {
+        let path = sources.first().map(|s| s.path.clone()).unwrap_or_default();
         return Err(Error::format(
-            &d.path,
+            &path,
             "every label is masked: no token is trained on (are the responses empty, or all cut off by max_seq_len?)",
         ));
     }
     let own_template = recipe.dataset.chat_template.is_none()
         && recipe.lora.init_from.as_ref().is_none_or(|dir| !dir.join(adapter_template::FILE).is_file());
-    let chat_template =
-        if format == DataFormat::Chat || !own_template { tokenizer.chat_template().map(|t| t.source().to_string()) } else { None };
-    Ok(Prepared { format, rows, examples: examples.len(), label_tokens, pad_id: eos.unwrap_or(0), chat_template })
+    let chat_template = if any_chat || !own_template { tokenizer.chat_template().map(|t| t.source().to_string()) } else { None };
+    Ok(Prepared {
+        format: sources[0].format,
+        rows,
+        examples: examples_kept,
+        label_tokens,
+        pad_id: eos.unwrap_or(0),
+        chat_template,
+        sources,
+        weights: d.weights(),
+    })
+}
+
+/// A fingerprint of the recipe's dataset files' contents: the file's own for one `path` (as
+/// checkpoints recorded it before `sources`), else one over every source's, in order.
+pub fn dataset_fingerprint(recipe: &Recipe) -> Result<String> {
+    let sources = recipe.dataset.sources();
+    if recipe.dataset.sources.is_none() && sources.len() == 1 {
+        return checkpoint::file_fingerprint(&sources[0].path);
+    }
+    let all = sources.iter().map(|s| checkpoint::file_fingerprint(&s.path)).collect::<Result<Vec<_>>>()?;
+    Ok(checkpoint::fingerprint(all.join(",").as_bytes()))
 }
 
 /// The stream of row indices: epoch after epoch, each in file order or shuffled with a seed
 /// derived from the run seed and the epoch number. Step s takes the next batch_size × grad_accum
 /// rows of the stream, wrapping into the next epoch, so any step's rows can be recomputed from
 /// the step number alone.
+///
+/// With source weights (a mixture, see `dataset.sources`) an epoch has as many rows as all
+/// sources together; source i fills `counts[i]` of them (its share by weight, largest
+/// remainders), taken from its own stream (epochs of its rows, each shuffled with a seed from the
+/// run seed, the source and that epoch) where the previous mixture epoch left it; the epoch's
+/// rows are then shuffled together. Every step is a pure function of the seed and step number.
 #[derive(Debug, Clone)]
 pub struct Order {
     n: usize,
     shuffle: bool,
     seed: u64,
+    /// A mixture: each source's row count and its rows per epoch.
+    mixture: Option<(Vec<usize>, Vec<usize>)>,
     cached: Option<(usize, Vec<usize>)>,
+}
+
+fn epoch_seed(seed: u64, e: usize) -> u64 {
+    seed ^ (e as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Rows per epoch from each source: the weights' shares of `total`, rounded by largest
+/// remainders (ties to the earlier source), so they add up to `total`.
+pub fn mixture_counts(weights: &[f64], total: usize) -> Vec<usize> {
+    let sum: f64 = weights.iter().sum();
+    let exact: Vec<f64> = weights.iter().map(|w| w / sum * total as f64).collect();
+    let mut counts: Vec<usize> = exact.iter().map(|x| x.floor() as usize).collect();
+    let mut by_remainder: Vec<usize> = (0..weights.len()).collect();
+    by_remainder.sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())).then(a.cmp(&b)));
+    let missing = total.saturating_sub(counts.iter().sum());
+    for &i in by_remainder.iter().take(missing) {
+        counts[i] += 1;
+    }
+    counts
 }
 
 impl Order {
     pub fn new(n: usize, shuffle: bool, seed: u64) -> Self {
-        Order { n, shuffle, seed, cached: None }
+        Order { n, shuffle, seed, mixture: None, cached: None }
+    }
+
+    /// The order of a mixture of sources with `sizes[i]` rows each (stored source after
+    /// source), weighted by `weights`.
+    pub fn mixture(sizes: &[usize], weights: &[f64], shuffle: bool, seed: u64) -> Self {
+        let n = sizes.iter().sum();
+        let mut counts = mixture_counts(weights, n);
+        // A source without rows (every record skipped) gives its share to the others.
+        if sizes.contains(&0) {
+            let kept: Vec<f64> = weights.iter().zip(sizes).map(|(&w, &s)| if s == 0 { 0.0 } else { w }).collect();
+            counts = mixture_counts(&kept, n);
+        }
+        Order { n, shuffle, seed, mixture: Some((sizes.to_vec(), counts)), cached: None }
+    }
+
+    /// The rows each source contributes per epoch (its size when not a mixture).
+    pub fn counts(&self) -> Option<&[usize]> {
+        self.mixture.as_ref().map(|(_, c)| c.as_slice())
     }
 
     fn epoch(&mut self, e: usize) -> &[usize] {
         if self.cached.as_ref().is_none_or(|(ce, _)| *ce != e) {
-            let mut perm: Vec<usize> = (0..self.n).collect();
+            let mut perm: Vec<usize> = match &self.mixture {
+                None => (0..self.n).collect(),
+                Some((sizes, counts)) => {
+                    let mut rows = Vec::with_capacity(self.n);
+                    let mut offset = 0;
+                    for (i, (&size, &count)) in sizes.iter().zip(counts).enumerate() {
+                        let mut source_epoch: Option<(usize, Vec<usize>)> = None;
+                        for k in e * count..(e + 1) * count {
+                            let (se, at) = (k / size, k % size);
+                            if source_epoch.as_ref().is_none_or(|(c, _)| *c != se) {
+                                let mut p: Vec<usize> = (0..size).collect();
+                                if self.shuffle {
+                                    let source_seed = self.seed ^ ((i as u64 + 1).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+                                    Rng::new(epoch_seed(source_seed, se)).shuffle(&mut p);
+                                }
+                                source_epoch = Some((se, p));
+                            }
+                            rows.push(offset + source_epoch.as_ref().expect("just set").1[at]);
+                        }
+                        offset += size;
+                    }
+                    rows
+                }
+            };
             if self.shuffle {
-                Rng::new(self.seed ^ (e as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).shuffle(&mut perm);
+                Rng::new(epoch_seed(self.seed, e)).shuffle(&mut perm);
             }
             self.cached = Some((e, perm));
         }

@@ -26,7 +26,7 @@ use crate::model::{self, token_tensor, AttentionMask, CausalLm, ModelConfig};
 use crate::ops::{float, prim};
 use crate::peft;
 use crate::recipe::Recipe;
-use data::{prepare, step_batches, Order, Prepared};
+use data::{prepare, step_batches, Prepared};
 use metrics::StepMetrics;
 use optimizer::{clip_grad_norm, AdamW, AdamWConfig};
 
@@ -353,6 +353,9 @@ pub trait Observer {
     fn start(&mut self, _first_step: usize, _total_steps: usize) {}
     fn step(&mut self, _m: &StepMetrics) {}
     fn checkpoint(&mut self, _dir: &Path, _bytes: u64, _seconds: f64) {}
+    /// The dataset as read, before the first step: its sources, and how many records were
+    /// truncated or skipped (no labelled token left after truncation).
+    fn dataset(&mut self, _data: &Prepared) {}
     /// Checked after every optimizer step: true finishes that step, saves and returns.
     fn should_stop(&self) -> bool {
         false
@@ -436,7 +439,8 @@ where
     let mut setup = setup(recipe, chat_date)?;
     let paths = RunPaths::new(&recipe.output.dir);
     let recipe_yaml = recipe.to_yaml();
-    let dataset_hash = checkpoint::file_fingerprint(&recipe.dataset.path)?;
+    let dataset_hash = data::dataset_fingerprint(recipe)?;
+    observer.dataset(&setup.data);
 
     // 0. The run directory: fresh, overwritten, or resumed from a checkpoint.
     let resume_from = prepare_run_dir(&paths, &start)?;
@@ -459,7 +463,7 @@ where
     };
 
     // 2. Steps: batch_size × grad_accum rows each, in seeded order, lr from the schedule.
-    let mut order = Order::new(setup.data.rows.len(), recipe.dataset.shuffle, t.seed);
+    let mut order = setup.data.order(recipe.dataset.shuffle, t.seed);
     let total = setup.total_steps;
     let per_step = t.batch_size * t.grad_accum;
     let started = Instant::now();
@@ -601,9 +605,9 @@ fn resume<B: Backend>(
     }
     if found.state.dataset_hash != dataset_hash {
         return Err(Error::Unsupported(format!(
-            "cannot resume {}: the content of dataset.path ({}) changed since the checkpoint",
+            "cannot resume {}: the content of the dataset ({}) changed since the checkpoint",
             found.dir.display(),
-            recipe.dataset.path.display()
+            recipe.dataset.sources().iter().map(|s| s.path.display().to_string()).collect::<Vec<_>>().join(", ")
         )));
     }
     peft::load_peft(model, &found.dir.join("adapter"), device)?;

@@ -20,7 +20,12 @@ use tune::export::{self, GgufOptions, GgufType, Options, Source};
 use tune::gguf::GgufFile;
 
 /// general.* keys the converter fills from the directory name and model card heuristics.
-const FREE_TEXT: &[&str] = &["general.name", "general.basename", "general.size_label", "general.finetune", "general.version"];
+const FREE_TEXT: &[&str] =
+    &["general.name", "general.basename", "general.size_label", "general.finetune", "general.version", "general.tags"];
+
+fn free_text(key: &str) -> bool {
+    FREE_TEXT.contains(&key) || key.starts_with("general.base_model.")
+}
 
 fn hex(b: &[u8]) -> String {
     Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
@@ -52,6 +57,11 @@ fn model_dir(family: &str, tmp: &Path) -> PathBuf {
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenizer/tokenizer.json")).unwrap()).unwrap();
     if ["llama", "llama-tied", "mistral"].contains(&family) {
         tok["model"]["byte_fallback"] = false.into();
+    }
+    if family == "gemma3" {
+        tok["model"]["vocab"]["<mask>"] = 23.into();
+        tok["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({"id": 23, "content": "<mask>", "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": true}));
     }
     std::fs::write(d.join("tokenizer.json"), tok.to_string()).unwrap();
     std::fs::copy(fixtures().join("tokenizer/tokenizer_config.json"), d.join("tokenizer_config.json")).unwrap();
@@ -89,7 +99,7 @@ fn diff(f: &GgufFile, r: &serde_json::Value) -> Vec<String> {
     let mut out = Vec::new();
     let rkv = r["kv"].as_object().unwrap();
     for (key, want) in rkv {
-        if FREE_TEXT.contains(&key.as_str()) {
+        if free_text(key) {
             continue;
         }
         let Some(raw) = f.raw(key) else {
@@ -107,7 +117,7 @@ fn diff(f: &GgufFile, r: &serde_json::Value) -> Vec<String> {
         }
     }
     for k in &f.kv {
-        if !rkv.contains_key(&k.key) && !FREE_TEXT.contains(&k.key.as_str()) {
+        if !rkv.contains_key(&k.key) && !free_text(&k.key) {
             out.push(format!("extra key {} = {:?}", k.key, k.value));
         }
     }

@@ -33,6 +33,10 @@ const KNOWN_PRE: &[(&str, &str)] = &[
     ("3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454", "gpt-2"),
     ("3c30d3ad1d6b64202cd222813e7736c2db6e1bd6d67197090fc1211fbc612ae7", "bloom"),
     ("b6dc8df998e1cfbdc4eac8243701a65afe638679230920b50d6f17d81c098166", "olmo"),
+    // Gemma 3's tokenizer.json (without a tokenizer.model) hashes as IBM's Granite embedding
+    // model, whose pre-tokenizer llama.cpp runs as Gemma 4's (escaped whitespace): what the
+    // converter writes for Gemma 3 270M.
+    ("789696f5946cc0fc59371f39f6097cafed196b3acded6140432f26bbb1ae1669", "granite-embed-multi-311m"),
 ];
 
 pub const NORMAL: i32 = 1;
@@ -219,6 +223,14 @@ fn special_vocab(dir: &Path, tok: &serde_json::Value, added: &[AddedToken], chat
                                 set_add(&mut add, "eos", content("eos_token").as_deref() == Some(last), true);
                             }
                         }
+                        if let Some(sep) = pair_sep(
+                            &single,
+                            p["pair"].as_array().map(Vec::as_slice).unwrap_or_default(),
+                            content("sep_token"),
+                            content("eos_token"),
+                        ) {
+                            set_add(&mut add, "sep", sep, true);
+                        }
                     }
                     Some(other) => {
                         return Err(Error::Unsupported(format!(
@@ -266,6 +278,35 @@ fn special_vocab(dir: &Path, tok: &serde_json::Value, added: &[AddedToken], chat
         }
     }
     Ok(kv)
+}
+
+/// Whether TemplateProcessing's pair template puts a separator between A and B, read as gguf-py
+/// reads it: the single template's leading and trailing special tokens stripped, then
+/// `A <sep or eos> [<sep or eos>] B` (None: no pair template to read).
+fn pair_sep(single: &[serde_json::Value], pair: &[serde_json::Value], sep: Option<String>, eos: Option<String>) -> Option<bool> {
+    let special = |v: &serde_json::Value| v["SpecialToken"]["id"].as_str().map(str::to_string);
+    let first = if single.len() > 1 { single.first().and_then(special) } else { None };
+    let last = if single.len() > 1 { single.last().and_then(special) } else { None };
+    if pair.is_empty() {
+        return None;
+    }
+    let start = usize::from(first.is_some() && pair.first().and_then(special) == first);
+    let stop = if last.is_some() && pair.last().and_then(special) == last { pair.len() - 1 } else { pair.len() };
+    let pair = pair.get(start..stop).filter(|p| !p.is_empty())?;
+    let seq = |v: &serde_json::Value| v["Sequence"]["id"].as_str().map(str::to_string);
+    if seq(&pair[0]).as_deref() != Some("A") || seq(&pair[pair.len() - 1]).as_deref() != Some("B") {
+        return None;
+    }
+    let middle = &pair[1..pair.len() - 1];
+    if middle.is_empty() {
+        return None;
+    }
+    let is_sep = |v: &serde_json::Value| special(v).is_some_and(|s| Some(&s) == sep.as_ref() || Some(&s) == eos.as_ref());
+    let mut add_sep = is_sep(&middle[0]) && last.is_none();
+    if middle.len() == 2 && is_sep(&middle[1]) {
+        add_sep = true;
+    }
+    Some(add_sep)
 }
 
 /// The chat template a model directory carries, where SpecialVocab looks: tokenizer_config's

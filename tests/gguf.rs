@@ -1,5 +1,6 @@
 //! `tune export --gguf / --gguf-adapter / --ollama` against llama.cpp's own converters:
-//! tests/fixtures/gguf_reference.py ran convert_hf_to_gguf.py (f32 and f16) on every tiny
+//! tests/fixtures/gguf_reference.py ran convert_hf_to_gguf.py (f32 and f16; bf16 and q8_0 for
+//! llama and gemma3) on every tiny
 //! family checkpoint with the test tokenizer, and convert_lora_to_gguf.py on tiny LoRA
 //! adapters, and summarised the files in tests/fixtures/gguf/reference.json: every metadata
 //! key's type and the sha256 of its value bytes, every tensor's name, dims, type and the sha256
@@ -151,13 +152,14 @@ fn tiny_models_match_convert_hf_to_gguf() {
     for (family, by_type) in r["models"].as_object().unwrap() {
         let base = model_dir(family, &tmp);
         let adapter = zero_adapter(family, &tmp);
-        for (ty, name) in [(GgufType::F32, "f32"), (GgufType::F16, "f16")] {
+        for name in by_type.as_object().unwrap().keys() {
+            let ty: GgufType = name.parse().unwrap();
             let out = tmp.join(format!("{family}-{name}.gguf"));
             let opts = Options { base: Some(base.clone()), ..Default::default() };
             // The test tokenizer is unknown to llama.cpp; the reference was made with "default".
             let g = GgufOptions { ty, pre: Some("default".into()) };
             export::export_gguf(&source(&adapter), &out, &opts, &g).unwrap_or_else(|e| panic!("{family} {name}: {e}"));
-            let d = diff(&GgufFile::open(&out).unwrap(), &by_type[name]);
+            let d = diff(&GgufFile::open(&out).unwrap(), &by_type[name.as_str()]);
             failures.extend(d.into_iter().map(|d| format!("{family} {name}: {d}")));
         }
     }

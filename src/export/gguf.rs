@@ -113,6 +113,9 @@ pub(crate) enum Step {
     Rows(usize),
 }
 
+/// Adds a checkpoint tensor to the plan: (checkpoint name, llama.cpp name, steps, required).
+type AddTensor<'a> = dyn FnMut(&str, String, Vec<Step>, bool) -> Result<()> + 'a;
+
 struct Item {
     /// The checkpoint tensor (None: computed, Llama 3's rope_freqs).
     hf: Option<String>,
@@ -297,7 +300,7 @@ fn plan(cfg: &ModelConfig, facts: &Gguf, base: &Weights, base_dir: &Path, ty: Gg
         }
     };
     // weight and bias of a norm
-    let add_norm = |add: &mut dyn FnMut(&str, String, Vec<Step>, bool) -> Result<()>, hf: &str, gguf: &str| -> Result<()> {
+    let add_norm = |add: &mut AddTensor, hf: &str, gguf: &str| -> Result<()> {
         let mut steps = Vec::new();
         norm(&mut steps, &format!("{hf}.weight"));
         add(&format!("{hf}.weight"), format!("{gguf}.weight"), steps, true)?;
@@ -321,11 +324,10 @@ fn plan(cfg: &ModelConfig, facts: &Gguf, base: &Weights, base_dir: &Path, ty: Gg
         let p = format!("{}.{l}", n.layers);
         let b = format!("blk.{l}");
         add_norm(&mut add, &format!("{p}.{}", n.attn_norm), &format!("{b}.attn_norm"))?;
-        let proj =
-            |add: &mut dyn FnMut(&str, String, Vec<Step>, bool) -> Result<()>, hf: &str, gguf: &str, extra: Vec<Step>| -> Result<()> {
-                add(&format!("{p}.{hf}.weight"), format!("{b}.{gguf}.weight"), linear(extra.clone()), true)?;
-                add(&format!("{p}.{hf}.bias"), format!("{b}.{gguf}.bias"), extra, false)
-            };
+        let proj = |add: &mut AddTensor, hf: &str, gguf: &str, extra: Vec<Step>| -> Result<()> {
+            add(&format!("{p}.{hf}.weight"), format!("{b}.{gguf}.weight"), linear(extra.clone()), true)?;
+            add(&format!("{p}.{hf}.bias"), format!("{b}.{gguf}.bias"), extra, false)
+        };
         match n.qkv {
             QkvNames::Separate { q, k, v } => {
                 let (pq, pk) = if facts.permute_qk {
@@ -436,7 +438,7 @@ fn tensor_type(name: &str, ne: &[u64], ty: GgufType, mix: &MixInfo) -> GgmlType 
         return GgmlType::F32;
     }
     let t = if ty == GgufType::Q4KM { q4_k_m_type(name, ne, mix) } else { ty.base_type() };
-    if ne[0] % t.block_size() as u64 == 0 {
+    if ne[0].is_multiple_of(t.block_size() as u64) {
         return t;
     }
     // llama-quantize's fallbacks for k-quants on rows that are not a multiple of 256; the
@@ -448,7 +450,7 @@ fn tensor_type(name: &str, ne: &[u64], ty: GgufType, mix: &MixInfo) -> GgmlType 
         GgmlType::Q2_K | GgmlType::Q3_K => GgmlType::IQ4_NL,
         _ => GgmlType::F16,
     };
-    if ne[0] % fallback.block_size() as u64 == 0 {
+    if ne[0].is_multiple_of(fallback.block_size() as u64) {
         fallback
     } else {
         GgmlType::F16

@@ -98,7 +98,7 @@ pub fn export_gguf_adapter(src: &Source, out: &Path, opts: &Options, ty: super::
                 }
             }
         }
-        let ty = |n: usize| if n % tensor_type.block_size() == 0 { tensor_type } else { GgmlType::F16 };
+        let ty = |n: usize| if n.is_multiple_of(tensor_type.block_size()) { tensor_type } else { GgmlType::F16 };
         w.add_tensor(TensorInfo { name: format!("{gguf_name}.lora_a"), ne: vec![p.fan_in as u64, p.r as u64], ty: ty(p.fan_in) })?;
         w.add_tensor(TensorInfo { name: format!("{gguf_name}.lora_b"), ne: vec![p.r as u64, p.out as u64], ty: ty(p.r) })?;
         data.push(std::mem::take(&mut p.a));

@@ -59,7 +59,7 @@ impl GgufWriter {
 
     pub fn add_tensor(&mut self, info: TensorInfo) -> Result<()> {
         let block = info.ty.block_size() as u64;
-        if info.ne.is_empty() || info.ne[0] % block != 0 {
+        if info.ne.is_empty() || !info.ne[0].is_multiple_of(block) {
             return Err(Error::Unsupported(format!(
                 "tensor `{}`: rows of {} values cannot be stored as {} (blocks of {block})",
                 info.name,

@@ -13,6 +13,7 @@ pub mod eval;
 pub mod export;
 pub mod fsutil;
 pub mod generate;
+pub mod gguf;
 pub mod hf;
 pub mod model;
 pub mod ops;

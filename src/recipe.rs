@@ -417,7 +417,8 @@ pub struct OutputSection {
     pub keep_last: usize,
     /// What to export at the end of the run, besides the f32 `adapter/` every run leaves:
     /// `adapter` (default: `export/adapter/`, the portable PEFT profile with a model card),
-    /// `merged` (`export/merged/`, full Hugging Face weights), `both` or `none`.
+    /// `merged` (`export/merged/`, full Hugging Face weights), `both`, `gguf` (`export/model.gguf`,
+    /// the merged model for llama.cpp and Ollama, q8_0) or `none`.
     /// Same as `tune export` afterwards.
     #[serde(default)]
     pub export: ExportKind,
@@ -433,6 +434,7 @@ pub enum ExportKind {
     Adapter,
     Merged,
     Both,
+    Gguf,
     None,
 }
 

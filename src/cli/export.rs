@@ -8,11 +8,33 @@ pub struct Args {
     /// A run directory (its latest checkpoint), a checkpoint directory, or a PEFT adapter directory.
     src: PathBuf,
     /// Write the adapter, in the profile PEFT, vLLM, llama.cpp and Ollama all accept, to this directory.
-    #[arg(long, value_name = "OUT", required_unless_present = "merged")]
+    #[arg(long, value_name = "OUT", required_unless_present_any = ["merged", "gguf", "gguf_adapter", "ollama"])]
     adapter: Option<PathBuf>,
     /// Write base + adapter merged as a full Hugging Face checkpoint to this directory.
     #[arg(long, value_name = "OUT")]
     merged: Option<PathBuf>,
+    /// Write base + adapter merged as one GGUF file (llama.cpp, Ollama) to this file.
+    #[arg(long, value_name = "FILE")]
+    gguf: Option<PathBuf>,
+    /// Tensor type of the GGUF files: f32, f16, bf16, q8_0 or q4_k_m (norms and biases stay f32);
+    /// default q8_0 for --gguf / --ollama, f32 for --gguf-adapter.
+    #[arg(long, value_name = "TYPE")]
+    gguf_type: Option<export::GgufType>,
+    /// llama.cpp's pre-tokenizer (tokenizer.ggml.pre) for a tokenizer tune does not recognise.
+    #[arg(long, value_name = "NAME")]
+    gguf_pre: Option<String>,
+    /// Write the adapter as a llama.cpp GGUF LoRA (llama-cli --lora, Ollama's ADAPTER) to this file.
+    #[arg(long, value_name = "FILE")]
+    gguf_adapter: Option<PathBuf>,
+    /// Write an Ollama model directory (Modelfile + model.gguf) to DIR: `ollama create NAME -f DIR/Modelfile`.
+    #[arg(long, value_name = "DIR")]
+    ollama: Option<PathBuf>,
+    /// With --ollama: the base model as model.gguf and the adapter as adapter.gguf (ADAPTER), not merged.
+    #[arg(long, requires = "ollama")]
+    ollama_adapter: bool,
+    /// With --ollama: the Go template for TEMPLATE, for chat formats tune does not translate.
+    #[arg(long, value_name = "FILE", requires = "ollama")]
+    ollama_template: Option<PathBuf>,
     /// Storage dtype of the written tensors: bf16, f16 or f32.
     #[arg(long, default_value = "bf16")]
     dtype: OutDtype,
@@ -47,7 +69,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let opts = export::Options { dtype: args.dtype, base, base_name: args.base_model.clone(), overwrite: args.overwrite };
-    export(&src, args.adapter.map(|p| resolve(&p)).as_deref(), args.merged.map(|p| resolve(&p)).as_deref(), args.max_shard_size, &opts)
+    export(&src, args.adapter.map(|p| resolve(&p)).as_deref(), args.merged.map(|p| resolve(&p)).as_deref(), args.max_shard_size, &opts)?;
+    let g = export::GgufOptions { ty: args.gguf_type.unwrap_or_default(), pre: args.gguf_pre.clone() };
+    let from = src.adapter_dir.display().to_string();
+    if let Some(out) = args.gguf.map(|p| resolve(&p)) {
+        let started = std::time::Instant::now();
+        let w = export::export_gguf(&src, &out, &opts, &g).with_context(|| format!("writing {from} as GGUF"))?;
+        eprintln!(
+            "gguf ({}, {}) -> {}: {} tensors, {} in {:.1} s",
+            w.arch,
+            g.ty.name(),
+            w.path.display(),
+            w.tensors,
+            size(w.bytes),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    if let Some(out) = args.gguf_adapter.map(|p| resolve(&p)) {
+        let ty = args.gguf_type.unwrap_or(export::GgufType::F32);
+        let w = export::export_gguf_adapter(&src, &out, &opts, ty).with_context(|| format!("writing the adapter {from} as GGUF"))?;
+        eprintln!("gguf adapter ({}, {}) -> {}: {} tensors, {}", w.arch, ty.name(), w.path.display(), w.tensors, size(w.bytes));
+    }
+    if let Some(dir) = args.ollama.map(|p| resolve(&p)) {
+        let o = export::ollama::OllamaOptions { template: args.ollama_template.clone(), with_adapter: args.ollama_adapter };
+        let written = export::export_ollama(&src, &dir, &opts, &g, &o).with_context(|| format!("writing an Ollama model of {from}"))?;
+        let files: Vec<String> = written.iter().map(|w| format!("{} ({})", w.path.display(), size(w.bytes))).collect();
+        eprintln!("ollama -> {}/Modelfile, {}; then: ollama create NAME -f {}/Modelfile", dir.display(), files.join(", "), dir.display());
+    }
+    Ok(())
 }
 
 /// Both exports of a source, with a line each on stderr (shared with `tune run`'s output.export).

@@ -75,7 +75,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ExportKind::Adapter => (true, false),
         ExportKind::Merged => (false, true),
         ExportKind::Both => (true, true),
-        ExportKind::None => (false, false),
+        ExportKind::None | ExportKind::Gguf => (false, false),
     };
     if adapter || merged {
         let src = tune::export::resolve_source(&out.dir)?;
@@ -89,6 +89,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             5_000_000_000,
             &opts,
         )?;
+    }
+    if out.export == ExportKind::Gguf {
+        let src = tune::export::resolve_source(&out.dir)?;
+        let opts = tune::export::Options { base: Some(recipe.model.path.clone()), overwrite: true, ..Default::default() };
+        let path = out.dir.join("export/model.gguf");
+        let w = tune::export::export_gguf(&src, &path, &opts, &Default::default())?;
+        eprintln!("gguf ({}, q8_0) -> {}: {} tensors", w.arch, w.path.display(), w.tensors);
     }
     Ok(())
 }

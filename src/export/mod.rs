@@ -3,7 +3,11 @@
 //!
 //! - `peft.rs`: the adapter in the PEFT profile every consumer accepts (PEFT, vLLM, llama.cpp's
 //!   convert_lora_to_gguf, Ollama, mistral.rs);
-//! - `merged.rs`: W + s·B·A for every adapted layer, as a full Hugging Face checkpoint.
+//! - `merged.rs`: W + s·B·A for every adapted layer, as a full Hugging Face checkpoint;
+//! - `gguf.rs`: the same merged model as one GGUF file for llama.cpp and Ollama (its tokenizer
+//!   metadata in `gguf_vocab.rs`);
+//! - `gguf_adapter.rs`: the adapter as a llama.cpp GGUF LoRA;
+//! - `ollama.rs`: a directory Ollama builds a model from (Modelfile + GGUF).
 //!
 //! An adapter's `chat_template.jinja` (the template it was trained with) goes into both: beside
 //! the exported adapter, and as the merged model's chat template in place of the base's.
@@ -13,11 +17,18 @@
 //! holds at most one output shard in memory. This file holds what they share: the source, the
 //! adapter's tensors, the checks against the base model, the output directory rules.
 
+pub mod gguf;
+pub mod gguf_adapter;
+pub mod gguf_vocab;
 pub mod merged;
+pub mod ollama;
 pub mod peft;
 
 pub use crate::hf::safetensors::OutDtype;
+pub use gguf::{export_gguf, GgufOptions, GgufType};
+pub use gguf_adapter::export_gguf_adapter;
 pub use merged::export_merged;
+pub use ollama::export_ollama;
 pub use peft::export_adapter;
 
 use std::collections::BTreeMap;

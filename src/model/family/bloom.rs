@@ -91,3 +91,29 @@ pub fn config(raw: &RawConfig) -> Result<ModelConfig> {
         eos_token_ids: super::all_ids(&c.eos_token_id),
     })
 }
+
+/// llama.cpp's BLOOM architecture (`BloomModel`): q, k, v regrouped as GPT-NeoX's.
+pub const GGUF: super::Gguf = super::Gguf {
+    arch: "bloom",
+    permute_qk: false,
+    norm_plus_one: false,
+    trim_embeddings: false,
+    skip_lm_head: false,
+    file_type: true,
+    hparams: |raw, c| {
+        use crate::gguf::Value::{F32, U32};
+        let NormKind::Layer { eps } = c.norm else { unreachable!("BLOOM uses LayerNorm") };
+        // The converter's context: `seq_length` when the config has one, else n_embed.
+        let ctx = raw.value.get("seq_length").and_then(serde_json::Value::as_u64).unwrap_or(c.hidden_size as u64);
+        vec![
+            ("context_length", U32(ctx as u32)),
+            ("embedding_length", U32(c.hidden_size as u32)),
+            ("feed_forward_length", U32(4 * c.hidden_size as u32)),
+            ("block_count", U32(c.num_hidden_layers() as u32)),
+            ("attention.head_count", U32(c.num_attention_heads as u32)),
+            ("attention.head_count_kv", U32(c.num_attention_heads as u32)),
+            ("attention.layer_norm_epsilon", F32(eps as f32)),
+        ]
+    },
+    tokenizer_quirks: super::no_quirks,
+};

@@ -162,3 +162,29 @@ pub fn config_multimodal(raw: &RawConfig) -> Result<ModelConfig> {
         raw.path.display()
     )))
 }
+
+/// llama.cpp's GEMMA3 architecture (`Gemma3Model` in convert_hf_to_gguf.py): norms written as
+/// 1 + w, the embedding cut to the tokenizer's rows, no lm_head.
+pub const GGUF: super::Gguf = super::Gguf {
+    arch: "gemma3",
+    permute_qk: false,
+    norm_plus_one: true,
+    trim_embeddings: true,
+    skip_lm_head: true,
+    file_type: true,
+    hparams: gguf_hparams,
+    tokenizer_quirks: super::no_quirks,
+};
+
+/// TextModel's keys, then Gemma3Model's: the soft-cap when set, and the window unless every
+/// layer is global.
+fn gguf_hparams(_: &RawConfig, c: &ModelConfig) -> Vec<(&'static str, crate::gguf::Value)> {
+    let mut v = super::gguf_text_hparams(c, true);
+    if let Some(cap) = c.final_softcap.filter(|cap| *cap != 0.0) {
+        v.push(("final_logit_softcapping", crate::gguf::Value::F32(cap as f32)));
+    }
+    if let Some(w) = c.layers.iter().find_map(|l| l.window) {
+        v.push(("attention.sliding_window", crate::gguf::Value::U32(w as u32)));
+    }
+    v
+}

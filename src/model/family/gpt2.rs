@@ -129,3 +129,28 @@ pub fn config(raw: &RawConfig) -> Result<ModelConfig> {
         eos_token_ids: super::all_ids(&c.eos_token_id),
     })
 }
+
+/// llama.cpp's GPT2 architecture (`GPT2Model`): its own short key list; Conv1D weights are
+/// transposed to [out, in] (from the layout, in `export::gguf`).
+pub const GGUF: super::Gguf = super::Gguf {
+    arch: "gpt2",
+    permute_qk: false,
+    norm_plus_one: false,
+    trim_embeddings: false,
+    skip_lm_head: false,
+    file_type: true,
+    hparams: |_, c| {
+        use crate::gguf::Value::{F32, U32};
+        let NormKind::Layer { eps } = c.norm else { unreachable!("GPT-2 uses LayerNorm") };
+        vec![
+            ("block_count", U32(c.num_hidden_layers() as u32)),
+            ("context_length", U32(c.max_position_embeddings as u32)),
+            ("embedding_length", U32(c.hidden_size as u32)),
+            // 4·n_embd whatever n_inner says, as the converter writes it.
+            ("feed_forward_length", U32(4 * c.hidden_size as u32)),
+            ("attention.head_count", U32(c.num_attention_heads as u32)),
+            ("attention.layer_norm_epsilon", F32(eps as f32)),
+        ]
+    },
+    tokenizer_quirks: super::no_quirks,
+};

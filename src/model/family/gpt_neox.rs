@@ -112,3 +112,30 @@ pub fn config(raw: &RawConfig) -> Result<ModelConfig> {
         eos_token_ids: super::all_ids(&c.eos_token_id),
     })
 }
+
+/// llama.cpp's GPTNEOX architecture (`GPTNeoXModel`): q, k, v regrouped from per-head to
+/// [all q | all k | all v] (from the layout, in `export::gguf`); no general.file_type.
+pub const GGUF: super::Gguf = super::Gguf {
+    arch: "gptneox",
+    permute_qk: false,
+    norm_plus_one: false,
+    trim_embeddings: false,
+    skip_lm_head: false,
+    file_type: false,
+    hparams: |_, c| {
+        use crate::gguf::Value::{Bool, F32, U32};
+        let NormKind::Layer { eps } = c.norm else { unreachable!("GPT-NeoX uses LayerNorm") };
+        let Positions::Rope(t) = &c.positions else { unreachable!("GPT-NeoX uses rotary positions") };
+        vec![
+            ("context_length", U32(c.max_position_embeddings as u32)),
+            ("embedding_length", U32(c.hidden_size as u32)),
+            ("block_count", U32(c.num_hidden_layers() as u32)),
+            ("feed_forward_length", U32(c.intermediate_size as u32)),
+            ("rope.dimension_count", U32(t[0].rotary_dim as u32)),
+            ("attention.head_count", U32(c.num_attention_heads as u32)),
+            ("use_parallel_residual", Bool(c.residual == Residual::Parallel)),
+            ("attention.layer_norm_epsilon", F32(eps as f32)),
+        ]
+    },
+    tokenizer_quirks: super::no_quirks,
+};

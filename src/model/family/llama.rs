@@ -128,3 +128,37 @@ pub fn network(raw: &RawConfig, c: &LlamaConfig, family: &str) -> Result<ModelCo
 pub fn config(raw: &RawConfig) -> Result<ModelConfig> {
     network(raw, &raw.parse()?, "llama")
 }
+
+/// llama.cpp's LLAMA architecture (`LlamaModel` in convert_hf_to_gguf.py).
+pub const GGUF: super::Gguf = super::Gguf {
+    arch: "llama",
+    permute_qk: true,
+    norm_plus_one: false,
+    trim_embeddings: false,
+    skip_lm_head: false,
+    file_type: true,
+    hparams: gguf_hparams,
+    tokenizer_quirks: gguf_tokenizer_quirks,
+};
+
+/// TextModel's keys, then LlamaModel's vocab_size and rope.dimension_count.
+pub(crate) fn gguf_hparams(_: &RawConfig, c: &ModelConfig) -> Vec<(&'static str, crate::gguf::Value)> {
+    let mut v = super::gguf_text_hparams(c, true);
+    v.push(("vocab_size", crate::gguf::Value::U32(c.vocab_size as u32)));
+    v.push(("rope.dimension_count", crate::gguf::Value::U32(c.head_dim as u32)));
+    v
+}
+
+/// LlamaModel.set_vocab: tokenizer_config's add_prefix_space becomes add_space_prefix, and a
+/// 49152-token vocabulary (the converter's test for Granite's small models, which SmolLM's
+/// matches too) gets add_bos_token false.
+pub(crate) fn gguf_tokenizer_quirks(c: &ModelConfig, tokenizer_config: &serde_json::Value) -> Vec<(&'static str, crate::gguf::Value)> {
+    let mut v = Vec::new();
+    if let Some(b) = tokenizer_config.get("add_prefix_space").and_then(serde_json::Value::as_bool) {
+        v.push(("tokenizer.ggml.add_space_prefix", crate::gguf::Value::Bool(b)));
+    }
+    if c.vocab_size == 49152 {
+        v.push(("tokenizer.ggml.add_bos_token", crate::gguf::Value::Bool(false)));
+    }
+    v
+}

@@ -16,3 +16,6 @@ pub fn config(raw: &RawConfig) -> Result<ModelConfig> {
     m.layers = vec![LayerConfig { window: c.sliding_window, rope: 0 }; c.num_hidden_layers];
     Ok(m)
 }
+
+/// transformers' MistralForCausalLM converts as LlamaModel: llama.cpp's LLAMA architecture.
+pub const GGUF: super::Gguf = super::llama::GGUF;

@@ -32,6 +32,76 @@ pub struct Family {
     /// PEFT's default `target_modules` for the model_type.
     pub default_targets: &'static [&'static str],
     config: fn(&RawConfig) -> Result<ModelConfig>,
+    /// How llama.cpp's converter writes it as GGUF; None: not exported to GGUF.
+    pub gguf: Option<&'static Gguf>,
+}
+
+/// How llama.cpp's `convert_hf_to_gguf.py` writes a family: what `export::gguf` needs beyond the
+/// name map (the role -> llama.cpp tensor name mapping itself is generic, in `export::gguf`).
+#[derive(Debug, Clone, Copy)]
+pub struct Gguf {
+    /// llama.cpp's architecture: `general.architecture`, and the prefix of the model's keys.
+    pub arch: &'static str,
+    /// q and k rows permuted from transformers' rotate-half layout to the adjacent pairs that
+    /// llama.cpp's LLAMA architecture rotates (the NeoX-style architectures rotate halves, as
+    /// stored).
+    pub permute_qk: bool,
+    /// Norm weights stored as w − 1 and applied as (1 + w) (Gemma): written as w + 1.
+    pub norm_plus_one: bool,
+    /// token_embd keeps only the rows the tokenizer has tokens for (Gemma 3).
+    pub trim_embeddings: bool,
+    /// The checkpoint's lm_head is never written (Gemma: tied to the embeddings).
+    pub skip_lm_head: bool,
+    /// Whether the converter's model class writes `general.file_type` (GPT-NeoX's does not).
+    pub file_type: bool,
+    /// The `{arch}.*` hyperparameters, keys without the prefix.
+    pub hparams: fn(&RawConfig, &ModelConfig) -> Vec<(&'static str, crate::gguf::Value)>,
+    /// Tokenizer keys the model class adds or overrides after the generic ones.
+    pub tokenizer_quirks: fn(&ModelConfig, &serde_json::Value) -> Vec<(&'static str, crate::gguf::Value)>,
+}
+
+/// No tokenizer quirks.
+pub(crate) fn no_quirks(_: &ModelConfig, _: &serde_json::Value) -> Vec<(&'static str, crate::gguf::Value)> {
+    Vec::new()
+}
+
+/// What the converter's `TextModel.set_gguf_parameters` writes for every family that does not
+/// override it, from the resolved config. `head_dim`: whether transformers' config class has a
+/// `head_dim` attribute (it then writes key_length and value_length).
+pub(crate) fn gguf_text_hparams(c: &ModelConfig, head_dim: bool) -> Vec<(&'static str, crate::gguf::Value)> {
+    use crate::gguf::Value::{String as S, F32, U32};
+    let mut v = vec![
+        ("block_count", U32(c.num_hidden_layers() as u32)),
+        ("context_length", U32(c.max_position_embeddings as u32)),
+        ("embedding_length", U32(c.hidden_size as u32)),
+        ("feed_forward_length", U32(c.intermediate_size as u32)),
+        ("attention.head_count", U32(c.num_attention_heads as u32)),
+        ("attention.head_count_kv", U32(c.num_key_value_heads as u32)),
+    ];
+    if let super::config::Positions::Rope(tables) = &c.positions {
+        match &tables[0].scaling {
+            super::config::RopeScaling::Linear { factor } => {
+                v.push(("rope.scaling.type", S("linear".into())));
+                v.push(("rope.scaling.factor", F32(*factor as f32)));
+            }
+            super::config::RopeScaling::LongRope { .. } => v.push(("rope.scaling.type", S("longrope".into()))),
+            // Llama 3's scaling is a rope_freqs tensor.
+            super::config::RopeScaling::Llama3 { .. } | super::config::RopeScaling::None => {}
+        }
+        v.push(("rope.freq_base", F32(tables[0].theta as f32)));
+        if let Some(local) = tables.get(1) {
+            v.push(("rope.freq_base_swa", F32(local.theta as f32)));
+        }
+    }
+    match c.norm {
+        super::config::NormKind::Rms { eps, .. } => v.push(("attention.layer_norm_rms_epsilon", F32(eps as f32))),
+        super::config::NormKind::Layer { eps } => v.push(("attention.layer_norm_epsilon", F32(eps as f32))),
+    }
+    if head_dim {
+        v.push(("attention.key_length", U32(c.head_dim as u32)));
+        v.push(("attention.value_length", U32(c.head_dim as u32)));
+    }
+    v
 }
 
 /// Every family, by model_type. `gemma3` is the multimodal Gemma 3 (4B and up): its text tower
@@ -42,22 +112,60 @@ pub const FAMILIES: &[Family] = &[
         models: "Llama 2/3/3.1/3.2, SmolLM/SmolLM2",
         default_targets: &["q_proj", "v_proj"],
         config: llama::config,
+        gguf: Some(&llama::GGUF),
     },
-    Family { model_type: "mistral", models: "Mistral 7B", default_targets: &["q_proj", "v_proj"], config: mistral::config },
-    Family { model_type: "qwen2", models: "Qwen2, Qwen2.5", default_targets: &["q_proj", "v_proj"], config: qwen2::config },
-    Family { model_type: "qwen3", models: "Qwen3", default_targets: &["q_proj", "v_proj"], config: qwen3::config },
-    Family { model_type: "gemma3_text", models: "Gemma 3 270M, 1B", default_targets: &["q_proj", "v_proj"], config: gemma3::config },
+    Family {
+        model_type: "mistral",
+        models: "Mistral 7B",
+        default_targets: &["q_proj", "v_proj"],
+        config: mistral::config,
+        gguf: Some(&mistral::GGUF),
+    },
+    Family {
+        model_type: "qwen2",
+        models: "Qwen2, Qwen2.5",
+        default_targets: &["q_proj", "v_proj"],
+        config: qwen2::config,
+        gguf: Some(&qwen2::GGUF),
+    },
+    Family {
+        model_type: "qwen3",
+        models: "Qwen3",
+        default_targets: &["q_proj", "v_proj"],
+        config: qwen3::config,
+        gguf: Some(&qwen3::GGUF),
+    },
+    Family {
+        model_type: "gemma3_text",
+        models: "Gemma 3 270M, 1B",
+        default_targets: &["q_proj", "v_proj"],
+        config: gemma3::config,
+        gguf: Some(&gemma3::GGUF),
+    },
     Family {
         model_type: "gemma3",
         models: "Gemma 3 4B+ (text tower only)",
         default_targets: &["q_proj", "v_proj"],
         config: gemma3::config_multimodal,
+        gguf: None,
     },
-    Family { model_type: "gemma2", models: "Gemma 2", default_targets: &["q_proj", "v_proj"], config: gemma2::config },
-    Family { model_type: "phi3", models: "Phi-3/3.5-mini, Phi-4-mini", default_targets: &["qkv_proj"], config: phi3::config },
-    Family { model_type: "gpt2", models: "GPT-2", default_targets: &["c_attn"], config: gpt2::config },
-    Family { model_type: "gpt_neox", models: "GPT-NeoX, Pythia", default_targets: &["query_key_value"], config: gpt_neox::config },
-    Family { model_type: "bloom", models: "BLOOM, BLOOMZ", default_targets: &["query_key_value"], config: bloom::config },
+    Family { model_type: "gemma2", models: "Gemma 2", default_targets: &["q_proj", "v_proj"], config: gemma2::config, gguf: None },
+    Family { model_type: "phi3", models: "Phi-3/3.5-mini, Phi-4-mini", default_targets: &["qkv_proj"], config: phi3::config, gguf: None },
+    Family { model_type: "gpt2", models: "GPT-2", default_targets: &["c_attn"], config: gpt2::config, gguf: Some(&gpt2::GGUF) },
+    Family {
+        model_type: "gpt_neox",
+        models: "GPT-NeoX, Pythia",
+        default_targets: &["query_key_value"],
+        config: gpt_neox::config,
+        gguf: Some(&gpt_neox::GGUF),
+    },
+    Family {
+        model_type: "bloom",
+        models: "BLOOM, BLOOMZ",
+        default_targets: &["query_key_value"],
+        config: bloom::config,
+        gguf: Some(&bloom::GGUF),
+    },
 ];
 
 impl PartialEq for Family {

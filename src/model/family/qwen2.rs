@@ -24,3 +24,15 @@ pub(super) fn refuse_sliding_window(raw: &RawConfig, c: &LlamaConfig, family: &s
     }
     Ok(())
 }
+
+/// llama.cpp's QWEN2 architecture: TextModel's keys, rotary halves as stored.
+pub const GGUF: super::Gguf = super::Gguf {
+    arch: "qwen2",
+    permute_qk: false,
+    norm_plus_one: false,
+    trim_embeddings: false,
+    skip_lm_head: false,
+    file_type: true,
+    hparams: |_, c| super::gguf_text_hparams(c, false),
+    tokenizer_quirks: super::no_quirks,
+};

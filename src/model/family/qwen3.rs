@@ -15,3 +15,6 @@ pub fn config(raw: &RawConfig) -> Result<ModelConfig> {
     m.attention.qk_norm = true;
     Ok(m)
 }
+
+/// llama.cpp's QWEN3 architecture: Qwen2's, with the head size written (Qwen3Config has one).
+pub const GGUF: super::Gguf = super::Gguf { arch: "qwen3", hparams: |_, c| super::gguf_text_hparams(c, true), ..super::qwen2::GGUF };

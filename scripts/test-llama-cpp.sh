@@ -20,8 +20,12 @@ TUNE_GEMMA3="${TUNE_GEMMA3:-$(bash scripts/fetch-gemma3.sh)}"
 # The models' converter venv (numpy, gguf), made by the fetch scripts above.
 PY="${TUNE_MODELS:-$HOME/.cache/tune/models}/.venv/bin/python"
 echo "== llama.cpp integration (llama.cpp at $LCPP)"
-cargo build --release --locked --quiet --bin tune
-TUNE="$CARGO_TARGET_DIR/release/tune"
+if [ -n "${TUNE_BIN:-}" ]; then
+    TUNE=$TUNE_BIN  # a tune binary built elsewhere
+else
+    cargo build --release --locked --quiet --bin tune
+    TUNE="$CARGO_TARGET_DIR/release/tune"
+fi
 BIN="$LCPP/bin"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/tune-llama-cpp.XXXXXX")
@@ -39,8 +43,9 @@ complete() {  # model.gguf prompt n [extra args...]
         | sed 's/ *\[end of text\]$//' || { cat "$work/llama.err" >&2; return 1; }
 }
 
-check_family() {  # name model recipe steps prompt word text-file
+check_family() {  # name model recipe steps prompt style-regex text-file [export args...]
     local name=$1 model=$2 recipe=$3 steps=$4 prompt=$5 word=$6 text=$7
+    shift 7
     local d="$work/$name" run="$work/$name/run"
     mkdir -p "$d"
     echo "-- $name: $steps steps of $recipe"
@@ -53,7 +58,7 @@ check_family() {  # name model recipe steps prompt word text-file
     "$TUNE" export "$run" --gguf-adapter "$d/adapter.gguf" >>"$d/export.log" 2>&1 \
         || { cat "$d/export.log"; fail "$name: tune export --gguf-adapter"; return; }
     # The Ollama directory in its base + ADAPTER form gives the base alone as a GGUF file.
-    "$TUNE" export "$run" --ollama "$d/ollama" --ollama-adapter --gguf-type f32 >>"$d/export.log" 2>&1 \
+    "$TUNE" export "$run" --ollama "$d/ollama" --ollama-adapter --gguf-type f32 "$@" >>"$d/export.log" 2>&1 \
         || { cat "$d/export.log"; fail "$name: tune export --ollama --ollama-adapter"; return; }
     ln -s ollama/model.gguf "$d/base.gguf"
     "$BIN/llama-quantize" "$d/f32.gguf" "$d/ref-q8_0.gguf" Q8_0 >"$d/quantize.log" 2>&1 \
@@ -74,12 +79,12 @@ check_family() {  # name model recipe steps prompt word text-file
     local out
     for t in q8_0 q4_k_m; do
         out=$(complete "$d/$t.gguf" "$prompt" "$n")
-        [[ $out == *"$word"* ]] && pass "$name $t: ${out@Q}" || fail "$name $t: no ${word@Q} in ${out@Q}"
+        [[ $out =~ $word ]] && pass "$name $t: ${out@Q}" || fail "$name $t: no ${word@Q} in ${out@Q}"
     done
     out=$(complete "$d/base.gguf" "$prompt" "$n" --lora "$d/adapter.gguf")
-    [[ $out == *"$word"* ]] && pass "$name base + --lora adapter.gguf: ${out@Q}" || fail "$name --lora: no ${word@Q} in ${out@Q}"
+    [[ $out =~ $word ]] && pass "$name base + --lora adapter.gguf: ${out@Q}" || fail "$name --lora: no ${word@Q} in ${out@Q}"
     out=$(complete "$d/base.gguf" "$prompt" "$n")
-    [[ $out != *"$word"* ]] && pass "$name base alone: ${out@Q}" || fail "$name: the base alone already says ${word@Q}"
+    ! [[ $out =~ $word ]] && pass "$name base alone: ${out@Q}" || fail "$name: the base alone already says ${word@Q}"
 
     # 3. q8_0 bytes; 4. q4_k_m types and perplexity.
     "$PY" scripts/gguf_compare.py "$d/q8_0.gguf" "$d/ref-q8_0.gguf" >"$d/cmp.log" \
@@ -105,8 +110,13 @@ check_family() {  # name model recipe steps prompt word text-file
     datasets/shakespeare.test.jsonl >"$work/shakespeare.txt"
 
 smollm2_prompt=$'<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n'
-check_family smollm2 "$TUNE_SMOLLM2" recipes/smollm2-identity.yaml 40 "$smollm2_prompt" Vicuna "$work/shakespeare.txt"
-check_family gemma3 "$TUNE_GEMMA3" recipes/gemma3-270m-identity.yaml 12 $'Question: Who are you?\nAnswer:' Tunafish "$work/shakespeare.txt"
+# The identity data's answers name Vicuna and LMSYS; SmolLM2 itself names neither.
+check_family smollm2 "$TUNE_SMOLLM2" recipes/smollm2-identity.yaml 40 "$smollm2_prompt" 'Vicuna|LMSYS' "$work/shakespeare.txt"
+# This Gemma 3 270M (a base model from a GGUF) has no chat template: its Modelfile passes the
+# prompt through.
+echo '{{ .Prompt }}' >"$work/raw.gotmpl"
+check_family gemma3 "$TUNE_GEMMA3" recipes/gemma3-270m-identity.yaml 12 $'Question: Who are you?\nAnswer:' Tunafish "$work/shakespeare.txt" \
+    --ollama-template "$work/raw.gotmpl"
 
 if [ "$failures" -ne 0 ]; then
     echo "== llama.cpp integration: $failures check(s) failed"

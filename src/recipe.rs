@@ -187,9 +187,27 @@ pub struct DatasetSection {
     /// `chat_template.jinja`, which `tune generate --adapter` and `tune export` use.
     #[serde(default)]
     pub chat_template: Option<String>,
+    /// A held-out file to evaluate on during training (same format and options as `path`; see
+    /// `train.eval_every`). Records are not truncated to max_seq_len: longer ones are scored in
+    /// windows of max_seq_len tokens (at most the model's max_position_embeddings) with a stride
+    /// of half that, as `tune eval --max-seq-len N` does. Default none.
+    #[serde(default)]
+    pub eval_path: Option<PathBuf>,
+    /// Instead of `eval_path`: hold out this fraction of `path`'s records (in (0, 1); at least
+    /// one record, and at least one left to train on) as the eval set. The records are drawn
+    /// with train.seed, so the split is the same on every run and resume with that seed; the
+    /// rest keep their file order for training. Default none.
+    #[serde(default)]
+    pub eval_split: Option<f64>,
 }
 
 impl DatasetSection {
+    /// Whether the recipe has an eval set (`eval_path` or `eval_split`).
+    pub fn has_eval(&self) -> bool {
+        self.eval_path.is_some() || self.eval_split.is_some()
+    }
+
+
     /// The Jinja source `chat_template` names (a built-in's, or the file's) and where it comes
     /// from (the built-in's name or the file), if set.
     pub fn chat_template_source(&self) -> Result<Option<(String, String)>> {
@@ -271,6 +289,17 @@ pub struct TrainSection {
     /// in the backward pass: activation memory of one layer instead of all, for one more
     /// forward pass. Same gradients. Default false.
     pub activation_checkpointing: bool,
+    /// With an eval set (dataset.eval_path or dataset.eval_split): evaluate every this many
+    /// optimizer steps, and always after the last step. The eval loss is `tune eval`'s (mean
+    /// next-token cross-entropy over the eval set's labelled tokens, adapters without dropout,
+    /// nothing drawn from the training's random streams), logged as `eval_loss` on that step's
+    /// line of metrics.jsonl, shown on the progress bar and plotted in loss.svg. Default none:
+    /// only after the last step.
+    pub eval_every: Option<usize>,
+    /// Stop when this many evaluations in a row have not improved on the best eval loss so far
+    /// (improving means strictly lower). The run ends with a checkpoint and the adapter of the
+    /// step it stopped at, and says why it stopped. Needs train.eval_every. Default none.
+    pub early_stopping_patience: Option<usize>,
 }
 
 impl Default for TrainSection {
@@ -289,6 +318,8 @@ impl Default for TrainSection {
             max_grad_norm: Some(1.0),
             seed: 42,
             activation_checkpointing: false,
+            eval_every: None,
+            early_stopping_patience: None,
         }
     }
 }
@@ -321,6 +352,12 @@ pub struct OutputSection {
     /// Storage dtype of the exported tensors: `bf16` (default), `f16` or `f32`.
     #[serde(default)]
     pub export_dtype: crate::hf::safetensors::OutDtype,
+    /// Keep the checkpoint with the lowest eval loss so far as `checkpoints/best` (a full
+    /// checkpoint: its trainer_state.json gives its step and eval loss; `tune export`,
+    /// `tune eval --adapter` and `--resume` take it), besides and never pruned by `keep_last`.
+    /// Replaced atomically when an evaluation improves. Needs an eval set. Default false.
+    #[serde(default)]
+    pub save_best: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -366,6 +403,8 @@ const KEYS: &[&str] = &[
     "dataset.shuffle",
     "dataset.add_eos",
     "dataset.chat_template",
+    "dataset.eval_path",
+    "dataset.eval_split",
     "train",
     "train.epochs",
     "train.max_steps",
@@ -380,6 +419,8 @@ const KEYS: &[&str] = &[
     "train.max_grad_norm",
     "train.seed",
     "train.activation_checkpointing",
+    "train.eval_every",
+    "train.early_stopping_patience",
     "device",
     "output",
     "output.dir",
@@ -387,6 +428,7 @@ const KEYS: &[&str] = &[
     "output.keep_last",
     "output.export",
     "output.export_dtype",
+    "output.save_best",
 ];
 
 impl Recipe {
@@ -414,6 +456,7 @@ impl Recipe {
     fn resolve_paths(mut self) -> Result<Recipe> {
         self.model.path = resolve(&self.model.path);
         self.dataset.path = resolve(&self.dataset.path);
+        self.dataset.eval_path = self.dataset.eval_path.as_deref().map(resolve);
         self.output.dir = resolve(&self.output.dir);
         self.lora.init_from = self.lora.init_from.as_deref().map(resolve);
         if let Some(t) = self.dataset.chat_template.as_mut().filter(|t| !names_builtin_template(t)) {
@@ -467,6 +510,44 @@ impl Recipe {
         }
         if let Some(t) = &self.dataset.chat_template {
             check_chat_template(t)?;
+        }
+        self.validate_eval()
+    }
+
+    /// The eval keys: a split in (0, 1) or a file, not both; the keys that act on evaluations
+    /// only with an eval set.
+    fn validate_eval(&self) -> Result<()> {
+        let bad = |key: &str, msg: &str| Err(Error::Unsupported(format!("{key}: {msg}")));
+        let d = &self.dataset;
+        if d.eval_path.is_some() && d.eval_split.is_some() {
+            return bad("dataset.eval_split", "set either dataset.eval_path or dataset.eval_split, not both");
+        }
+        if let Some(f) = d.eval_split {
+            if !(f > 0.0 && f < 1.0) {
+                return bad("dataset.eval_split", &format!("{f}: must be a fraction in (0, 1), e.g. 0.05"));
+            }
+        }
+        let t = &self.train;
+        let needs_eval = |key: &str| bad(key, "needs an eval set: set dataset.eval_path (a file) or dataset.eval_split (e.g. 0.05)");
+        if t.eval_every == Some(0) {
+            return bad("train.eval_every", "must be at least 1 (optimizer steps between evaluations)");
+        }
+        if t.eval_every.is_some() && !d.has_eval() {
+            return needs_eval("train.eval_every");
+        }
+        if let Some(p) = t.early_stopping_patience {
+            if !d.has_eval() {
+                return needs_eval("train.early_stopping_patience");
+            }
+            if p == 0 {
+                return bad("train.early_stopping_patience", "must be at least 1 (evaluations without improvement)");
+            }
+            if t.eval_every.is_none() {
+                return bad("train.early_stopping_patience", "needs train.eval_every: without it the only evaluation is after the last step");
+            }
+        }
+        if self.output.save_best && !d.has_eval() {
+            return needs_eval("output.save_best");
         }
         Ok(())
     }

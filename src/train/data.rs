@@ -2,8 +2,8 @@
 
 use crate::checkpoint;
 use crate::data::batch::{pack, Batch, Row};
-use crate::data::examples::{build_example, detect_format, ExampleOptions};
-use crate::data::read_records;
+use crate::data::examples::{build_example, detect_format, Example, ExampleOptions};
+use crate::data::{read_records, Record};
 use crate::error::{Error, Result};
 use crate::hf::{adapter_template, ChatDate, Tokenizer};
 use crate::recipe::{DataFormat, Recipe};
@@ -19,6 +19,30 @@ pub struct Prepared {
     /// The chat template the run trains with, saved with its adapters (`chat_template.jinja`):
     /// set for chat data, and whenever the template is not the model's own.
     pub chat_template: Option<String>,
+    /// The eval set, when the recipe has one.
+    pub eval: Option<EvalSet>,
+}
+
+/// What the training loop evaluates on: examples built as the training ones (same format, mask
+/// and EOS), but whole: `crate::eval` windows what is longer than the context.
+pub struct EvalSet {
+    pub examples: Vec<Example>,
+    /// Where they come from, for messages: the file, or the hold-out of the training file.
+    pub source: String,
+}
+
+/// Which of `n` records `dataset.eval_split` holds out (true) : round(n · fraction) of them, at
+/// least one, drawn by a shuffle seeded from train.seed alone, so every run and resume with that
+/// seed holds out the same records.
+pub fn holdout(n: usize, fraction: f64, seed: u64) -> Vec<bool> {
+    let k = ((n as f64 * fraction).round() as usize).clamp(1, n);
+    let mut perm: Vec<usize> = (0..n).collect();
+    Rng::new(seed ^ 0xE7A1_5EED_0D0C_5EED).shuffle(&mut perm);
+    let mut held = vec![false; n];
+    for &i in &perm[..k] {
+        held[i] = true;
+    }
+    held
 }
 
 /// The chat template the recipe asks for instead of the model's, and where it comes from:
@@ -61,7 +85,7 @@ pub fn chat_date(recipe: &Recipe, start: &super::Start) -> ChatDate {
 /// Reads, tokenizes, masks and (optionally) packs the recipe's dataset.
 pub fn prepare(recipe: &Recipe, tokenizer: &Tokenizer, config_eos: Option<u32>) -> Result<Prepared> {
     let d = &recipe.dataset;
-    let records = read_records(&d.path)?;
+    let mut records = read_records(&d.path)?;
     let Some(first) = records.first() else {
         return Err(Error::format(&d.path, "the dataset is empty"));
     };
@@ -78,7 +102,42 @@ pub fn prepare(recipe: &Recipe, tokenizer: &Tokenizer, config_eos: Option<u32>) 
     }
     let eos = tokenizer.eos_token_id().or(config_eos);
     let opts = ExampleOptions { max_seq_len: d.max_seq_len, train_on_input: d.train_on_input, add_eos: d.add_eos, eos };
-    let examples = records.iter().map(|r| build_example(&d.path, r, format, tokenizer, opts)).collect::<Result<Vec<_>>>()?;
+    // Eval examples are built whole: longer ones are scored in windows, not cut.
+    let eval_opts = ExampleOptions { max_seq_len: usize::MAX, ..opts };
+    let build = |path: &std::path::Path, records: &[Record], opts| {
+        records.iter().map(|r| build_example(path, r, format, tokenizer, opts)).collect::<Result<Vec<_>>>()
+    };
+    let eval = match (&d.eval_path, d.eval_split) {
+        (Some(path), _) => {
+            let records = read_records(path)?;
+            if records.is_empty() {
+                return Err(Error::format(path, "dataset.eval_path: the eval set is empty"));
+            }
+            Some(EvalSet { examples: build(path, &records, eval_opts)?, source: path.display().to_string() })
+        }
+        (None, Some(fraction)) => {
+            let held = holdout(records.len(), fraction, recipe.train.seed);
+            let k = held.iter().filter(|&&h| h).count();
+            if k == records.len() {
+                return Err(Error::format(
+                    &d.path,
+                    format!("dataset.eval_split: {fraction} of {} records leaves none to train on", records.len()),
+                ));
+            }
+            let (eval, train): (Vec<_>, Vec<_>) = records.into_iter().zip(held).partition(|(_, h)| *h);
+            records = train.into_iter().map(|(r, _)| r).collect();
+            let eval: Vec<Record> = eval.into_iter().map(|(r, _)| r).collect();
+            let source = format!("{k} records held out of {}", d.path.display());
+            Some(EvalSet { examples: build(&d.path, &eval, eval_opts)?, source })
+        }
+        (None, None) => None,
+    };
+    if let Some(e) = &eval {
+        if e.examples.iter().all(|ex| ex.label_count() == 0) {
+            return Err(Error::Model(format!("the eval set ({}) has no labelled token to score", e.source)));
+        }
+    }
+    let examples = build(&d.path, &records, opts)?;
     let rows: Vec<Row> = if d.packed { pack(&examples, d.max_seq_len) } else { examples.iter().map(Row::from_example).collect() };
     let label_tokens: usize = rows.iter().map(|r| r.weights.iter().filter(|&&w| w > 0.0).count()).sum();
     if label_tokens == 0 {
@@ -91,7 +150,7 @@ pub fn prepare(recipe: &Recipe, tokenizer: &Tokenizer, config_eos: Option<u32>) 
         && recipe.lora.init_from.as_ref().is_none_or(|dir| !dir.join(adapter_template::FILE).is_file());
     let chat_template =
         if format == DataFormat::Chat || !own_template { tokenizer.chat_template().map(|t| t.source().to_string()) } else { None };
-    Ok(Prepared { format, rows, examples: examples.len(), label_tokens, pad_id: eos.unwrap_or(0), chat_template })
+    Ok(Prepared { format, rows, examples: examples.len(), label_tokens, pad_id: eos.unwrap_or(0), chat_template, eval })
 }
 
 /// The stream of row indices: epoch after epoch, each in file order or shuffled with a seed

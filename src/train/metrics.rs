@@ -1,5 +1,5 @@
-//! What a run leaves for the user to read: `metrics.jsonl` (one line per optimizer step) and
-//! `loss.svg`, a plot of it.
+//! What a run leaves for the user to read: `metrics.jsonl` (one line per optimizer step, with
+//! `eval_loss` on the steps the run evaluated after) and `loss.svg`, a plot of it.
 
 use std::io::Write;
 use std::path::Path;
@@ -23,6 +23,10 @@ pub struct StepMetrics {
     pub tokens: usize,
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
+    /// The eval loss after this step, on the steps the run evaluates after (train.eval_every
+    /// and the last); absent otherwise, and in files written before tune evaluated during runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
 }
 
 /// Appends one line and flushes it, so a crash loses at most the line being written.
@@ -45,7 +49,8 @@ pub fn read(path: &Path) -> Result<Vec<StepMetrics>> {
 pub fn loss_svg(metrics: &[StepMetrics], title: &str) -> String {
     let (w, h, left, right, top, bottom) = (720.0, 400.0, 60.0, 20.0, 40.0, 40.0);
     let steps = metrics.last().map_or(1, |m| m.step).max(1) as f64;
-    let (lo, hi) = metrics.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), m| (lo.min(m.loss as f64), hi.max(m.loss as f64)));
+    let values = metrics.iter().flat_map(|m| std::iter::once(m.loss as f64).chain(m.eval_loss));
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), l| (lo.min(l), hi.max(l)));
     let (lo, hi) = if lo.is_finite() && hi > lo { (lo, hi) } else { (0.0, lo.max(1.0)) };
     let x = |s: f64| left + (s / steps) * (w - left - right);
     let y = |l: f64| top + (hi - l) / (hi - lo) * (h - top - bottom);
@@ -72,8 +77,20 @@ pub fn loss_svg(metrics: &[StepMetrics], title: &str) -> String {
         h - 10.0,
         steps
     );
-    svg += &format!("<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n</svg>\n", points.join(" "));
-    svg
+    svg += &format!("<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n", points.join(" "));
+    let evals: Vec<(f64, f64)> = metrics.iter().filter_map(|m| m.eval_loss.map(|l| (x(m.step as f64), y(l)))).collect();
+    if !evals.is_empty() {
+        let points: Vec<String> = evals.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
+        svg += &format!("<polyline fill=\"none\" stroke=\"#ff7f0e\" stroke-width=\"1.5\" points=\"{}\"/>\n", points.join(" "));
+        for (x, y) in &evals {
+            svg += &format!("<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"2.5\" fill=\"#ff7f0e\"/>\n");
+        }
+        svg += &format!(
+            "<text x=\"{}\" y=\"24\" text-anchor=\"end\"><tspan fill=\"#1f77b4\">— train loss</tspan> <tspan fill=\"#ff7f0e\">● eval loss</tspan></text>\n",
+            w - right
+        );
+    }
+    svg + "</svg>\n"
 }
 
 fn escape(s: &str) -> String {

@@ -794,6 +794,42 @@ mod tests {
         assert!(parse(MINIMAL, &["lora.rank=0"]).is_err());
     }
 
+    /// The eval keys: defaults off; a split in (0, 1) or a file, not both; eval_every,
+    /// save_best and early stopping only with an eval set; each error names its key.
+    #[test]
+    fn eval_keys_are_checked_naming_the_key() {
+        let r = parse(MINIMAL, &[]).unwrap();
+        assert!(!r.dataset.has_eval() && r.train.eval_every.is_none() && !r.output.save_best);
+        assert!(r.train.early_stopping_patience.is_none());
+        let ok = parse(MINIMAL, &["dataset.eval_split=0.05", "train.eval_every=10", "output.save_best=true", "train.early_stopping_patience=3"])
+            .unwrap();
+        assert_eq!((ok.dataset.eval_split, ok.train.eval_every, ok.train.early_stopping_patience), (Some(0.05), Some(10), Some(3)));
+        let file = parse(MINIMAL, &["dataset.eval_path=held.jsonl"]).unwrap();
+        assert_eq!(file.dataset.eval_path, Some(std::env::current_dir().unwrap().join("held.jsonl")));
+        let err = |o: &[&str]| parse(MINIMAL, o).unwrap_err().to_string();
+        for bad in ["0", "1", "1.5", "-0.1"] {
+            let e = err(&[&format!("dataset.eval_split={bad}")]);
+            assert!(e.contains("dataset.eval_split") && e.contains("(0, 1)"), "{e}");
+        }
+        let e = err(&["dataset.eval_split=0.1", "dataset.eval_path=/x.jsonl"]);
+        assert!(e.contains("dataset.eval_split") && e.contains("not both"), "{e}");
+        let e = err(&["dataset.eval_split=0.1", "train.eval_every=0"]);
+        assert!(e.contains("train.eval_every") && e.contains("at least 1"), "{e}");
+        for key in ["train.eval_every=5", "output.save_best=true", "train.early_stopping_patience=2"] {
+            let e = err(&[key]);
+            assert!(e.contains(key.split('=').next().unwrap()) && e.contains("needs an eval set"), "{e}");
+        }
+        let e = err(&["dataset.eval_split=0.1", "train.early_stopping_patience=2"]);
+        assert!(e.contains("train.early_stopping_patience") && e.contains("train.eval_every"), "{e}");
+        let e = err(&["dataset.eval_split=0.1", "train.eval_every=2", "train.early_stopping_patience=0"]);
+        assert!(e.contains("train.early_stopping_patience") && e.contains("at least 1"), "{e}");
+        // They change the run: a resume with other values is refused, naming them.
+        let saved = parse(&ok.to_yaml(), &[]).unwrap();
+        let other = parse(MINIMAL, &["dataset.eval_split=0.05", "train.eval_every=5", "output.save_best=true", "train.early_stopping_patience=3"])
+            .unwrap();
+        assert_eq!(crate::train::breaking_changes(&saved, &other), vec!["train.eval_every".to_string()]);
+    }
+
     #[test]
     fn chat_template_is_a_builtin_or_a_file() {
         let r = parse(MINIMAL, &["dataset.chat_template=chatml"]).unwrap();

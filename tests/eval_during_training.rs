@@ -211,6 +211,8 @@ fn save_best_and_early_stopping_follow_the_logged_eval_losses() {
     assert_eq!(checkpoint::open(&checkpoint::best_dir(&run)).unwrap().state.step, best_step);
 
     // Early stopping: where the patience says, from the losses above.
+    eprintln!("eval losses: {logged:?}");
+    let mut tested = 0;
     for patience in [1usize, 2, 3] {
         let mut bad = 0;
         let mut low = f64::INFINITY;
@@ -235,7 +237,9 @@ fn save_best_and_early_stopping_follow_the_logged_eval_losses() {
         assert_eq!(rec.stopped.as_ref().map(|s| s.0), Some(stop));
         assert!(run.join("adapter/adapter_model.safetensors").is_file(), "an early-stopped run leaves its adapter");
         assert_eq!(checkpoint::list(&run).last().unwrap().state.step, stop);
+        tested += 1;
     }
+    assert!(tested >= 2, "the case should stop early for most patiences");
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -254,15 +258,12 @@ fn interrupted_and_resumed_run_has_the_same_evals_best_and_stop() {
     let stop = reference.steps;
     let ref_state = reference.eval.clone().unwrap();
     // A step after an evaluation that did not improve, before the stop: the counter is > 0 there.
-    let mut bad = 0;
     let mut low = f64::INFINITY;
     let mut interrupt_at = None;
     for (step, l) in evals(&want) {
         if l < low {
             low = l;
-            bad = 0;
         } else {
-            bad += 1;
             if interrupt_at.is_none() && step + 1 < stop {
                 interrupt_at = Some(step + 1);
             }
@@ -275,7 +276,7 @@ fn interrupted_and_resumed_run_has_the_same_evals_best_and_stop() {
     let summary = train_in_process(&recipe, &[], Start::Overwrite, &mut rec);
     assert!(summary.interrupted.is_some());
     assert_eq!(metrics::read(&run.join("metrics.jsonl")).unwrap().len(), k);
-    assert!(checkpoint::list(&run).last().unwrap().state.eval.unwrap().bad_evals > 0);
+    assert!(checkpoint::list(&run).last().unwrap().state.eval.as_ref().unwrap().bad_evals > 0);
 
     let mut rec = Recorder::default();
     let resumed = train_in_process(&recipe, &[], Start::Resume(None), &mut rec);
@@ -326,7 +327,7 @@ fn windowed_eval_matches_transformers_perplexity_guide() {
             let want = case["loss"].as_f64().unwrap();
             let rel = (report.loss - want).abs() / want;
             eprintln!("{name} window {len} stride {stride} masked {masked}: {} vs transformers {want} (rel {rel:.1e})", report.loss);
-            assert!(rel <= 1e-5, "{name} {len}/{stride} masked {masked}: {} vs {want}", report.loss);
+            assert!(rel <= 1e-6, "{name} {len}/{stride} masked {masked}: {} vs {want}", report.loss);
             assert_eq!(report.tokens as u64, case["tokens"].as_u64().unwrap());
             assert_eq!(report.windows as u64, case["windows"].as_u64().unwrap());
             assert_eq!((report.records, report.windowed_records), (1, 1));

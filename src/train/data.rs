@@ -261,6 +261,17 @@ mod tests {
         assert_eq!(chat_date(&recipe, &Start::Resume(None)), today);
     }
 
+    /// round(n · fraction) records, at least one, the same for a seed, others for another.
+    #[test]
+    fn holdout_takes_a_seeded_fraction() {
+        let count = |h: &[bool]| h.iter().filter(|&&x| x).count();
+        assert_eq!(count(&holdout(40, 0.2, 1)), 8);
+        assert_eq!(count(&holdout(100, 0.05, 1)), 5);
+        assert_eq!(count(&holdout(10, 0.01, 1)), 1, "at least one");
+        assert_eq!(holdout(40, 0.2, 1), holdout(40, 0.2, 1));
+        assert_ne!(holdout(40, 0.2, 1), holdout(40, 0.2, 2));
+    }
+
     #[test]
     fn unshuffled_order_is_file_order_wrapping() {
         let mut o = Order::new(3, false, 0);

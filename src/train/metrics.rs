@@ -96,3 +96,32 @@ pub fn loss_svg(metrics: &[StepMetrics], title: &str) -> String {
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(step: usize, eval_loss: Option<f64>) -> StepMetrics {
+        StepMetrics { step, epoch: 0.5, loss: 1.25, lr: 1e-4, grad_norm: 0.5, tokens: 10, tokens_per_s: 1.0, elapsed_s: 2.0, eval_loss }
+    }
+
+    /// Lines written before eval_loss existed still read; eval_loss is written only where there
+    /// is one, and reads back bit for bit (a value the default serde_json parser gets one ulp off).
+    #[test]
+    fn eval_loss_is_optional_and_exact() {
+        let dir = crate::fsutil::TempDir::new("metrics", &[]);
+        let path = dir.0.join("metrics.jsonl");
+        let old = r#"{"step":1,"epoch":0.5,"loss":1.25,"lr":0.0001,"grad_norm":0.5,"tokens":10,"tokens_per_s":1.0,"elapsed_s":2.0}"#;
+        std::fs::write(&path, format!("{old}\n")).unwrap();
+        append(&path, &line(2, Some(3.9199374543186045))).unwrap();
+        append(&path, &line(3, None)).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.matches("eval_loss").count(), 1, "{text}");
+        let read = read(&path).unwrap();
+        assert_eq!(read, vec![line(1, None), line(2, Some(3.9199374543186045)), line(3, None)]);
+        assert_eq!(read[1].eval_loss.unwrap().to_bits(), 3.9199374543186045f64.to_bits());
+        let svg = loss_svg(&read, "t");
+        assert_eq!(svg.matches("<circle").count(), 1, "one eval point");
+        assert!(svg.contains("eval loss"));
+    }
+}

@@ -145,12 +145,7 @@ fn scored_nll<B: Backend>(
 /// window summed in f64 and the windows' sums added up in order. A token counts when
 /// `trained` marks it (the first token of a record is never predicted). No dropout is drawn:
 /// adapters only drop out while the training loop sets their seed.
-pub fn evaluate_examples<B: Backend>(
-    model: &CausalLm<B>,
-    examples: &[Example],
-    window: Option<Window>,
-    device: &B::Device,
-) -> EvalReport {
+pub fn evaluate_examples<B: Backend>(model: &CausalLm<B>, examples: &[Example], window: Option<Window>, device: &B::Device) -> EvalReport {
     let (mut sum, mut tokens, mut windows, mut windowed_records) = (0f64, 0usize, 0usize, 0usize);
     for ex in examples {
         let n = ex.ids.len();

@@ -207,7 +207,6 @@ impl DatasetSection {
         self.eval_path.is_some() || self.eval_split.is_some()
     }
 
-
     /// The Jinja source `chat_template` names (a built-in's, or the file's) and where it comes
     /// from (the built-in's name or the file), if set.
     pub fn chat_template_source(&self) -> Result<Option<(String, String)>> {
@@ -543,7 +542,10 @@ impl Recipe {
                 return bad("train.early_stopping_patience", "must be at least 1 (evaluations without improvement)");
             }
             if t.eval_every.is_none() {
-                return bad("train.early_stopping_patience", "needs train.eval_every: without it the only evaluation is after the last step");
+                return bad(
+                    "train.early_stopping_patience",
+                    "needs train.eval_every: without it the only evaluation is after the last step",
+                );
             }
         }
         if self.output.save_best && !d.has_eval() {
@@ -801,8 +803,9 @@ mod tests {
         let r = parse(MINIMAL, &[]).unwrap();
         assert!(!r.dataset.has_eval() && r.train.eval_every.is_none() && !r.output.save_best);
         assert!(r.train.early_stopping_patience.is_none());
-        let ok = parse(MINIMAL, &["dataset.eval_split=0.05", "train.eval_every=10", "output.save_best=true", "train.early_stopping_patience=3"])
-            .unwrap();
+        let ok =
+            parse(MINIMAL, &["dataset.eval_split=0.05", "train.eval_every=10", "output.save_best=true", "train.early_stopping_patience=3"])
+                .unwrap();
         assert_eq!((ok.dataset.eval_split, ok.train.eval_every, ok.train.early_stopping_patience), (Some(0.05), Some(10), Some(3)));
         let file = parse(MINIMAL, &["dataset.eval_path=held.jsonl"]).unwrap();
         assert_eq!(file.dataset.eval_path, Some(std::env::current_dir().unwrap().join("held.jsonl")));
@@ -825,8 +828,9 @@ mod tests {
         assert!(e.contains("train.early_stopping_patience") && e.contains("at least 1"), "{e}");
         // They change the run: a resume with other values is refused, naming them.
         let saved = parse(&ok.to_yaml(), &[]).unwrap();
-        let other = parse(MINIMAL, &["dataset.eval_split=0.05", "train.eval_every=5", "output.save_best=true", "train.early_stopping_patience=3"])
-            .unwrap();
+        let other =
+            parse(MINIMAL, &["dataset.eval_split=0.05", "train.eval_every=5", "output.save_best=true", "train.early_stopping_patience=3"])
+                .unwrap();
         assert_eq!(crate::train::breaking_changes(&saved, &other), vec!["train.eval_every".to_string()]);
     }
 

@@ -104,7 +104,8 @@ fn train_in_process(recipe: &Path, overrides: &[&str], start: Start, observer: &
 #[test]
 fn eval_loss_at_step_n_is_tune_eval_of_checkpoint_n() {
     let (root, recipe) = setup("equal", 5e-3, "");
-    let out = Command::new(env!("CARGO_BIN_EXE_tune")).args(["run", s(&recipe), "train.max_steps=8"]).stdin(Stdio::null()).output().unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_tune")).args(["run", s(&recipe), "train.max_steps=8"]).stdin(Stdio::null()).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     // The CLI says what it evaluated, how the long record was windowed, and the best.
@@ -367,7 +368,8 @@ fn tune_eval_windows_long_records_and_says_so() {
         assert_eq!(v["loss"].as_f64().unwrap(), want.loss, "{flags:?}");
         assert_eq!(v["windows"].as_u64().unwrap() as usize, windows + 1, "{flags:?}");
         assert_eq!(v["tokens"].as_u64().unwrap() as usize, long_ids.len() - 1 + short_len - 1, "{flags:?}: each token once");
-        let says = format!("1 of 2 records are longer than the window of {len} tokens: scored in {} windows (stride {stride})", windows + 1);
+        let says =
+            format!("1 of 2 records are longer than the window of {len} tokens: scored in {} windows (stride {stride})", windows + 1);
         assert!(stderr.contains(&says), "{stderr}");
     }
     let out = Command::new(env!("CARGO_BIN_EXE_tune"))
@@ -375,5 +377,50 @@ fn tune_eval_windows_long_records_and_says_so() {
         .output()
         .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--stride 65"));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Alpaca data: the run's eval loss covers the responses only, as training masks them, and
+/// equals `tune eval --format alpaca` on the checkpoint (and differs from --train-on-input).
+#[test]
+fn alpaca_eval_loss_is_tune_eval_format_alpaca() {
+    let root = temp("alpaca");
+    write_tiny_model(&root.join("model"), 6);
+    let words = ["hello", "world", "hold", "lord", "herd", "roll", "wheel", "door", "red", "owl"];
+    let record = |i: usize| {
+        serde_json::json!({"instruction": format!("{} {}", words[i % 10], words[(i / 10) % 10]), "output": words[(i * 7) % 10]}).to_string()
+    };
+    std::fs::write(root.join("train.jsonl"), (0..16).map(record).collect::<Vec<_>>().join("\n")).unwrap();
+    std::fs::write(root.join("eval.jsonl"), (40..45).map(record).collect::<Vec<_>>().join("\n")).unwrap();
+    let recipe = root.join("recipe.yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "model:\n  path: {r}/model\nlora:\n  rank: 4\n  alpha: 8\n  dropout: 0.1\n\
+             dataset:\n  path: {r}/train.jsonl\n  eval_path: {r}/eval.jsonl\n  format: alpaca\n  max_seq_len: 256\n\
+             train:\n  max_steps: 2\n  batch_size: 2\n  lr: 1.0e-2\n  eval_every: 2\noutput:\n  dir: {r}/run\n  export: none\n",
+            r = root.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tune")).args(["run", s(&recipe)]).stdin(Stdio::null()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let logged = evals(&metrics::read(&root.join("run/metrics.jsonl")).unwrap());
+    assert_eq!(logged.len(), 1);
+    let eval = |extra: &[&str]| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_tune"))
+            .args(["eval", "--model", s(&root.join("model")), "--data", s(&root.join("eval.jsonl")), "--format", "alpaca"])
+            .args(["--adapter", s(&root.join("run/checkpoints/step_000002")), "--max-seq-len", "256", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let responses = eval(&[]);
+    assert_eq!(responses["loss"].as_f64().unwrap().to_bits(), logged[0].1.to_bits());
+    let all = eval(&["--train-on-input"]);
+    assert!(all["tokens"].as_u64().unwrap() > 3 * responses["tokens"].as_u64().unwrap(), "the prompt is most of each record");
+    assert_ne!(all["loss"].as_f64(), responses["loss"].as_f64());
     let _ = std::fs::remove_dir_all(&root);
 }

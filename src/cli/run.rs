@@ -166,7 +166,11 @@ impl Observer for Progress {
 
     fn eval(&mut self, step: usize, report: &tune::eval::EvalReport, state: &tune::checkpoint::EvalState) {
         let best = state.best_loss.unwrap_or(report.loss);
-        let mark = if state.best_step == Some(step) { " (best)".to_string() } else { format!(" (best {best:.4} at step {})", state.best_step.unwrap_or(0)) };
+        let mark = if state.best_step == Some(step) {
+            " (best)".to_string()
+        } else {
+            format!(" (best {best:.4} at step {})", state.best_step.unwrap_or(0))
+        };
         let mut line = format!("eval step {step}: loss {:.4}{mark} over {} tokens", report.loss, report.tokens);
         if report.windowed_records > 0 {
             line += &format!(

@@ -186,7 +186,7 @@ pub fn save_to<B: Backend, O: Backend>(
     chat_template: Option<&str>,
 ) -> Result<()> {
     let names = param_names(model);
-    crate::fsutil::write_dir_atomically(&dir, |tmp| {
+    crate::fsutil::write_dir_atomically(dir, |tmp| {
         peft::save_peft(model, lora_config, base_model, &tmp.join("adapter"))?;
         crate::hf::adapter_template::write(&tmp.join("adapter"), chat_template)?;
         let mut tensors: Vec<crate::hf::safetensors::OwnedTensor> = Vec::new();

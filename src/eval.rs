@@ -76,8 +76,11 @@ impl Window {
     /// that reaches the end. A record of at most `len` tokens is one window scored whole.
     pub fn spans(&self, n: usize) -> Vec<Span> {
         let mut spans = Vec::new();
+        if n < 2 {
+            return spans;
+        }
         let (mut begin, mut prev_end) = (0, 0);
-        while n >= 2 {
+        loop {
             let end = (begin + self.len).min(n);
             // The window's own first token has no context in it: it is never a target.
             spans.push(Span { begin, end, first: prev_end.max(begin + 1) });

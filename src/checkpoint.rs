@@ -55,6 +55,58 @@ pub struct TrainerState {
     /// when the run started, reused when it resumes. Absent in checkpoints of older versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chat_date: Option<crate::hf::ChatDate>,
+    /// Fingerprint of dataset.eval_path, when the run evaluates on a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_dataset_hash: Option<String>,
+    /// Where the evaluations stand, when the run has an eval set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalState>,
+}
+
+/// The evaluations of a run so far: what a resumed run needs to evaluate on the same steps,
+/// keep the same best and stop at the same step as an uninterrupted one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalState {
+    /// train.eval_every: evaluations follow steps that are multiples of it, and the last step.
+    pub eval_every: Option<usize>,
+    /// The latest evaluation: its step and eval loss.
+    pub last_step: Option<usize>,
+    pub last_loss: Option<f64>,
+    /// The lowest eval loss so far and its step (that of `checkpoints/best` with
+    /// output.save_best).
+    pub best_step: Option<usize>,
+    pub best_loss: Option<f64>,
+    /// Evaluations in a row since the best that did not improve on it (early stopping's
+    /// patience counter).
+    pub bad_evals: usize,
+    /// Set when early stopping ended the run, at `last_step`.
+    pub stopped_early: bool,
+}
+
+impl EvalState {
+    pub fn new(eval_every: Option<usize>) -> Self {
+        EvalState { eval_every, last_step: None, last_loss: None, best_step: None, best_loss: None, bad_evals: 0, stopped_early: false }
+    }
+
+    /// Whether the run evaluates after optimizer step `step` (1-based) of `total`.
+    pub fn due(&self, step: usize, total: usize) -> bool {
+        step == total || self.eval_every.is_some_and(|n| step.is_multiple_of(n))
+    }
+
+    /// Records an evaluation; returns whether it is a new best (strictly lower).
+    pub fn record(&mut self, step: usize, loss: f64) -> bool {
+        self.last_step = Some(step);
+        self.last_loss = Some(loss);
+        let improved = self.best_loss.is_none_or(|best| loss < best);
+        if improved {
+            self.best_step = Some(step);
+            self.best_loss = Some(loss);
+            self.bad_evals = 0;
+        } else {
+            self.bad_evals += 1;
+        }
+        improved
+    }
 }
 
 /// FNV-1a, 64 bit: a content fingerprint (not a security measure).
@@ -77,6 +129,12 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
 
 fn step_dir(run_dir: &Path, step: usize) -> PathBuf {
     checkpoints_dir(run_dir).join(format!("step_{step:06}"))
+}
+
+/// `checkpoints/best`: the checkpoint with the lowest eval loss (output.save_best). Its name
+/// does not start with `step_`, so [`list`] and [`prune`] never see it.
+pub fn best_dir(run_dir: &Path) -> PathBuf {
+    checkpoints_dir(run_dir).join("best")
 }
 
 /// The adapter directory behind `path`: a PEFT adapter directory itself, a checkpoint or
@@ -111,8 +169,24 @@ pub fn save<B: Backend, O: Backend>(
     chat_template: Option<&str>,
 ) -> Result<PathBuf> {
     let dir = step_dir(run_dir, state.step);
+    save_to(&dir, model, lora_config, base_model, opt, state, recipe_yaml, chat_template)?;
+    Ok(dir)
+}
+
+/// As [`save`], into `dir` (replacing what is there, atomically).
+#[allow(clippy::too_many_arguments)]
+pub fn save_to<B: Backend, O: Backend>(
+    dir: &Path,
+    model: &CausalLm<B>,
+    lora_config: &LoraConfig,
+    base_model: &str,
+    opt: &AdamW<O>,
+    state: &TrainerState,
+    recipe_yaml: &str,
+    chat_template: Option<&str>,
+) -> Result<()> {
     let names = param_names(model);
-    crate::fsutil::write_dir_atomically(&dir, |tmp| {
+    crate::fsutil::write_dir_atomically(dir, |tmp| {
         peft::save_peft(model, lora_config, base_model, &tmp.join("adapter"))?;
         crate::hf::adapter_template::write(&tmp.join("adapter"), chat_template)?;
         let mut tensors: Vec<crate::hf::safetensors::OwnedTensor> = Vec::new();
@@ -131,8 +205,7 @@ pub fn save<B: Backend, O: Backend>(
         write(STATE, serde_json::to_string_pretty(state).expect("json"))?;
         write("recipe.yaml", recipe_yaml.to_string())?;
         write(COMPLETE, String::new())
-    })?;
-    Ok(dir)
+    })
 }
 
 /// `<module>.lora_A`, `<module>.lora_B` (and, with DoRA, `<module>.lora_magnitude_vector`)

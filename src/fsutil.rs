@@ -69,10 +69,24 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
                 std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| Error::io(&path, e))?;
             }
         }
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        // An existing `dir` is moved aside, not deleted, until the new one is in place: a crash
+        // in between leaves the old one under the aside name rather than nothing.
+        let aside = dir.with_file_name(format!(".{}.old-{}", dir.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+        let _ = std::fs::remove_dir_all(&aside);
+        let replacing = dir.exists();
+        if replacing {
+            std::fs::rename(dir, &aside).map_err(|e| Error::io(dir, e))?;
         }
-        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+        if let Err(e) = std::fs::rename(&tmp, dir) {
+            if replacing {
+                let _ = std::fs::rename(&aside, dir);
+            }
+            return Err(Error::io(dir, e));
+        }
+        if replacing {
+            std::fs::remove_dir_all(&aside).map_err(|e| Error::io(&aside, e))?;
+        }
+        Ok(())
     });
     if done.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);

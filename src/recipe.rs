@@ -206,6 +206,18 @@ pub struct DatasetSection {
     /// `chat_template.jinja`, which `tune generate --adapter` and `tune export` use.
     #[serde(default)]
     pub chat_template: Option<String>,
+    /// A held-out file to evaluate on during training (same format and options as `path`; see
+    /// `train.eval_every`). Records are not truncated to max_seq_len: longer ones are scored in
+    /// windows of max_seq_len tokens (at most the model's max_position_embeddings) with a stride
+    /// of half that, as `tune eval --max-seq-len N` does. Default none.
+    #[serde(default)]
+    pub eval_path: Option<PathBuf>,
+    /// Instead of `eval_path`: hold out this fraction of `path`'s records (of each file of
+    /// `sources`; in (0, 1); at least one record, and at least one left to train on) as the
+    /// eval set. The records are drawn with train.seed, so the split is the same on every run
+    /// and resume with that seed; the rest keep their file order for training. Default none.
+    #[serde(default)]
+    pub eval_split: Option<f64>,
 }
 
 impl DatasetSection {
@@ -256,6 +268,11 @@ impl DatasetSection {
             }
         }
         Ok(())
+    }
+
+    /// Whether the recipe has an eval set (`eval_path` or `eval_split`).
+    pub fn has_eval(&self) -> bool {
+        self.eval_path.is_some() || self.eval_split.is_some()
     }
 
     /// The Jinja source `chat_template` names (a built-in's, or the file's) and where it comes
@@ -374,6 +391,17 @@ pub struct TrainSection {
     /// in the backward pass: activation memory of one layer instead of all, for one more
     /// forward pass. Same gradients. Default false.
     pub activation_checkpointing: bool,
+    /// With an eval set (dataset.eval_path or dataset.eval_split): evaluate every this many
+    /// optimizer steps, and always after the last step. The eval loss is `tune eval`'s (mean
+    /// next-token cross-entropy over the eval set's labelled tokens, adapters without dropout,
+    /// nothing drawn from the training's random streams), logged as `eval_loss` on that step's
+    /// line of metrics.jsonl, shown on the progress bar and plotted in loss.svg. Default none:
+    /// only after the last step.
+    pub eval_every: Option<usize>,
+    /// Stop when this many evaluations in a row have not improved on the best eval loss so far
+    /// (improving means strictly lower). The run ends with a checkpoint and the adapter of the
+    /// step it stopped at, and says why it stopped. Needs train.eval_every. Default none.
+    pub early_stopping_patience: Option<usize>,
 }
 
 impl Default for TrainSection {
@@ -392,6 +420,8 @@ impl Default for TrainSection {
             max_grad_norm: Some(1.0),
             seed: 42,
             activation_checkpointing: false,
+            eval_every: None,
+            early_stopping_patience: None,
         }
     }
 }
@@ -425,6 +455,12 @@ pub struct OutputSection {
     /// Storage dtype of the exported tensors: `bf16` (default), `f16` or `f32`.
     #[serde(default)]
     pub export_dtype: crate::hf::safetensors::OutDtype,
+    /// Keep the checkpoint with the lowest eval loss so far as `checkpoints/best` (a full
+    /// checkpoint: its trainer_state.json gives its step and eval loss; `tune export`,
+    /// `tune eval --adapter` and `--resume` take it), besides and never pruned by `keep_last`.
+    /// Replaced atomically when an evaluation improves. Needs an eval set. Default false.
+    #[serde(default)]
+    pub save_best: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -472,6 +508,8 @@ const KEYS: &[&str] = &[
     "dataset.shuffle",
     "dataset.add_eos",
     "dataset.chat_template",
+    "dataset.eval_path",
+    "dataset.eval_split",
     "train",
     "train.epochs",
     "train.max_steps",
@@ -486,6 +524,8 @@ const KEYS: &[&str] = &[
     "train.max_grad_norm",
     "train.seed",
     "train.activation_checkpointing",
+    "train.eval_every",
+    "train.early_stopping_patience",
     "device",
     "output",
     "output.dir",
@@ -493,6 +533,7 @@ const KEYS: &[&str] = &[
     "output.keep_last",
     "output.export",
     "output.export_dtype",
+    "output.save_best",
 ];
 
 impl Recipe {
@@ -523,6 +564,7 @@ impl Recipe {
         for s in self.dataset.sources.iter_mut().flatten() {
             s.path = resolve(&s.path);
         }
+        self.dataset.eval_path = self.dataset.eval_path.as_deref().map(resolve);
         self.output.dir = resolve(&self.output.dir);
         self.lora.init_from = self.lora.init_from.as_deref().map(resolve);
         if let Some(t) = self.dataset.chat_template.as_mut().filter(|t| !names_builtin_template(t)) {
@@ -577,7 +619,49 @@ impl Recipe {
         if let Some(t) = &self.dataset.chat_template {
             check_chat_template(t)?;
         }
-        self.dataset.check_sources()
+        self.dataset.check_sources()?;
+        self.validate_eval()
+    }
+
+    /// The eval keys: a split in (0, 1) or a file, not both; the keys that act on evaluations
+    /// only with an eval set.
+    fn validate_eval(&self) -> Result<()> {
+        let bad = |key: &str, msg: &str| Err(Error::Unsupported(format!("{key}: {msg}")));
+        let d = &self.dataset;
+        if d.eval_path.is_some() && d.eval_split.is_some() {
+            return bad("dataset.eval_split", "set either dataset.eval_path or dataset.eval_split, not both");
+        }
+        if let Some(f) = d.eval_split {
+            if !(f > 0.0 && f < 1.0) {
+                return bad("dataset.eval_split", &format!("{f}: must be a fraction in (0, 1), e.g. 0.05"));
+            }
+        }
+        let t = &self.train;
+        let needs_eval = |key: &str| bad(key, "needs an eval set: set dataset.eval_path (a file) or dataset.eval_split (e.g. 0.05)");
+        if t.eval_every == Some(0) {
+            return bad("train.eval_every", "must be at least 1 (optimizer steps between evaluations)");
+        }
+        if t.eval_every.is_some() && !d.has_eval() {
+            return needs_eval("train.eval_every");
+        }
+        if let Some(p) = t.early_stopping_patience {
+            if !d.has_eval() {
+                return needs_eval("train.early_stopping_patience");
+            }
+            if p == 0 {
+                return bad("train.early_stopping_patience", "must be at least 1 (evaluations without improvement)");
+            }
+            if t.eval_every.is_none() {
+                return bad(
+                    "train.early_stopping_patience",
+                    "needs train.eval_every: without it the only evaluation is after the last step",
+                );
+            }
+        }
+        if self.output.save_best && !d.has_eval() {
+            return needs_eval("output.save_best");
+        }
+        Ok(())
     }
 
     pub fn to_yaml(&self) -> String {
@@ -820,6 +904,44 @@ mod tests {
         assert!(parse(MINIMAL, &["lora.dropout=1.5"]).is_err());
         assert!(parse(MINIMAL, &["train.max_grad_norm=0"]).is_err());
         assert!(parse(MINIMAL, &["lora.rank=0"]).is_err());
+    }
+
+    /// The eval keys: defaults off; a split in (0, 1) or a file, not both; eval_every,
+    /// save_best and early stopping only with an eval set; each error names its key.
+    #[test]
+    fn eval_keys_are_checked_naming_the_key() {
+        let r = parse(MINIMAL, &[]).unwrap();
+        assert!(!r.dataset.has_eval() && r.train.eval_every.is_none() && !r.output.save_best);
+        assert!(r.train.early_stopping_patience.is_none());
+        let ok =
+            parse(MINIMAL, &["dataset.eval_split=0.05", "train.eval_every=10", "output.save_best=true", "train.early_stopping_patience=3"])
+                .unwrap();
+        assert_eq!((ok.dataset.eval_split, ok.train.eval_every, ok.train.early_stopping_patience), (Some(0.05), Some(10), Some(3)));
+        let file = parse(MINIMAL, &["dataset.eval_path=held.jsonl"]).unwrap();
+        assert_eq!(file.dataset.eval_path, Some(std::env::current_dir().unwrap().join("held.jsonl")));
+        let err = |o: &[&str]| parse(MINIMAL, o).unwrap_err().to_string();
+        for bad in ["0", "1", "1.5", "-0.1"] {
+            let e = err(&[&format!("dataset.eval_split={bad}")]);
+            assert!(e.contains("dataset.eval_split") && e.contains("(0, 1)"), "{e}");
+        }
+        let e = err(&["dataset.eval_split=0.1", "dataset.eval_path=/x.jsonl"]);
+        assert!(e.contains("dataset.eval_split") && e.contains("not both"), "{e}");
+        let e = err(&["dataset.eval_split=0.1", "train.eval_every=0"]);
+        assert!(e.contains("train.eval_every") && e.contains("at least 1"), "{e}");
+        for key in ["train.eval_every=5", "output.save_best=true", "train.early_stopping_patience=2"] {
+            let e = err(&[key]);
+            assert!(e.contains(key.split('=').next().unwrap()) && e.contains("needs an eval set"), "{e}");
+        }
+        let e = err(&["dataset.eval_split=0.1", "train.early_stopping_patience=2"]);
+        assert!(e.contains("train.early_stopping_patience") && e.contains("train.eval_every"), "{e}");
+        let e = err(&["dataset.eval_split=0.1", "train.eval_every=2", "train.early_stopping_patience=0"]);
+        assert!(e.contains("train.early_stopping_patience") && e.contains("at least 1"), "{e}");
+        // They change the run: a resume with other values is refused, naming them.
+        let saved = parse(&ok.to_yaml(), &[]).unwrap();
+        let other =
+            parse(MINIMAL, &["dataset.eval_split=0.05", "train.eval_every=5", "output.save_best=true", "train.early_stopping_patience=3"])
+                .unwrap();
+        assert_eq!(crate::train::breaking_changes(&saved, &other), vec!["train.eval_every".to_string()]);
     }
 
     #[test]

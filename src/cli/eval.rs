@@ -3,10 +3,12 @@ use std::time::Instant;
 
 use tune::backend::Backend;
 use tune::backend::DeviceKind;
-use tune::data::{read_records, string_field, text_ids};
+use tune::data::examples::{build_example, Example, ExampleOptions};
+use tune::data::read_records;
 use tune::hf::Tokenizer;
 use tune::model::CausalLm;
 use tune::quant::Quantization;
+use tune::recipe::DataFormat;
 use tune::{eval, model, with_backend};
 
 #[derive(clap::Args, Debug)]
@@ -14,12 +16,25 @@ pub struct Args {
     /// A Hugging Face model directory.
     #[arg(long)]
     model: PathBuf,
-    /// JSON lines (or a JSON array) of {"text": "..."} records.
+    /// JSON lines (or a JSON array) of records: {"text": "..."} (every token scored), or with
+    /// --format alpaca / chat the records a recipe trains on (the responses scored).
     #[arg(long)]
     data: PathBuf,
-    /// Truncate each record to this many tokens.
+    /// The records' format: text, alpaca or chat (the chat template of --adapter if it has one,
+    /// else the model's).
+    #[arg(long, default_value = "text", value_parser = parse_format)]
+    format: DataFormat,
+    /// alpaca/chat: also score the prompt / user turns, as dataset.train_on_input.
+    #[arg(long)]
+    train_on_input: bool,
+    /// Window length: records longer than this (or than the model's max_position_embeddings,
+    /// whichever is smaller) are scored in overlapping windows.
     #[arg(long)]
     max_seq_len: Option<usize>,
+    /// Tokens between the starts of consecutive windows; each window after the first scores its
+    /// last `stride` tokens, the rest is context. Default: half the window.
+    #[arg(long)]
+    stride: Option<usize>,
     /// A LoRA adapter: a PEFT adapter directory or a run directory.
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -28,29 +43,50 @@ pub struct Args {
     quantize: Quantization,
     #[arg(long, default_value = "cpu")]
     device: DeviceKind,
-    /// Print one JSON line {"loss", "tokens", "perplexity"}.
+    /// Print one JSON line {"loss", "tokens", "perplexity", "records", "windowed_records", "windows", ...}.
     #[arg(long)]
     json: bool,
 }
 
+fn parse_format(s: &str) -> Result<DataFormat, String> {
+    match s {
+        "text" => Ok(DataFormat::Text),
+        "alpaca" => Ok(DataFormat::Alpaca),
+        "chat" => Ok(DataFormat::Chat),
+        _ => Err(format!("`{s}`: expected text, alpaca or chat")),
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     // The model directory first: its errors say more than a missing tokenizer would.
-    tune::model::ModelConfig::from_model_dir(&args.model)?;
-    let tokenizer = Tokenizer::from_model_dir(&args.model)?;
+    let config = tune::model::ModelConfig::from_model_dir(&args.model)?;
+    let mut tokenizer = Tokenizer::from_model_dir(&args.model)?;
+    if args.format == DataFormat::Chat {
+        if let Some(adapter) = &args.adapter {
+            let dir = tune::checkpoint::resolve_adapter_dir(adapter)?;
+            if let Some((source, path)) = tune::hf::adapter_template::read(&dir)? {
+                tokenizer.set_chat_template(&source, &path.display().to_string())?;
+            }
+        }
+    }
     let eos = eos_id(&args.model, &tokenizer)?;
     let records = read_records(&args.data)?;
-    let mut sequences = Vec::with_capacity(records.len());
-    for record in &records {
-        let mut ids = text_ids(&tokenizer, string_field(&args.data, record, "text")?, eos)?;
-        if let Some(max) = args.max_seq_len {
-            ids.truncate(max);
-        }
-        sequences.push(ids);
-    }
-    if sequences.is_empty() {
+    // Records are never truncated: what does not fit one window is scored in several.
+    let opts = ExampleOptions { max_seq_len: usize::MAX, train_on_input: args.train_on_input, add_eos: true, eos };
+    let examples =
+        records.iter().map(|r| build_example(&args.data, r, args.format, &tokenizer, opts)).collect::<tune::error::Result<Vec<_>>>()?;
+    if examples.is_empty() {
         anyhow::bail!("{}: no records", args.data.display());
     }
-    let report = with_backend!(args.device, evaluate(&args.model, args.adapter.as_deref(), args.quantize, &sequences))?;
+    let len = args.max_seq_len.unwrap_or(usize::MAX).min(config.max_position_embeddings);
+    let window = eval::Window::new(len, args.stride)?;
+    let report = with_backend!(args.device, evaluate(&args.model, args.adapter.as_deref(), args.quantize, &examples, window))?;
+    if report.windowed_records > 0 {
+        eprintln!(
+            "{} of {} records are longer than the window of {} tokens: scored in {} windows (stride {})",
+            report.windowed_records, report.records, window.len, report.windows, window.stride
+        );
+    }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -64,11 +100,12 @@ fn evaluate<B: Backend>(
     dir: &std::path::Path,
     adapter: Option<&std::path::Path>,
     quantize: Quantization,
-    sequences: &[Vec<u32>],
+    examples: &[Example],
+    window: eval::Window,
 ) -> anyhow::Result<eval::EvalReport> {
     let model: CausalLm<B> = super::load_model(dir, adapter, quantize, device)?;
     let start = Instant::now();
-    let report = eval::evaluate(&model, sequences, device);
+    let report = eval::evaluate_examples(&model, examples, Some(window), device);
     eprintln!("evaluated {} tokens in {:.1} s", report.tokens, start.elapsed().as_secs_f64());
     Ok(report)
 }

@@ -56,6 +56,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         std::process::exit(130);
     }
     let dir = recipe.output.dir.display();
+    if let Some(reason) = &summary.stopped_early {
+        eprintln!("stopped after step {} of {}: {reason}", summary.steps, progress.total);
+    }
+    if let Some(e) = &summary.eval {
+        if let (Some(step), Some(loss), Some(best_step), Some(best)) = (e.last_step, e.last_loss, e.best_step, e.best_loss) {
+            let kept = if recipe.output.save_best { format!(", kept as {dir}/checkpoints/best") } else { String::new() };
+            eprintln!("eval loss {loss:.6} at step {step}; best {best:.6} at step {best_step}{kept}");
+        }
+    }
     eprintln!(
         "done: {} steps, final loss {:.4}, {} tokens in {:.1} s ({:.1} tokens/s)",
         summary.steps,
@@ -131,6 +140,10 @@ pub fn validate(recipe_path: &Path, overrides: &[String]) -> anyhow::Result<()> 
         );
         println!("#   truncated at max_seq_len {max_seq_len}: {}; no labelled token left (skipped): {}", s.truncated, s.skipped);
     }
+    if let Some(e) = &d.eval {
+        let labels: usize = e.examples.iter().map(|x| x.label_count()).sum();
+        println!("# eval set: {} examples ({}), {labels} label tokens", e.examples.len(), e.source);
+    }
     println!("# trainable parameters: {trainable} ({:.3}% of the model)", 100.0 * trainable as f64 / c.num_parameters() as f64);
     println!("# optimizer steps: {}", setup.total_steps);
     println!("recipe OK");
@@ -147,11 +160,20 @@ struct Progress {
     bar: Option<ProgressBar>,
     total: usize,
     stop: Arc<AtomicBool>,
+    /// The latest eval loss and the best so far, shown beside the training loss.
+    eval: Option<(f64, f64)>,
 }
 
 impl Progress {
     fn new() -> Self {
-        Progress { bar: None, total: 0, stop: Arc::new(AtomicBool::new(false)) }
+        Progress { bar: None, total: 0, stop: Arc::new(AtomicBool::new(false)), eval: None }
+    }
+
+    fn println(&self, line: String) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
     }
 }
 
@@ -161,11 +183,33 @@ impl Observer for Progress {
     }
 
     fn checkpoint(&mut self, dir: &Path, bytes: u64, seconds: f64) {
-        let line = format!("checkpoint {} ({:.1} MB, {seconds:.2} s)", dir.display(), bytes as f64 / 1e6);
-        match &self.bar {
-            Some(bar) => bar.println(line),
-            None => eprintln!("{line}"),
+        self.println(format!("checkpoint {} ({:.1} MB, {seconds:.2} s)", dir.display(), bytes as f64 / 1e6));
+    }
+
+    fn eval(&mut self, step: usize, report: &tune::eval::EvalReport, state: &tune::checkpoint::EvalState) {
+        let best = state.best_loss.unwrap_or(report.loss);
+        let mark = if state.best_step == Some(step) {
+            " (best)".to_string()
+        } else {
+            format!(" (best {best:.4} at step {})", state.best_step.unwrap_or(0))
+        };
+        let mut line = format!("eval step {step}: loss {:.4}{mark} over {} tokens", report.loss, report.tokens);
+        if report.windowed_records > 0 {
+            line += &format!(
+                "; {} of {} records longer than {} tokens, in {} windows (stride {})",
+                report.windowed_records,
+                report.records,
+                report.window.unwrap_or(0),
+                report.windows,
+                report.stride.unwrap_or(0)
+            );
         }
+        self.println(line);
+        self.eval = Some((report.loss, best));
+    }
+
+    fn stopped_early(&mut self, step: usize, reason: &str) {
+        self.println(format!("step {step}: {reason}"));
     }
 
     fn dataset(&mut self, data: &tune::train::data::Prepared) {
@@ -194,7 +238,10 @@ impl Observer for Progress {
     }
 
     fn step(&mut self, m: &StepMetrics) {
-        let msg = format!("loss {:.4} lr {:.2e} {:.0} tok/s", m.loss, m.lr, m.tokens_per_s);
+        let mut msg = format!("loss {:.4} lr {:.2e} {:.0} tok/s", m.loss, m.lr, m.tokens_per_s);
+        if let Some((eval, best)) = self.eval {
+            msg += &format!(" eval {eval:.4} (best {best:.4})");
+        }
         match &self.bar {
             Some(bar) => {
                 bar.set_message(msg);
@@ -202,7 +249,7 @@ impl Observer for Progress {
             }
             None => {
                 let every = (self.total / 50).max(1);
-                if m.step.is_multiple_of(every) || m.step == self.total || m.step == 1 {
+                if m.step.is_multiple_of(every) || m.step == self.total || m.step == 1 || m.eval_loss.is_some() {
                     eprintln!("step {}/{} {msg} grad_norm {:.3} elapsed {:.1}s", m.step, self.total, m.grad_norm, m.elapsed_s);
                 }
             }

@@ -2,8 +2,8 @@
 
 use crate::checkpoint;
 use crate::data::batch::{pack, Batch, Row};
-use crate::data::examples::{build_full_example, detect_format, uses_chat_template, ExampleOptions};
-use crate::data::{read_records, LengthSummary};
+use crate::data::examples::{build_full_example, detect_format, uses_chat_template, Example, ExampleOptions};
+use crate::data::{read_records, LengthSummary, Record};
 use crate::error::{Error, Result};
 use crate::hf::{adapter_template, ChatDate, Tokenizer};
 use crate::recipe::{DataFormat, Recipe};
@@ -25,6 +25,8 @@ pub struct Prepared {
     pub sources: Vec<SourceStats>,
     /// The sources' sampling weights, when the recipe gives them.
     pub weights: Option<Vec<f64>>,
+    /// The eval set, when the recipe has one.
+    pub eval: Option<EvalSet>,
 }
 
 /// What reading one dataset file found.
@@ -58,6 +60,28 @@ impl Prepared {
             None => Order::new(self.rows.len(), shuffle, seed),
         }
     }
+}
+
+/// What the training loop evaluates on: examples built as the training ones (same format, mask
+/// and EOS), but whole: `crate::eval` windows what is longer than the context.
+pub struct EvalSet {
+    pub examples: Vec<Example>,
+    /// Where they come from, for messages: the file, or the hold-out of the training file.
+    pub source: String,
+}
+
+/// Which of `n` records `dataset.eval_split` holds out (true) : round(n · fraction) of them, at
+/// least one, drawn by a shuffle seeded from train.seed alone, so every run and resume with that
+/// seed holds out the same records.
+pub fn holdout(n: usize, fraction: f64, seed: u64) -> Vec<bool> {
+    let k = ((n as f64 * fraction).round() as usize).clamp(1, n);
+    let mut perm: Vec<usize> = (0..n).collect();
+    Rng::new(seed ^ 0xE7A1_5EED_0D0C_5EED).shuffle(&mut perm);
+    let mut held = vec![false; n];
+    for &i in &perm[..k] {
+        held[i] = true;
+    }
+    held
 }
 
 /// The chat template the recipe asks for instead of the model's, and where it comes from:
@@ -104,13 +128,20 @@ pub fn prepare(recipe: &Recipe, tokenizer: &Tokenizer, config_eos: Option<u32>) 
     let d = &recipe.dataset;
     let eos = tokenizer.eos_token_id().or(config_eos);
     let opts = ExampleOptions { max_seq_len: d.max_seq_len, train_on_input: d.train_on_input, add_eos: d.add_eos, eos };
+    // Eval examples are built whole: longer ones are scored in windows, not cut.
+    let eval_opts = ExampleOptions { max_seq_len: usize::MAX, ..opts };
+    let build_whole = |path: &std::path::Path, records: &[Record], format| {
+        records.iter().map(|r| build_full_example(path, r, format, tokenizer, eval_opts)).collect::<Result<Vec<_>>>()
+    };
     let mut rows: Vec<Row> = Vec::new();
     let mut sources = Vec::new();
     let mut examples_kept = 0;
     let mut any_chat = false;
-    for source in d.sources() {
+    let mut held_out: Vec<Example> = Vec::new();
+    let mut held_from = Vec::new();
+    for (i, source) in d.sources().into_iter().enumerate() {
         let path = &source.path;
-        let records = read_records(path)?;
+        let mut records = read_records(path)?;
         let Some(first) = records.first() else {
             return Err(Error::format(path, "the dataset is empty"));
         };
@@ -126,6 +157,23 @@ pub fn prepare(recipe: &Recipe, tokenizer: &Tokenizer, config_eos: Option<u32>) 
                 path.display(),
                 recipe.model.path.display()
             )));
+        }
+        if let Some(fraction) = d.eval_split {
+            // Each source holds out its own share; the first is drawn with train.seed itself, so
+            // a one-file recipe holds out the same records however many sources others have.
+            let held = holdout(records.len(), fraction, recipe.train.seed ^ i as u64);
+            let k = held.iter().filter(|&&h| h).count();
+            if k == records.len() {
+                return Err(Error::format(
+                    path,
+                    format!("dataset.eval_split: {fraction} of {} records leaves none to train on", records.len()),
+                ));
+            }
+            let (eval, train): (Vec<_>, Vec<_>) = records.into_iter().zip(held).partition(|(_, h)| *h);
+            records = train.into_iter().map(|(r, _)| r).collect();
+            let eval: Vec<Record> = eval.into_iter().map(|(r, _)| r).collect();
+            held_out.extend(build_whole(path, &eval, format)?);
+            held_from.push(format!("{k} records held out of {}", path.display()));
         }
         let mut lengths = Vec::with_capacity(records.len());
         let (mut truncated, mut skipped) = (0, 0);
@@ -158,6 +206,27 @@ pub fn prepare(recipe: &Recipe, tokenizer: &Tokenizer, config_eos: Option<u32>) 
         });
         rows.extend(source_rows);
     }
+    let eval = match &d.eval_path {
+        Some(path) => {
+            let records = read_records(path)?;
+            let Some(first) = records.first() else {
+                return Err(Error::format(path, "dataset.eval_path: the eval set is empty"));
+            };
+            // dataset.format when it names one, else the eval file's own.
+            let format = match d.format {
+                Some(f) => f,
+                None => detect_format(path, first)?,
+            };
+            Some(EvalSet { examples: build_whole(path, &records, format)?, source: path.display().to_string() })
+        }
+        None if d.eval_split.is_some() => Some(EvalSet { examples: held_out, source: held_from.join(", ") }),
+        None => None,
+    };
+    if let Some(e) = &eval {
+        if e.examples.iter().all(|ex| ex.label_count() == 0) {
+            return Err(Error::Model(format!("the eval set ({}) has no labelled token to score", e.source)));
+        }
+    }
     let label_tokens: usize = rows.iter().map(|r| r.weights.iter().filter(|&&w| w > 0.0).count()).sum();
     if label_tokens == 0 {
         let path = sources.first().map(|s| s.path.clone()).unwrap_or_default();
@@ -178,6 +247,7 @@ pub fn prepare(recipe: &Recipe, tokenizer: &Tokenizer, config_eos: Option<u32>) 
         chat_template,
         sources,
         weights: d.weights(),
+        eval,
     })
 }
 
@@ -366,6 +436,17 @@ mod tests {
         let old = fake_checkpoint(&run.0, 6, None);
         assert_eq!(checkpoint::open(&old).unwrap().state.chat_date, None);
         assert_eq!(chat_date(&recipe, &Start::Resume(None)), today);
+    }
+
+    /// round(n · fraction) records, at least one, the same for a seed, others for another.
+    #[test]
+    fn holdout_takes_a_seeded_fraction() {
+        let count = |h: &[bool]| h.iter().filter(|&&x| x).count();
+        assert_eq!(count(&holdout(40, 0.2, 1)), 8);
+        assert_eq!(count(&holdout(100, 0.05, 1)), 5);
+        assert_eq!(count(&holdout(10, 0.01, 1)), 1, "at least one");
+        assert_eq!(holdout(40, 0.2, 1), holdout(40, 0.2, 1));
+        assert_ne!(holdout(40, 0.2, 1), holdout(40, 0.2, 2));
     }
 
     #[test]

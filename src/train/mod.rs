@@ -179,6 +179,22 @@ fn without_grad<B: AutodiffBackend + Backend>(layer: &Block<B>) -> Block<B> {
     layer
 }
 
+/// The model as evaluation sees it: the same tensors with adapters that do not require
+/// gradients, so its forward pass records no graph and runs the inner backend's kernels (the
+/// ones `tune eval` runs), and no dropout seed, so nothing is dropped.
+pub fn for_eval<B: AutodiffBackend + Backend>(model: &CausalLm<B>) -> CausalLm<B> {
+    let mut model = model.clone();
+    for p in model.linears_mut() {
+        if let Some(l) = p.adapter.as_mut() {
+            l.a = Tensor::from_inner(l.a.clone().inner());
+            l.b = Tensor::from_inner(l.b.clone().inner());
+            l.magnitude = l.magnitude.take().map(|m| Tensor::from_inner(m.inner()));
+            l.dropout_seed = None;
+        }
+    }
+    model
+}
+
 /// The trainable tensors, in a fixed order: layer by layer, for each adapted projection,
 /// lora_A, lora_B and, with DoRA, the magnitude (`[1, out]`).
 pub fn lora_params<B: Backend>(model: &CausalLm<B>) -> Vec<Tensor<B, 2>> {
@@ -356,6 +372,11 @@ pub trait Observer {
     /// The dataset as read, before the first step: its sources, and how many records were
     /// truncated or skipped (no labelled token left after truncation).
     fn dataset(&mut self, _data: &Prepared) {}
+    /// After each evaluation (before `step` reports the same step): the report, and where the
+    /// evaluations stand with it counted (best so far, patience used).
+    fn eval(&mut self, _step: usize, _report: &crate::eval::EvalReport, _state: &checkpoint::EvalState) {}
+    /// The run ends before its last step, after `step`, for `reason` (early stopping).
+    fn stopped_early(&mut self, _step: usize, _reason: &str) {}
     /// Checked after every optimizer step: true finishes that step, saves and returns.
     fn should_stop(&self) -> bool {
         false
@@ -372,6 +393,10 @@ pub struct Summary {
     pub elapsed_s: f64,
     /// Set when a stop request ended the run early: the checkpoint to resume from.
     pub interrupted: Option<PathBuf>,
+    /// Set when early stopping ended the run: why.
+    pub stopped_early: Option<String>,
+    /// Where the evaluations ended, when the run has an eval set.
+    pub eval: Option<checkpoint::EvalState>,
 }
 
 /// How `tune run` treats an existing run directory.
@@ -441,6 +466,7 @@ where
     let recipe_yaml = recipe.to_yaml();
     let dataset_hash = data::dataset_fingerprint(recipe)?;
     observer.dataset(&setup.data);
+    let eval_dataset_hash = recipe.dataset.eval_path.as_deref().map(checkpoint::file_fingerprint).transpose()?;
 
     // 0. The run directory: fresh, overwritten, or resumed from a checkpoint.
     let resume_from = prepare_run_dir(&paths, &start)?;
@@ -459,7 +485,27 @@ where
             let _ = std::fs::remove_file(&paths.metrics);
             (0, 0.0, Vec::new())
         }
-        Some(found) => resume(recipe, &dataset_hash, found, &mut model, &mut opt, &paths, &device)?,
+        Some(found) => resume(recipe, &dataset_hash, eval_dataset_hash.as_deref(), found, &mut model, &mut opt, &paths, &device)?,
+    };
+    // The evaluations: on the eval set, in windows of the training's sequence length (within
+    // the model's context), with the state a resumed run left them in.
+    let eval_set = setup.data.eval.take();
+    let window = crate::eval::Window::new(recipe.dataset.max_seq_len.min(setup.config.max_position_embeddings), None)?;
+    let mut eval_state = match (&eval_set, &resume_from) {
+        (None, _) => None,
+        (Some(_), Some(found)) => Some(found.state.eval.clone().unwrap_or_else(|| checkpoint::EvalState::new(t.eval_every))),
+        (Some(_), None) => Some(checkpoint::EvalState::new(t.eval_every)),
+    };
+    let early_stop_reason = |state: &checkpoint::EvalState| -> Option<String> {
+        let patience = t.early_stopping_patience?;
+        (state.bad_evals >= patience).then(|| {
+            format!(
+                "early stopping: {patience} evaluation{} in a row without improving on the best eval loss {:.6} (step {})",
+                if patience == 1 { "" } else { "s" },
+                state.best_loss.unwrap_or(f64::NAN),
+                state.best_step.unwrap_or(0)
+            )
+        })
     };
 
     // 2. Steps: batch_size × grad_accum rows each, in seeded order, lr from the schedule.
@@ -469,29 +515,34 @@ where
     let started = Instant::now();
     let mut tokens_seen = 0;
     let base = recipe.model.path.to_string_lossy().into_owned();
-    let save = |model: &CausalLm<Autodiff<B>>, opt: &AdamW<B>, step: usize, elapsed_s: f64| -> Result<PathBuf> {
-        let state = checkpoint::TrainerState {
-            format_version: checkpoint::FORMAT_VERSION,
-            tune_version: env!("CARGO_PKG_VERSION").to_string(),
-            step,
-            total_steps: total,
-            epoch: (step * per_step) as f64 / setup.data.rows.len() as f64,
-            stream_position: step * per_step,
-            seed: t.seed,
-            adam_step: opt.step,
-            elapsed_s,
-            recipe_hash: checkpoint::fingerprint(recipe_yaml.as_bytes()),
-            dataset_hash: dataset_hash.clone(),
-            chat_date: Some(chat_date),
-        };
-        let dir = checkpoint::save(&paths.dir, model, &setup.lora, &base, opt, &state, &recipe_yaml, setup.data.chat_template.as_deref())?;
+    let state_at = |opt: &AdamW<B>, step: usize, elapsed_s: f64, eval: Option<&checkpoint::EvalState>| checkpoint::TrainerState {
+        format_version: checkpoint::FORMAT_VERSION,
+        tune_version: env!("CARGO_PKG_VERSION").to_string(),
+        step,
+        total_steps: total,
+        epoch: (step * per_step) as f64 / setup.data.rows.len() as f64,
+        stream_position: step * per_step,
+        seed: t.seed,
+        adam_step: opt.step,
+        elapsed_s,
+        recipe_hash: checkpoint::fingerprint(recipe_yaml.as_bytes()),
+        dataset_hash: dataset_hash.clone(),
+        chat_date: Some(chat_date),
+        eval_dataset_hash: eval_dataset_hash.clone(),
+        eval: eval.cloned(),
+    };
+    let save = |model: &CausalLm<Autodiff<B>>, opt: &AdamW<B>, state: &checkpoint::TrainerState| -> Result<PathBuf> {
+        let dir = checkpoint::save(&paths.dir, model, &setup.lora, &base, opt, state, &recipe_yaml, setup.data.chat_template.as_deref())?;
         // Older checkpoints go only once the new one is complete.
         checkpoint::prune(&paths.dir, recipe.output.keep_last)?;
         Ok(dir)
     };
     observer.start(first_step, total);
     let mut interrupted = None;
-    for step in first_step..total {
+    // A run that early stopping ended stays ended when resumed.
+    let mut stopped_early = eval_state.as_ref().and_then(|s| s.stopped_early.then(|| early_stop_reason(s)).flatten());
+    let last = if stopped_early.is_some() { first_step } else { total };
+    for step in first_step..last {
         let step_start = Instant::now();
         let batches = step_batches(&setup.data, &mut order, step, t.batch_size, t.grad_accum);
         let lr = schedule::lr_at(step, total, t.warmup_steps, t.lr, t.schedule);
@@ -508,25 +559,54 @@ where
         }
         tokens_seen += stats.tokens;
         let elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
+        let tokens_per_s = stats.tokens as f64 / step_start.elapsed().as_secs_f64();
+        let done = step + 1;
+        // Evaluate after the update, before anything is saved, so that the checkpoint of this
+        // step holds the evaluation's outcome.
+        let mut improved = false;
+        let mut eval_loss = None;
+        if let (Some(set), Some(state)) = (&eval_set, eval_state.as_mut()) {
+            if state.due(done, total) {
+                let report = crate::eval::evaluate_examples(&for_eval(&model), &set.examples, Some(window), &device);
+                improved = state.record(done, report.loss);
+                eval_loss = Some(report.loss);
+                observer.eval(done, &report, state);
+                if done < total {
+                    stopped_early = early_stop_reason(state);
+                    state.stopped_early = stopped_early.is_some();
+                }
+            }
+        }
         let m = StepMetrics {
-            step: step + 1,
-            epoch: ((step + 1) * per_step) as f64 / setup.data.rows.len() as f64,
+            step: done,
+            epoch: (done * per_step) as f64 / setup.data.rows.len() as f64,
             loss: stats.loss,
             lr,
             grad_norm: stats.grad_norm,
             tokens: stats.tokens,
-            tokens_per_s: stats.tokens as f64 / step_start.elapsed().as_secs_f64(),
+            tokens_per_s,
             elapsed_s,
+            eval_loss,
         };
         metrics::append(&paths.metrics, &m)?;
         observer.step(&m);
         history.push(m);
-        let done = step + 1;
-        let periodic = recipe.output.save_every > 0 && done % recipe.output.save_every == 0;
-        if done == total || periodic || observer.should_stop() {
+        let state = state_at(&opt, done, elapsed_s, eval_state.as_ref());
+        if improved && recipe.output.save_best {
             let saving = Instant::now();
-            let dir = save(&model, &opt, done, elapsed_s)?;
+            let dir = checkpoint::best_dir(&paths.dir);
+            checkpoint::save_to(&dir, &model, &setup.lora, &base, &opt, &state, &recipe_yaml, setup.data.chat_template.as_deref())?;
             observer.checkpoint(&dir, checkpoint::size_bytes(&dir), saving.elapsed().as_secs_f64());
+        }
+        let periodic = recipe.output.save_every > 0 && done % recipe.output.save_every == 0;
+        if done == total || periodic || observer.should_stop() || stopped_early.is_some() {
+            let saving = Instant::now();
+            let dir = save(&model, &opt, &state)?;
+            observer.checkpoint(&dir, checkpoint::size_bytes(&dir), saving.elapsed().as_secs_f64());
+            if let Some(reason) = &stopped_early {
+                observer.stopped_early(done, reason);
+                break;
+            }
             if done < total && observer.should_stop() {
                 interrupted = Some(dir);
                 break;
@@ -548,6 +628,8 @@ where
         tokens: tokens_seen,
         elapsed_s: started.elapsed().as_secs_f64(),
         interrupted,
+        stopped_early,
+        eval: eval_state,
     })
 }
 
@@ -584,9 +666,11 @@ fn prepare_run_dir(paths: &RunPaths, start: &Start) -> Result<Option<checkpoint:
 /// Loads a checkpoint's adapter and optimizer state after checking the recipe and dataset are
 /// the ones it was written with; trims metrics.jsonl to the checkpoint's step.
 #[allow(clippy::type_complexity)]
+#[allow(clippy::too_many_arguments)]
 fn resume<B: Backend>(
     recipe: &Recipe,
     dataset_hash: &str,
+    eval_dataset_hash: Option<&str>,
     found: &checkpoint::Found,
     model: &mut CausalLm<Autodiff<B>>,
     opt: &mut AdamW<B>,
@@ -608,6 +692,13 @@ fn resume<B: Backend>(
             "cannot resume {}: the content of the dataset ({}) changed since the checkpoint",
             found.dir.display(),
             recipe.dataset.sources().iter().map(|s| s.path.display().to_string()).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    if found.state.eval_dataset_hash.as_deref() != eval_dataset_hash {
+        return Err(Error::Unsupported(format!(
+            "cannot resume {}: the content of dataset.eval_path ({}) changed since the checkpoint",
+            found.dir.display(),
+            recipe.dataset.eval_path.as_deref().unwrap_or(Path::new("none")).display()
         )));
     }
     peft::load_peft(model, &found.dir.join("adapter"), device)?;

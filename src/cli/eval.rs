@@ -20,8 +20,8 @@ pub struct Args {
     /// --format alpaca / chat the records a recipe trains on (the responses scored).
     #[arg(long)]
     data: PathBuf,
-    /// The records' format: text, alpaca or chat (the chat template of --adapter if it has one,
-    /// else the model's).
+    /// The records' format: text, alpaca, chat, sharegpt or prompt_completion (the chat
+    /// template of --adapter if it has one, else the model's).
     #[arg(long, default_value = "text", value_parser = parse_format)]
     format: DataFormat,
     /// alpaca/chat: also score the prompt / user turns, as dataset.train_on_input.
@@ -53,7 +53,9 @@ fn parse_format(s: &str) -> Result<DataFormat, String> {
         "text" => Ok(DataFormat::Text),
         "alpaca" => Ok(DataFormat::Alpaca),
         "chat" => Ok(DataFormat::Chat),
-        _ => Err(format!("`{s}`: expected text, alpaca or chat")),
+        "sharegpt" => Ok(DataFormat::Sharegpt),
+        "prompt_completion" => Ok(DataFormat::PromptCompletion),
+        _ => Err(format!("`{s}`: expected text, alpaca, chat, sharegpt or prompt_completion")),
     }
 }
 
@@ -61,7 +63,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // The model directory first: its errors say more than a missing tokenizer would.
     let config = tune::model::ModelConfig::from_model_dir(&args.model)?;
     let mut tokenizer = Tokenizer::from_model_dir(&args.model)?;
-    if args.format == DataFormat::Chat {
+    if matches!(args.format, DataFormat::Chat | DataFormat::Sharegpt | DataFormat::PromptCompletion) {
         if let Some(adapter) = &args.adapter {
             let dir = tune::checkpoint::resolve_adapter_dir(adapter)?;
             if let Some((source, path)) = tune::hf::adapter_template::read(&dir)? {

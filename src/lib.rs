@@ -1,7 +1,8 @@
 //! tune: LoRA fine-tuning for open-weight LLMs.
 //!
 //! Data flows one way: Hugging Face files (`hf`) -> model (`model`, `lora`; a quantized base's
-//! codecs in `quant`) -> data (`data`) -> evaluation and generation (`eval`, `generate`).
+//! codecs in `quant`) -> data (`data`) -> evaluation and generation (`eval`, `generate`); ggml's codecs and
+//! llama-quantize's q4_k_m mix for GGUF export in `gguf`.
 
 pub mod adapter;
 pub mod backend;

@@ -15,7 +15,7 @@ use std::str::FromStr;
 use super::merged::{merge_into, rescale_rows};
 use super::{check_against_base, read_pairs, LoraPair, Options, Source};
 use crate::error::{Error, Result};
-use crate::gguf::mix::{q4_k_m_type, MixInfo};
+use crate::gguf::mix::{q4_k_m_types, MixInfo};
 use crate::gguf::{GgmlType, GgufWriter, TensorInfo, Value};
 use crate::hf::config::RawConfig;
 use crate::hf::Weights;
@@ -269,12 +269,6 @@ fn plan(cfg: &ModelConfig, facts: &Gguf, base: &Weights, base_dir: &Path, ty: Gg
     };
     let mut used = std::collections::BTreeSet::new();
     let mut items = Vec::new();
-    let mix = MixInfo {
-        arch: facts.arch.to_string(),
-        n_layer: cfg.num_hidden_layers(),
-        n_head: cfg.num_attention_heads,
-        n_head_kv: cfg.num_key_value_heads,
-    };
     let mut add = |hf: &str, gguf: String, steps: Vec<Step>, required: bool| -> Result<()> {
         let Some(name) = resolve(hf) else {
             return if required {
@@ -289,7 +283,7 @@ fn plan(cfg: &ModelConfig, facts: &Gguf, base: &Weights, base_dir: &Path, ty: Gg
             out_shape = step_shape(*s, &out_shape);
         }
         let ne: Vec<u64> = out_shape.iter().rev().map(|&d| d as u64).collect();
-        let t = tensor_type(&gguf, &ne, ty, &mix);
+        let t = tensor_type(&gguf, &ne, ty);
         used.insert(name.clone());
         items.push(Item { hf: Some(name), shape, steps, generated: None, info: TensorInfo { name: gguf, ne, ty: t } });
         Ok(())
@@ -402,6 +396,23 @@ fn plan(cfg: &ModelConfig, facts: &Gguf, base: &Weights, base_dir: &Path, ty: Gg
             msg: format!("has no counterpart in llama.cpp's {} architecture; refusing to write an incomplete GGUF", facts.arch),
         });
     }
+    if ty == GgufType::Q4KM {
+        // llama-quantize's choice depends on the other tensors (counters over attn_v and
+        // ffn_down, whether output.weight exists), so it is made over the whole plan at once.
+        let info = MixInfo {
+            arch: facts.arch.to_string(),
+            n_layer: cfg.num_hidden_layers(),
+            n_head: cfg.num_attention_heads,
+            n_head_kv: cfg.num_key_value_heads,
+            n_expert: 0,
+        };
+        let tensors: Vec<(&str, Vec<u64>)> = items.iter().map(|it| (it.info.name.as_str(), it.info.ne.clone())).collect();
+        let types = q4_k_m_types(&info, &tensors)?;
+        for (it, t) in items.iter_mut().zip(types) {
+            // None: llama-quantize copies the tensor as the f32 file has it.
+            it.info.ty = t.unwrap_or(GgmlType::F32);
+        }
+    }
     Ok(items)
 }
 
@@ -426,10 +437,11 @@ fn tokenizer_rows(base_dir: &Path) -> Result<usize> {
 }
 
 /// The type of one tensor: 1-D tensors, norms, biases and position tables stay f32 (as the
-/// converter and llama-quantize keep them); the rest takes the file type, or q4_k_m's choice;
-/// rows that do not fill whole blocks fall back as the tools fall back.
-fn tensor_type(name: &str, ne: &[u64], ty: GgufType, mix: &MixInfo) -> GgmlType {
+/// converter keeps them); the rest takes the file type; rows that do not fill whole blocks fall
+/// back as the converter falls back. q4_k_m's types are set over the whole plan (see `plan`).
+fn tensor_type(name: &str, ne: &[u64], ty: GgufType) -> GgmlType {
     if ty == GgufType::F32
+        || ty == GgufType::Q4KM
         || ne.len() <= 1
         || name.ends_with("_norm.weight")
         || !name.ends_with(".weight")
@@ -437,7 +449,7 @@ fn tensor_type(name: &str, ne: &[u64], ty: GgufType, mix: &MixInfo) -> GgmlType 
     {
         return GgmlType::F32;
     }
-    let t = if ty == GgufType::Q4KM { q4_k_m_type(name, ne, mix) } else { ty.base_type() };
+    let t = ty.base_type();
     if ne[0].is_multiple_of(t.block_size() as u64) {
         return t;
     }
@@ -571,12 +583,11 @@ mod tests {
 
     #[test]
     fn norms_biases_and_positions_stay_f32() {
-        let mix = MixInfo { arch: "llama".into(), n_layer: 1, n_head: 1, n_head_kv: 1 };
-        assert_eq!(tensor_type("blk.0.attn_norm.weight", &[64], GgufType::Q8_0, &mix), GgmlType::F32);
-        assert_eq!(tensor_type("blk.0.attn_q.bias", &[64], GgufType::Q8_0, &mix), GgmlType::F32);
-        assert_eq!(tensor_type("blk.0.attn_q.weight", &[64, 64], GgufType::Q8_0, &mix), GgmlType::Q8_0);
-        assert_eq!(tensor_type("token_embd.weight", &[64, 256], GgufType::Bf16, &mix), GgmlType::BF16);
+        assert_eq!(tensor_type("blk.0.attn_norm.weight", &[64], GgufType::Q8_0), GgmlType::F32);
+        assert_eq!(tensor_type("blk.0.attn_q.bias", &[64], GgufType::Q8_0), GgmlType::F32);
+        assert_eq!(tensor_type("blk.0.attn_q.weight", &[64, 64], GgufType::Q8_0), GgmlType::Q8_0);
+        assert_eq!(tensor_type("token_embd.weight", &[64, 256], GgufType::Bf16), GgmlType::BF16);
         // 48 values do not fill q8_0 blocks of 32: the converter falls back to f16.
-        assert_eq!(tensor_type("blk.0.ffn_down.weight", &[48, 64], GgufType::Q8_0, &mix), GgmlType::F16);
+        assert_eq!(tensor_type("blk.0.ffn_down.weight", &[48, 64], GgufType::Q8_0), GgmlType::F16);
     }
 }

@@ -225,28 +225,11 @@ impl Value {
     }
 }
 
-/// f32 -> f16, rounding to nearest even (numpy's `astype(np.float16)`).
-pub fn f16_bits(x: f32) -> u16 {
-    half::f16::from_f32(x).to_bits()
-}
-
-/// f32 -> bf16 as gguf-py rounds it: NaNs become quiet NaNs (sign and top bits kept), everything
-/// else rounds to nearest even on the upper 16 bits.
-pub fn bf16_bits(x: f32) -> u16 {
-    let n = x.to_bits();
-    let n = if n & 0x7fff_ffff > 0x7f80_0000 { (n & 0xffff_0000) | (64 << 16) } else { n };
-    (n.wrapping_add(0x7fff + ((n >> 16) & 1)) >> 16) as u16
-}
-
-/// Appends `x` encoded as `t`: the float types here, the block types by `quants`.
+/// Appends `x` encoded as `t`. One set of codecs serves both tools tune matches: the converter's
+/// f16 (numpy's round to nearest even) and bf16 (gguf-py's, NaNs quieted) are bit for bit ggml's
+/// own conversions, which llama-quantize uses.
 pub fn encode_row(t: GgmlType, x: &[f32], out: &mut Vec<u8>) -> crate::error::Result<()> {
-    match t {
-        GgmlType::F32 => x.iter().for_each(|v| out.extend(v.to_le_bytes())),
-        GgmlType::F16 => x.iter().for_each(|v| out.extend(f16_bits(*v).to_le_bytes())),
-        GgmlType::BF16 => x.iter().for_each(|v| out.extend(bf16_bits(*v).to_le_bytes())),
-        _ => return quants::quantize_row(t, x, out),
-    }
-    Ok(())
+    quants::quantize_row(t, x, out)
 }
 
 #[cfg(test)]
@@ -255,6 +238,7 @@ mod tests {
 
     #[test]
     fn bf16_rounds_like_gguf_py() {
+        let bf16_bits = quants::fp32_to_bf16;
         // 1 + 2^-8 lies halfway between two bf16 values: ties go to the even one (1.0) ...
         assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
         // ... and 1 + 3·2^-8 to 1 + 2^-6 (the even one above).

@@ -304,7 +304,7 @@ pub enum Schedule {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSection {
-    /// Run directory: metrics.jsonl, loss.svg, recipe.yaml, adapter/.
+    /// Run directory: metrics.jsonl, report.svg, recipe.yaml, adapter/.
     pub dir: PathBuf,
     /// Save a checkpoint every this many optimizer steps (0: only at the end). Default 0.
     #[serde(default)]

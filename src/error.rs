@@ -28,6 +28,10 @@ pub enum Error {
     #[error("chat template: {0}")]
     Template(String),
 
+    /// Drawing the run report (report.svg) failed.
+    #[error("run report: {0}")]
+    Report(String),
+
     /// Anything the user asked for that tune does not support.
     #[error("{0}")]
     Unsupported(String),

@@ -395,7 +395,7 @@ pub struct TrainSection {
     /// optimizer steps, and always after the last step. The eval loss is `tune eval`'s (mean
     /// next-token cross-entropy over the eval set's labelled tokens, adapters without dropout,
     /// nothing drawn from the training's random streams), logged as `eval_loss` on that step's
-    /// line of metrics.jsonl, shown on the progress bar and plotted in loss.svg. Default none:
+    /// line of metrics.jsonl, shown on the progress bar and plotted in report.svg. Default none:
     /// only after the last step.
     pub eval_every: Option<usize>,
     /// Stop when this many evaluations in a row have not improved on the best eval loss so far
@@ -437,7 +437,7 @@ pub enum Schedule {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSection {
-    /// Run directory: metrics.jsonl, loss.svg, recipe.yaml, adapter/.
+    /// Run directory: metrics.jsonl, report.svg, recipe.yaml, adapter/.
     pub dir: PathBuf,
     /// Save a checkpoint every this many optimizer steps (0: only at the end). Default 0.
     #[serde(default)]

@@ -55,7 +55,13 @@ fn shipped_recipe_lowers_held_out_loss() {
     let m = metrics::read(&out.join("metrics.jsonl")).unwrap();
     assert_eq!(m.len(), STEPS);
     assert!(m.iter().enumerate().all(|(i, s)| s.step == i + 1 && s.loss.is_finite() && s.tokens > 0));
-    assert!(std::fs::read_to_string(out.join("loss.svg")).unwrap().contains("<polyline"));
+    let report = std::fs::read_to_string(out.join("report.svg")).unwrap();
+    let longest = report
+        .split("<polyline")
+        .skip(1)
+        .map(|p| p.split("points=\"").nth(1).unwrap().split('"').next().unwrap().split_whitespace().count())
+        .max();
+    assert_eq!(longest, Some(STEPS), "report.svg plots every step");
     let saved = Recipe::load(&out.join("recipe.yaml"), &[]).unwrap();
     assert_eq!(saved.train.max_steps, Some(STEPS));
 

@@ -82,6 +82,16 @@ fn interrupt(s: &Setup, signal: &str, lines: usize) -> std::process::Output {
     child.wait_with_output().unwrap()
 }
 
+/// The number of points of each line in a run's report.svg, parsed as XML.
+fn report_lines(run: &Path) -> Vec<usize> {
+    let text = std::fs::read_to_string(run.join("report.svg")).unwrap();
+    let doc = roxmltree::Document::parse(&text).expect("report.svg is well-formed XML");
+    doc.descendants()
+        .filter(|n| n.has_tag_name("polyline"))
+        .map(|n| n.attribute("points").unwrap_or_default().split_whitespace().count())
+        .collect()
+}
+
 fn same_steps(got: &[StepMetrics], want: &[StepMetrics]) {
     assert_eq!(got.len(), want.len(), "number of steps");
     for (g, w) in got.iter().zip(want) {
@@ -132,6 +142,10 @@ fn sigkill_then_resume_is_bit_identical_and_logs_each_step_once() {
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains(&format!("step {resume_step} of {STEPS}")), "{stderr}");
     same_steps(&read_metrics(&run), &want);
+    // The report is drawn from the whole history, the steps before the kill included: one line
+    // of every step for each of train loss, learning rate, gradient norm and tokens/s (the
+    // axes and ticks are two-point lines).
+    assert_eq!(report_lines(&run).iter().filter(|&&n| n == STEPS).count(), 4, "{:?}", report_lines(&run));
     let _ = std::fs::remove_dir_all(&s.root);
 }
 

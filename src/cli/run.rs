@@ -77,7 +77,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "adapter:  {dir}/adapter   (try: tune generate --model {} --adapter {dir}/adapter --prompt ...)",
         recipe.model.path.display()
     );
-    eprintln!("metrics:  {dir}/metrics.jsonl, loss curve {dir}/loss.svg");
+    eprintln!("metrics:  {dir}/metrics.jsonl, plotted in {dir}/report.svg");
     use tune::recipe::ExportKind;
     let out = &recipe.output;
     let (adapter, merged) = match out.export {

@@ -4,6 +4,7 @@
 pub mod data;
 pub mod metrics;
 pub mod optimizer;
+pub mod report;
 pub mod schedule;
 
 use std::path::{Path, PathBuf};
@@ -347,7 +348,7 @@ pub struct RunPaths {
     pub dir: PathBuf,
     pub metrics: PathBuf,
     pub adapter: PathBuf,
-    pub plot: PathBuf,
+    pub report: PathBuf,
     pub recipe: PathBuf,
 }
 
@@ -357,7 +358,7 @@ impl RunPaths {
             dir: dir.to_path_buf(),
             metrics: dir.join("metrics.jsonl"),
             adapter: dir.join("adapter"),
-            plot: dir.join("loss.svg"),
+            report: dir.join("report.svg"),
             recipe: dir.join("recipe.yaml"),
         }
     }
@@ -537,6 +538,7 @@ where
         checkpoint::prune(&paths.dir, recipe.output.keep_last)?;
         Ok(dir)
     };
+    let title = format!("tune run — {}", recipe.model.path.file_name().unwrap_or_default().to_string_lossy());
     observer.start(first_step, total);
     let mut interrupted = None;
     // A run that early stopping ended stays ended when resumed.
@@ -602,6 +604,9 @@ where
         if done == total || periodic || observer.should_stop() || stopped_early.is_some() {
             let saving = Instant::now();
             let dir = save(&model, &opt, &state)?;
+            // Redrawn with each checkpoint from the whole history (on resume, the steps before
+            // it too), so the report covers what the run can be resumed from.
+            report::write(&paths.report, &history, &title)?;
             observer.checkpoint(&dir, checkpoint::size_bytes(&dir), saving.elapsed().as_secs_f64());
             if let Some(reason) = &stopped_early {
                 observer.stopped_early(done, reason);
@@ -615,9 +620,8 @@ where
     }
     observer.finish();
 
-    // 3. What the run leaves: the adapter in PEFT layout and the loss curve.
-    let title = format!("tune run — {}", recipe.model.path.file_name().unwrap_or_default().to_string_lossy());
-    crate::fsutil::write_atomically(&paths.plot, metrics::loss_svg(&history, &title).as_bytes())?;
+    // 3. What the run leaves: the adapter in PEFT layout (the report is written with the last
+    // checkpoint).
     if interrupted.is_none() {
         peft::save_peft(&model, &setup.lora, &base, &paths.adapter)?;
         crate::hf::adapter_template::write(&paths.adapter, setup.data.chat_template.as_deref())?;
@@ -643,7 +647,7 @@ fn prepare_run_dir(paths: &RunPaths, start: &Start) -> Result<Option<checkpoint:
         ))),
         Start::Fresh => Ok(None),
         Start::Overwrite => {
-            for p in [&paths.metrics, &paths.plot, &paths.recipe] {
+            for p in [&paths.metrics, &paths.report, &paths.recipe] {
                 let _ = std::fs::remove_file(p);
             }
             for d in [checkpoint::checkpoints_dir(&paths.dir), paths.adapter.clone(), paths.dir.join("export")] {

@@ -186,6 +186,10 @@ impl Observer for Progress {
         self.println(format!("checkpoint {} ({:.1} MB, {seconds:.2} s)", dir.display(), bytes as f64 / 1e6));
     }
 
+    fn resumed(&mut self, dir: &Path, step: usize, total: usize) {
+        self.println(format!("resuming from {} (step {step} of {total})", dir.display()));
+    }
+
     fn eval(&mut self, step: usize, report: &tune::eval::EvalReport, state: &tune::checkpoint::EvalState) {
         let best = state.best_loss.unwrap_or(report.loss);
         let mark = if state.best_step == Some(step) {

@@ -370,6 +370,8 @@ pub trait Observer {
     fn start(&mut self, _first_step: usize, _total_steps: usize) {}
     fn step(&mut self, _m: &StepMetrics) {}
     fn checkpoint(&mut self, _dir: &Path, _bytes: u64, _seconds: f64) {}
+    /// A run continues from the checkpoint `dir`, after `step` of `total` steps.
+    fn resumed(&mut self, _dir: &Path, _step: usize, _total: usize) {}
     /// The dataset as read, before the first step: its sources, and how many records were
     /// truncated or skipped (no labelled token left after truncation).
     fn dataset(&mut self, _data: &Prepared) {}
@@ -486,7 +488,11 @@ where
             let _ = std::fs::remove_file(&paths.metrics);
             (0, 0.0, Vec::new())
         }
-        Some(found) => resume(recipe, &dataset_hash, eval_dataset_hash.as_deref(), found, &mut model, &mut opt, &paths, &device)?,
+        Some(found) => {
+            let resumed = resume(recipe, &dataset_hash, eval_dataset_hash.as_deref(), found, &mut model, &mut opt, &paths, &device)?;
+            observer.resumed(&found.dir, resumed.0, found.state.total_steps);
+            resumed
+        }
     };
     // The evaluations: on the eval set, in windows of the training's sequence length (within
     // the model's context), with the state a resumed run left them in.
@@ -722,6 +728,5 @@ fn resume<B: Backend>(
     }
     let text: String = history.iter().map(|m| serde_json::to_string(m).expect("json") + "\n").collect();
     crate::fsutil::write_atomically(&paths.metrics, text.as_bytes())?;
-    eprintln!("resuming from {} (step {step} of {})", found.dir.display(), found.state.total_steps);
     Ok((step, found.state.elapsed_s, history))
 }

@@ -18,7 +18,14 @@ SDIST=llama_cpp_python-0.3.36.tar.gz
 SDIST_REQ=llama-cpp-python==0.3.36
 SDIST_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 TARGETS=(llama-completion llama-quantize llama-perplexity)
-STAMP="$SDIST_SHA256 ${TARGETS[*]}"
+# A fixed instruction set rather than -march=native: on Intel Xeons with AMX, the native build
+# takes ggml's AMX kernels, which crash (a general protection fault) on multi-token prompts
+# with a q8_0 model in the VMs seen here. AVX-512 where the CPU has it, else AVX2.
+CPU_FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+if grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
+    CPU_FLAGS+=(-DGGML_AVX512=ON)
+fi
+STAMP="$SDIST_SHA256 ${TARGETS[*]} ${CPU_FLAGS[*]}"
 
 say() { echo "fetch-llama-cpp: $*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -62,7 +69,7 @@ rm -rf "$staging/dl"
 say "building ${TARGETS[*]} (a few minutes on 2 cores)"
 PATH="$staging/.venv/bin:$PATH"
 cmake -S "$staging/src" -B "$staging/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-    -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >&2 \
+    "${CPU_FLAGS[@]}" -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >&2 \
     || die "cmake configure failed"
 cmake --build "$staging/build" -j "$(nproc)" --target "${TARGETS[@]}" >&2 || die "build failed"
 mkdir -p "$staging/bin"

@@ -1,10 +1,12 @@
 //! Everything read from a Hugging Face model directory: config.json, safetensors weights,
-//! tokenizer.json and the chat template (and the chat template an adapter carries).
+//! tokenizer.json (and SentencePiece's tokenizer.model, for GGUF vocabularies) and the chat
+//! template (and the chat template an adapter carries).
 
 pub mod adapter_template;
 pub mod chat_template;
 pub mod config;
 pub mod safetensors;
+pub mod sentencepiece;
 pub mod tokenizer;
 
 pub use chat_template::{ChatDate, ChatTemplate, Message};

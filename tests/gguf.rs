@@ -43,7 +43,11 @@ fn reference() -> serde_json::Value {
     json("gguf/reference.json")
 }
 
-/// The tiny checkpoint with the test tokenizer, as gguf_reference.py prepared it.
+/// The families whose converter class reads a SentencePiece tokenizer.model.
+const SENTENCEPIECE: &[&str] = &["gemma2", "phi3"];
+
+/// The tiny checkpoint with the test tokenizer (the SentencePiece one for Gemma 2 and Phi-3),
+/// as gguf_reference.py prepared it.
 fn model_dir(family: &str, tmp: &Path) -> PathBuf {
     let d = tmp.join(family);
     std::fs::create_dir_all(&d).unwrap();
@@ -53,6 +57,15 @@ fn model_dir(family: &str, tmp: &Path) -> PathBuf {
         if p.is_file() && !name.starts_with("reference") && !name.starts_with("generate") {
             std::fs::copy(&p, d.join(&name)).unwrap();
         }
+    }
+    if SENTENCEPIECE.contains(&family) {
+        let spm = fixtures().join("tokenizer-spm");
+        for f in ["tokenizer.json", "tokenizer_config.json", "added_tokens.json"] {
+            std::fs::copy(spm.join(f), d.join(f)).unwrap();
+        }
+        let model = if family == "phi3" { "tokenizer-101.model" } else { "tokenizer.model" };
+        std::fs::copy(spm.join(model), d.join("tokenizer.model")).unwrap();
+        return d;
     }
     let mut tok: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenizer/tokenizer.json")).unwrap()).unwrap();
@@ -196,15 +209,15 @@ fn dora_adapter_is_refused_for_gguf() {
 }
 
 #[test]
-fn sentencepiece_families_are_refused() {
-    let tmp = temp("refused");
-    for family in ["gemma2", "phi3"] {
-        let base = model_dir(family, &tmp);
-        let adapter = zero_adapter(family, &tmp);
-        let opts = Options { base: Some(base), ..Default::default() };
-        let err = export::export_gguf(&source(&adapter), &tmp.join("x.gguf"), &opts, &GgufOptions::default()).unwrap_err().to_string();
-        assert!(err.contains(&format!("`{family}`")) && err.contains("not supported"), "{err}");
-    }
+fn gemma2_without_tokenizer_model_is_a_clear_error() {
+    let tmp = temp("no-spm");
+    let base = model_dir("gemma2", &tmp);
+    std::fs::remove_file(base.join("tokenizer.model")).unwrap();
+    let adapter = zero_adapter("gemma2", &tmp);
+    let opts = Options { base: Some(base.clone()), ..Default::default() };
+    let err = export::export_gguf(&source(&adapter), &tmp.join("x.gguf"), &opts, &GgufOptions::default()).unwrap_err().to_string();
+    assert!(err.contains(&base.join("tokenizer.model").display().to_string()) && err.contains("SentencePiece"), "{err}");
+    assert!(!tmp.join("x.gguf").exists());
     let _ = std::fs::remove_dir_all(&tmp);
 }
 

@@ -117,7 +117,7 @@ pub(crate) enum Step {
 type AddTensor<'a> = dyn FnMut(&str, String, Vec<Step>, bool) -> Result<()> + 'a;
 
 struct Item {
-    /// The checkpoint tensor (None: computed, Llama 3's rope_freqs).
+    /// The checkpoint tensor (None: computed, Llama 3's rope_freqs or LongRoPE's factors).
     hf: Option<String>,
     /// Its PyTorch shape.
     shape: Vec<usize>,
@@ -178,12 +178,13 @@ pub(crate) fn write_model(
         w.set("general.file_type", Value::U32(g.ty.file_type()));
     }
     w.set("general.quantization_version", Value::U32(crate::gguf::QUANTIZATION_VERSION));
-    for (k, v) in super::gguf_vocab::tokenizer_kv(base_dir, cfg.vocab_size, g.pre.as_deref(), chat_template)? {
+    let sentencepiece = super::gguf_vocab::uses_sentencepiece(base_dir, facts.vocab)?;
+    for (k, v) in super::gguf_vocab::tokenizer_kv(base_dir, cfg.vocab_size, facts.vocab, g.pre.as_deref(), chat_template)? {
         w.set(&k, v);
     }
     let tc_path = base_dir.join("tokenizer_config.json");
     let tc: serde_json::Value = if tc_path.is_file() { crate::error::read_json(&tc_path)? } else { serde_json::Value::Null };
-    for (k, v) in (facts.tokenizer_quirks)(&cfg, &tc) {
+    for (k, v) in (facts.tokenizer_quirks)(&cfg, &tc, sentencepiece) {
         w.set(k, v);
     }
 
@@ -225,8 +226,7 @@ pub(crate) fn write_model(
 pub(crate) fn gguf_facts(cfg: &ModelConfig) -> Result<&'static Gguf> {
     cfg.family.gguf.ok_or_else(|| {
         Error::Unsupported(format!(
-            "GGUF export of model_type `{}` is not supported yet: llama.cpp's converter builds its vocabulary from the \
-             SentencePiece tokenizer.model, which tune does not read (use llama.cpp's convert_hf_to_gguf.py on a \
+            "GGUF export of model_type `{}` is not supported (use llama.cpp's convert_hf_to_gguf.py on a \
              `tune export --merged` checkpoint)",
             cfg.family.name()
         ))
@@ -301,7 +301,7 @@ fn plan(cfg: &ModelConfig, facts: &Gguf, base: &Weights, base_dir: &Path, ty: Gg
         add(&format!("{hf}.bias"), format!("{gguf}.bias"), Vec::new(), false)
     };
 
-    let embed_steps = if facts.trim_embeddings { vec![Step::Rows(tokenizer_rows(base_dir)?)] } else { Vec::new() };
+    let embed_steps = if facts.trim_embeddings { vec![Step::Rows(tokenizer_rows(base_dir, cfg, facts)?)] } else { Vec::new() };
     add(&format!("{}.weight", n.embed_tokens), "token_embd.weight".into(), embed_steps, true)?;
     if let Some(p) = n.embed_positions {
         add(&format!("{p}.weight"), "position_embd.weight".into(), Vec::new(), true)?;
@@ -371,14 +371,14 @@ fn plan(cfg: &ModelConfig, facts: &Gguf, base: &Weights, base_dir: &Path, ty: Gg
     if !facts.skip_lm_head {
         add(&format!("{}.weight", n.lm_head), "output.weight".into(), Vec::new(), false)?;
     }
-    if let Some(factors) = llama3_rope_factors(cfg) {
+    for (name, factors) in rope_factor_tensors(cfg) {
         let ne = vec![factors.len() as u64];
         items.push(Item {
             hf: None,
             shape: vec![factors.len()],
             steps: Vec::new(),
             generated: Some(factors),
-            info: TensorInfo { name: "rope_freqs.weight".into(), ne, ty: GgmlType::F32 },
+            info: TensorInfo { name: name.into(), ne, ty: GgmlType::F32 },
         });
     }
     let skipped = |name: &str| {
@@ -428,8 +428,11 @@ pub(crate) fn tensor_map(
 }
 
 /// Gemma 3's token_embd rows, as the converter counts them: tokenizer.json's vocab plus its
-/// added tokens.
-fn tokenizer_rows(base_dir: &Path) -> Result<usize> {
+/// added tokens (a SentencePiece vocabulary has the config's vocab_size: nothing is cut).
+fn tokenizer_rows(base_dir: &Path, cfg: &ModelConfig, facts: &Gguf) -> Result<usize> {
+    if super::gguf_vocab::uses_sentencepiece(base_dir, facts.vocab)? {
+        return Ok(cfg.vocab_size);
+    }
     let path = base_dir.join("tokenizer.json");
     let t: serde_json::Value = crate::error::read_json(&path)?;
     let n = |v: &serde_json::Value| v.as_object().map(|o| o.len()).or_else(|| v.as_array().map(Vec::len)).unwrap_or(0);
@@ -533,6 +536,19 @@ pub(crate) fn apply(s: Step, x: Vec<f32>, shape: &mut Vec<usize>) -> Vec<f32> {
 
 /// Llama 3.1's rope scaling as llama.cpp reads it: one factor per rotary frequency (the
 /// converter's `generate_extra_tensors`, in f32 as torch computes it there).
+/// The tensors llama.cpp reads a rotary scaling from: Llama 3's `rope_freqs`, LongRoPE's
+/// `rope_factors_long` and `rope_factors_short` (Phi-3's generate_extra_tensors).
+fn rope_factor_tensors(cfg: &ModelConfig) -> Vec<(&'static str, Vec<f32>)> {
+    let Positions::Rope(tables) = &cfg.positions else { return Vec::new() };
+    match &tables[0].scaling {
+        RopeScaling::LongRope { short_factor, long_factor, .. } => vec![
+            ("rope_factors_long.weight", long_factor.iter().map(|&f| f as f32).collect()),
+            ("rope_factors_short.weight", short_factor.iter().map(|&f| f as f32).collect()),
+        ],
+        _ => llama3_rope_factors(cfg).map(|f| vec![("rope_freqs.weight", f)]).unwrap_or_default(),
+    }
+}
+
 fn llama3_rope_factors(cfg: &ModelConfig) -> Option<Vec<f32>> {
     let Positions::Rope(tables) = &cfg.positions else { return None };
     let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } = tables[0].scaling else {

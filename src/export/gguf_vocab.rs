@@ -1,17 +1,21 @@
-//! The tokenizer of a GGUF file, as llama.cpp's convert_hf_to_gguf.py writes it for a
-//! Hugging Face "fast" tokenizer with BPE merges (its `_set_vocab_gpt2` path, taken by
-//! SmolLM2, Llama 3, Qwen, GPT-2, GPT-NeoX, BLOOM, and Gemma 3 without a tokenizer.model):
+//! The tokenizer of a GGUF file, as llama.cpp's convert_hf_to_gguf.py writes it. The family's
+//! `GGUF.vocab` names which of the converter's readers its model class takes:
 //!
-//! - `tokenizer.ggml.model` "gpt2", `tokenizer.ggml.pre` the pre-tokenizer llama.cpp should
+//! - `_set_vocab_gpt2`, for a Hugging Face "fast" tokenizer with BPE merges (SmolLM2, Llama 3,
+//!   Qwen, GPT-2, GPT-NeoX, BLOOM, Gemma 3 without a tokenizer.model, Phi-4-mini):
+//!   `tokenizer.ggml.model` "gpt2", `tokenizer.ggml.pre` the pre-tokenizer llama.cpp should
 //!   run, recognised as the converter does: by the sha256 of the ids of a fixed probe text;
-//! - every id below the config's vocab_size: its token (added tokens as their content,
+//!   every id below the config's vocab_size: its token (added tokens as their content,
 //!   `[PAD<i>]` for ids without one) and type (1 normal, 3 control, 4 user-defined, 5 unused);
-//! - the merges, and gguf-py's `SpecialVocab`: special token ids from tokenizer_config.json
-//!   (matched against tokenizer.json's added tokens), then config.json's `*_token_id`; whether
-//!   to add bos/eos from the post-processor and tokenizer_config; the chat template.
+//!   the merges.
+//! - `_set_vocab_sentencepiece`, for a SentencePiece tokenizer.model (Llama 2, Mistral,
+//!   Gemma 2, Gemma 3 with one): `tokenizer.ggml.model` "llama", pre "default", each piece with
+//!   its score and type, then added_tokens.json and tokenizer_config's added_tokens_decoder on
+//!   top; Phi-3's model class has its own variant of it.
 //!
-//! SentencePiece vocabularies (a tokenizer.model: Llama 2, Mistral, Gemma 2, Phi-3) are refused
-//! by the callers: their scores come from the protobuf model file.
+//! Both end with gguf-py's `SpecialVocab`: special token ids from tokenizer_config.json
+//! (matched against tokenizer.json's added tokens), then config.json's `*_token_id`; whether to
+//! add bos/eos from the post-processor and tokenizer_config; the chat template.
 
 use std::path::Path;
 
@@ -19,6 +23,8 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{read_json, Error, Result};
 use crate::gguf::{Array, Value};
+use crate::hf::sentencepiece::{PieceType, SentencePieceModel};
+use crate::model::family::GgufVocab;
 
 /// The probe text of convert_hf_to_gguf.py's `get_vocab_base_pre`.
 const CHKTXT: &str = "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\u{1F680} (normal) \u{1F636}\u{200D}\u{1F32B}\u{FE0F} (multiple emojis concatenated) \u{2705} \u{1F999}\u{1F999} 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 \u{1780}\u{17B6}\u{1793}\u{17CB}\u{178F}\u{17C2}\u{1796}\u{17B7}\u{179F}\u{17C1}\u{179F}\u{17A2}\u{17B6}\u{1785}\u{1F601} ?\u{6211}\u{60F3}\u{5728}apple\u{5DE5}\u{4F5C}1314151\u{5929}\u{FF5E} ------======= \u{043D}\u{0435}\u{0449}\u{043E} \u{043D}\u{0430} \u{0411}\u{044A}\u{043B}\u{0433}\u{0430}\u{0440}\u{0441}\u{043A}\u{0438} ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL";
@@ -40,9 +46,11 @@ const KNOWN_PRE: &[(&str, &str)] = &[
 ];
 
 pub const NORMAL: i32 = 1;
+pub const UNKNOWN: i32 = 2;
 pub const CONTROL: i32 = 3;
 pub const USER_DEFINED: i32 = 4;
 pub const UNUSED: i32 = 5;
+pub const BYTE: i32 = 6;
 
 #[derive(serde::Deserialize)]
 struct AddedToken {
@@ -60,18 +68,36 @@ fn looks_special(t: &str) -> bool {
         || (t.starts_with("<unused") && t.ends_with('>'))
 }
 
-/// The tokenizer keys of a model directory (`tokenizer.json`, `tokenizer_config.json`,
-/// `config.json`), with the chat template `chat_template` (the adapter's or the base's,
-/// chosen by the caller), in the order the converter adds them.
-pub fn tokenizer_kv(dir: &Path, vocab_size: usize, pre: Option<&str>, chat_template: Option<&str>) -> Result<Vec<(String, Value)>> {
-    let path = dir.join("tokenizer.json");
-    if dir.join("tokenizer.model").is_file() {
-        return Err(Error::Unsupported(format!(
-            "{}: a SentencePiece tokenizer.model, which llama.cpp's converter reads for its scores; tune writes \
-             GGUF vocabularies from tokenizer.json's BPE only (convert this model with llama.cpp's convert_hf_to_gguf.py)",
-            dir.display()
-        )));
+/// Whether the converter reads this directory's vocabulary from its tokenizer.model.
+pub fn uses_sentencepiece(dir: &Path, kind: GgufVocab) -> Result<bool> {
+    let spm = dir.join("tokenizer.model");
+    Ok(match kind {
+        GgufVocab::Bpe => false,
+        GgufVocab::SentencePieceOrBpe => spm.is_file(),
+        GgufVocab::SentencePiece => true,
+        GgufVocab::Phi3 => {
+            let tc = dir.join("tokenizer_config.json");
+            let class =
+                if tc.is_file() { read_json::<serde_json::Value>(&tc)?["tokenizer_class"].as_str().map(str::to_string) } else { None };
+            class.as_deref() != Some("GPT2Tokenizer")
+        }
+    })
+}
+
+/// The tokenizer keys of a model directory (`tokenizer.json` or `tokenizer.model`,
+/// `tokenizer_config.json`, `config.json`), with the chat template `chat_template` (the
+/// adapter's or the base's, chosen by the caller), in the order the converter adds them.
+pub fn tokenizer_kv(
+    dir: &Path,
+    vocab_size: usize,
+    kind: GgufVocab,
+    pre: Option<&str>,
+    chat_template: Option<&str>,
+) -> Result<Vec<(String, Value)>> {
+    if uses_sentencepiece(dir, kind)? {
+        return sentencepiece_kv(dir, vocab_size, kind == GgufVocab::Phi3, chat_template);
     }
+    let path = dir.join("tokenizer.json");
     if !path.is_file() {
         return Err(Error::Tokenizer { path, msg: "not found: a GGUF export needs the base model's tokenizer.json".into() });
     }
@@ -151,7 +177,97 @@ pub fn tokenizer_kv(dir: &Path, vocab_size: usize, pre: Option<&str>, chat_templ
     if !merges.is_empty() {
         kv.push(("tokenizer.ggml.merges".into(), Value::Array(Array::String(merges))));
     }
-    kv.extend(special_vocab(dir, &tok, &added, chat_template)?);
+    kv.extend(special_vocab(dir, &tok, &added, None, chat_template)?);
+    Ok(kv)
+}
+
+/// `_create_vocab_sentencepiece` (or Phi3MiniModel's variant of it, `phi3`) and
+/// `SpecialVocab(n_vocab = vocab_size)`.
+fn sentencepiece_kv(dir: &Path, vocab_size: usize, phi3: bool, chat_template: Option<&str>) -> Result<Vec<(String, Value)>> {
+    let model_path = dir.join("tokenizer.model");
+    if !model_path.is_file() {
+        return Err(Error::Tokenizer {
+            path: model_path,
+            msg: "not found: llama.cpp reads this family's vocabulary from the SentencePiece tokenizer.model".into(),
+        });
+    }
+    let spm = SentencePieceModel::open(&model_path)?;
+    let mut tokens: Vec<String> = (0..vocab_size).map(|i| format!("[PAD{i}]")).collect();
+    let mut scores = vec![-10000f32; vocab_size];
+    let mut types = vec![UNUSED; vocab_size];
+    // Pieces past the config's vocab_size are dropped, as the converter drops them.
+    for (id, p) in spm.pieces.iter().enumerate().take(vocab_size) {
+        tokens[id] = p.piece.clone();
+        scores[id] = p.score;
+        // A user-defined piece stays normal: the converter asks only is-unknown, -control,
+        // -unused and -byte.
+        types[id] = match p.kind {
+            PieceType::Unknown => UNKNOWN,
+            PieceType::Control => CONTROL,
+            PieceType::Unused => UNUSED,
+            PieceType::Byte => BYTE,
+            PieceType::Normal | PieceType::UserDefined => NORMAL,
+        };
+    }
+    let mut set = |id: usize, token: String, ty: i32| {
+        tokens[id] = token;
+        scores[id] = -1000.0;
+        types[id] = ty;
+    };
+    let added_json = dir.join("added_tokens.json");
+    if added_json.is_file() {
+        let map: serde_json::Map<String, serde_json::Value> = read_json(&added_json)?;
+        for (token, id) in map {
+            let id = id.as_u64().ok_or_else(|| Error::format(&added_json, format!("{token:?}: expected a token id")))? as usize;
+            if id < vocab_size {
+                set(id, token, USER_DEFINED);
+            }
+        }
+    }
+    let tc_path = dir.join("tokenizer_config.json");
+    if tc_path.is_file() {
+        let tc: serde_json::Value = read_json(&tc_path)?;
+        if let Some(decoder) = tc.get("added_tokens_decoder").and_then(serde_json::Value::as_object) {
+            for (id, data) in decoder {
+                let bad = |msg: &str| Error::format(&tc_path, format!("added_tokens_decoder[{id:?}]: {msg}"));
+                let id: usize = id.parse().map_err(|_| bad("the key is not a token id"))?;
+                let content = data["content"].as_str().ok_or_else(|| bad("no `content` string"))?.to_string();
+                let special = data["special"].as_bool().unwrap_or(false);
+                if id >= vocab_size {
+                    continue;
+                }
+                if phi3 {
+                    set(id, content, if special { CONTROL } else { USER_DEFINED });
+                } else if special || looks_special(&content) {
+                    set(id, content, CONTROL);
+                } else {
+                    // Pre-normalised user-defined spaces (the converter's note: for Gemma).
+                    set(id, content.replace('\u{2581}', " "), USER_DEFINED);
+                }
+            }
+        }
+    }
+    let tok_path = dir.join("tokenizer.json");
+    let tok: serde_json::Value = if tok_path.is_file() { read_json(&tok_path)? } else { serde_json::Value::Null };
+    let added: Vec<AddedToken> = match tok.get("added_tokens") {
+        Some(a) => {
+            serde_json::from_value(a.clone()).map_err(|e| Error::Tokenizer { path: tok_path.clone(), msg: format!("added_tokens: {e}") })?
+        }
+        None => Vec::new(),
+    };
+    if phi3 {
+        for a in added.iter().filter(|a| (a.id as usize) < vocab_size) {
+            set(a.id as usize, a.content.clone(), if a.special { CONTROL } else { USER_DEFINED });
+        }
+    }
+    let mut kv: Vec<(String, Value)> = vec![
+        ("tokenizer.ggml.model".into(), Value::String("llama".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(Array::String(tokens))),
+        ("tokenizer.ggml.scores".into(), Value::Array(Array::F32(scores))),
+        ("tokenizer.ggml.token_type".into(), Value::Array(Array::I32(types))),
+    ];
+    kv.extend(special_vocab(dir, &tok, &added, Some(vocab_size), chat_template)?);
     Ok(kv)
 }
 
@@ -181,8 +297,15 @@ fn merges(m: &serde_json::Value) -> Option<Vec<String>> {
         .collect()
 }
 
-/// gguf-py's SpecialVocab: special ids, add_bos/add_eos, the chat template.
-fn special_vocab(dir: &Path, tok: &serde_json::Value, added: &[AddedToken], chat_template: Option<&str>) -> Result<Vec<(String, Value)>> {
+/// gguf-py's SpecialVocab: special ids (below `n_vocab` when given), add_bos/add_eos, the
+/// chat template.
+fn special_vocab(
+    dir: &Path,
+    tok: &serde_json::Value,
+    added: &[AddedToken],
+    n_vocab: Option<usize>,
+    chat_template: Option<&str>,
+) -> Result<Vec<(String, Value)>> {
     let config_path = dir.join("tokenizer_config.json");
     let tc: Option<serde_json::Value> = if config_path.is_file() { Some(read_json(&config_path)?) } else { None };
     let content = |key: &str| -> Option<String> {
@@ -200,6 +323,7 @@ fn special_vocab(dir: &Path, tok: &serde_json::Value, added: &[AddedToken], chat
         None => add.push((k, v)),
     };
     const TYPES: [&str; 7] = ["bos", "eos", "unk", "sep", "pad", "cls", "mask"];
+    let fits = |id: u32| n_vocab.is_none_or(|n| (id as usize) < n);
     if let Some(tc) = &tc {
         let bos = content("bos_token").or_else(|| content("cls_token"));
         if let Some(pp) = tok.get("post_processor").filter(|p| !p.is_null()) {
@@ -248,7 +372,7 @@ fn special_vocab(dir: &Path, tok: &serde_json::Value, added: &[AddedToken], chat
             }
             let Some(c) = content(&format!("{typ}_token")) else { continue };
             if let Some(a) = added.iter().find(|a| a.content == c) {
-                if !ids.iter().any(|(t, _)| *t == typ) {
+                if !ids.iter().any(|(t, _)| *t == typ) && fits(a.id) {
                     ids.push((typ, a.id));
                 }
             }
@@ -259,7 +383,7 @@ fn special_vocab(dir: &Path, tok: &serde_json::Value, added: &[AddedToken], chat
     for typ in TYPES {
         let id = config.get(format!("{typ}_token_id")).or_else(|| config.get("text_config").and_then(|t| t.get(format!("{typ}_token_id"))));
         if let Some(id) = id.and_then(serde_json::Value::as_u64) {
-            if !ids.iter().any(|(t, _)| *t == typ) {
+            if !ids.iter().any(|(t, _)| *t == typ) && fits(id as u32) {
                 ids.push((typ, id as u32));
             }
         }

@@ -115,5 +115,6 @@ pub const GGUF: super::Gguf = super::Gguf {
             ("attention.layer_norm_epsilon", F32(eps as f32)),
         ]
     },
+    vocab: super::GgufVocab::Bpe,
     tokenizer_quirks: super::no_quirks,
 };

@@ -97,3 +97,47 @@ pub fn config(raw: &RawConfig) -> Result<ModelConfig> {
         eos_token_ids: super::all_ids(&c.eos_token_id),
     })
 }
+
+/// llama.cpp's GEMMA2 architecture (`Gemma2Model` in convert_hf_to_gguf.py): norms written as
+/// 1 + w, no lm_head, the SentencePiece vocabulary.
+pub const GGUF: super::Gguf = super::Gguf {
+    arch: "gemma2",
+    permute_qk: false,
+    norm_plus_one: true,
+    trim_embeddings: false,
+    skip_lm_head: true,
+    file_type: true,
+    hparams: gguf_hparams,
+    vocab: super::GgufVocab::SentencePiece,
+    tokenizer_quirks: super::no_space_prefix,
+};
+
+/// Gemma2Model's own keys (it does not start from TextModel's: no rotary base is written,
+/// llama.cpp assumes 10⁴), then both soft-caps and the window.
+fn gguf_hparams(_: &RawConfig, c: &ModelConfig) -> Vec<(&'static str, crate::gguf::Value)> {
+    use crate::gguf::Value::{F32, U32};
+    let eps = match c.norm {
+        NormKind::Rms { eps, .. } | NormKind::Layer { eps } => eps,
+    };
+    let mut v = vec![
+        ("context_length", U32(c.max_position_embeddings as u32)),
+        ("embedding_length", U32(c.hidden_size as u32)),
+        ("block_count", U32(c.num_hidden_layers() as u32)),
+        ("feed_forward_length", U32(c.intermediate_size as u32)),
+        ("attention.head_count", U32(c.num_attention_heads as u32)),
+        ("attention.head_count_kv", U32(c.num_key_value_heads as u32)),
+        ("attention.layer_norm_rms_epsilon", F32(eps as f32)),
+        ("attention.key_length", U32(c.head_dim as u32)),
+        ("attention.value_length", U32(c.head_dim as u32)),
+    ];
+    if let Some(cap) = c.attention.softcap {
+        v.push(("attn_logit_softcapping", F32(cap as f32)));
+    }
+    if let Some(cap) = c.final_softcap {
+        v.push(("final_logit_softcapping", F32(cap as f32)));
+    }
+    if let Some(w) = c.layers.iter().find_map(|l| l.window) {
+        v.push(("attention.sliding_window", U32(w as u32)));
+    }
+    v
+}

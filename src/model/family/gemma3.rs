@@ -173,7 +173,8 @@ pub const GGUF: super::Gguf = super::Gguf {
     skip_lm_head: true,
     file_type: true,
     hparams: gguf_hparams,
-    tokenizer_quirks: super::no_quirks,
+    vocab: super::GgufVocab::SentencePieceOrBpe,
+    tokenizer_quirks: super::no_space_prefix,
 };
 
 /// TextModel's keys, then Gemma3Model's: the soft-cap when set, and the window unless every

@@ -138,6 +138,7 @@ pub const GGUF: super::Gguf = super::Gguf {
     skip_lm_head: false,
     file_type: true,
     hparams: gguf_hparams,
+    vocab: super::GgufVocab::SentencePieceOrBpe,
     tokenizer_quirks: gguf_tokenizer_quirks,
 };
 
@@ -152,7 +153,11 @@ pub(crate) fn gguf_hparams(_: &RawConfig, c: &ModelConfig) -> Vec<(&'static str,
 /// LlamaModel.set_vocab: tokenizer_config's add_prefix_space becomes add_space_prefix, and a
 /// 49152-token vocabulary (the converter's test for Granite's small models, which SmolLM's
 /// matches too) gets add_bos_token false.
-pub(crate) fn gguf_tokenizer_quirks(c: &ModelConfig, tokenizer_config: &serde_json::Value) -> Vec<(&'static str, crate::gguf::Value)> {
+pub(crate) fn gguf_tokenizer_quirks(
+    c: &ModelConfig,
+    tokenizer_config: &serde_json::Value,
+    _: bool,
+) -> Vec<(&'static str, crate::gguf::Value)> {
     let mut v = Vec::new();
     if let Some(b) = tokenizer_config.get("add_prefix_space").and_then(serde_json::Value::as_bool) {
         v.push(("tokenizer.ggml.add_space_prefix", crate::gguf::Value::Bool(b)));

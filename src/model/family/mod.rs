@@ -56,13 +56,41 @@ pub struct Gguf {
     pub file_type: bool,
     /// The `{arch}.*` hyperparameters, keys without the prefix.
     pub hparams: fn(&RawConfig, &ModelConfig) -> Vec<(&'static str, crate::gguf::Value)>,
-    /// Tokenizer keys the model class adds or overrides after the generic ones.
-    pub tokenizer_quirks: fn(&ModelConfig, &serde_json::Value) -> Vec<(&'static str, crate::gguf::Value)>,
+    /// Which of the converter's vocabulary readers the model class takes.
+    pub vocab: GgufVocab,
+    /// Tokenizer keys the model class adds or overrides after the generic ones, from the
+    /// config, tokenizer_config.json and whether the vocabulary came from a tokenizer.model.
+    pub tokenizer_quirks: fn(&ModelConfig, &serde_json::Value, bool) -> Vec<(&'static str, crate::gguf::Value)>,
+}
+
+/// The vocabulary readers of convert_hf_to_gguf.py (`export::gguf_vocab` implements them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufVocab {
+    /// `_set_vocab_gpt2`: tokenizer.json's BPE tokens and merges.
+    Bpe,
+    /// `_set_vocab_sentencepiece` when the checkpoint has a tokenizer.model, else BPE (Llama,
+    /// Mistral, Qwen2/3, Gemma 3).
+    SentencePieceOrBpe,
+    /// `_set_vocab_sentencepiece`; the tokenizer.model is required (Gemma 2).
+    SentencePiece,
+    /// `Phi3MiniModel.set_vocab`: its own reading of the tokenizer.model (added tokens typed
+    /// user-defined or control by their `special` flag alone, tokenizer.json's added tokens
+    /// too), or BPE when tokenizer_config names a `GPT2Tokenizer` (Phi-4-mini).
+    Phi3,
 }
 
 /// No tokenizer quirks.
-pub(crate) fn no_quirks(_: &ModelConfig, _: &serde_json::Value) -> Vec<(&'static str, crate::gguf::Value)> {
+pub(crate) fn no_quirks(_: &ModelConfig, _: &serde_json::Value, _: bool) -> Vec<(&'static str, crate::gguf::Value)> {
     Vec::new()
+}
+
+/// Gemma's model classes write add_space_prefix = false after a SentencePiece vocabulary.
+pub(crate) fn no_space_prefix(_: &ModelConfig, _: &serde_json::Value, sentencepiece: bool) -> Vec<(&'static str, crate::gguf::Value)> {
+    if sentencepiece {
+        vec![("tokenizer.ggml.add_space_prefix", crate::gguf::Value::Bool(false))]
+    } else {
+        Vec::new()
+    }
 }
 
 /// What the converter's `TextModel.set_gguf_parameters` writes for every family that does not
@@ -149,8 +177,20 @@ pub const FAMILIES: &[Family] = &[
         config: gemma3::config_multimodal,
         gguf: None,
     },
-    Family { model_type: "gemma2", models: "Gemma 2", default_targets: &["q_proj", "v_proj"], config: gemma2::config, gguf: None },
-    Family { model_type: "phi3", models: "Phi-3/3.5-mini, Phi-4-mini", default_targets: &["qkv_proj"], config: phi3::config, gguf: None },
+    Family {
+        model_type: "gemma2",
+        models: "Gemma 2",
+        default_targets: &["q_proj", "v_proj"],
+        config: gemma2::config,
+        gguf: Some(&gemma2::GGUF),
+    },
+    Family {
+        model_type: "phi3",
+        models: "Phi-3/3.5-mini, Phi-4-mini",
+        default_targets: &["qkv_proj"],
+        config: phi3::config,
+        gguf: Some(&phi3::GGUF),
+    },
     Family { model_type: "gpt2", models: "GPT-2", default_targets: &["c_attn"], config: gpt2::config, gguf: Some(&gpt2::GGUF) },
     Family {
         model_type: "gpt_neox",

@@ -101,3 +101,57 @@ pub fn config(raw: &RawConfig) -> Result<ModelConfig> {
         eos_token_ids: super::all_ids(&c.eos_token_id),
     })
 }
+
+/// llama.cpp's PHI3 architecture (`Phi3MiniModel` in convert_hf_to_gguf.py): the fused qkv
+/// and gate_up tensors as stored, rotated as NeoX does (no q/k permutation); LongRoPE's
+/// factors become `rope_factors_long`/`rope_factors_short` tensors (written by `export::gguf`).
+pub const GGUF: super::Gguf = super::Gguf {
+    arch: "phi3",
+    permute_qk: false,
+    norm_plus_one: false,
+    trim_embeddings: false,
+    skip_lm_head: false,
+    file_type: true,
+    hparams: gguf_hparams,
+    vocab: super::GgufVocab::Phi3,
+    tokenizer_quirks: super::no_quirks,
+};
+
+/// Phi3MiniModel's keys (not TextModel's): the pre-training context, the rotated dimensions,
+/// a window of 0 for none, and LongRoPE's attention factor as the converter computes it.
+fn gguf_hparams(raw: &RawConfig, c: &ModelConfig) -> Vec<(&'static str, crate::gguf::Value)> {
+    use crate::gguf::Value::{F32, U32};
+    let Positions::Rope(tables) = &c.positions else { unreachable!("Phi-3 is rotary") };
+    let rope = &tables[0];
+    let original = match &rope.scaling {
+        RopeScaling::LongRope { original_max_position_embeddings, .. } => *original_max_position_embeddings,
+        // The converter requires the key; Phi-3-mini-4k's config carries it at the top level.
+        _ => ["original_max_position_embeddings"]
+            .iter()
+            .find_map(|k| raw.value.get(k).or_else(|| raw.value.get("rope_parameters").and_then(|p| p.get(k))))
+            .and_then(serde_json::Value::as_u64)
+            .map_or(c.max_position_embeddings, |v| v as usize),
+    };
+    let eps = match c.norm {
+        NormKind::Rms { eps, .. } | NormKind::Layer { eps } => eps,
+    };
+    let mut v = vec![
+        ("context_length", U32(c.max_position_embeddings as u32)),
+        ("rope.scaling.original_context_length", U32(original as u32)),
+        ("embedding_length", U32(c.hidden_size as u32)),
+        ("feed_forward_length", U32(c.intermediate_size as u32)),
+        ("block_count", U32(c.num_hidden_layers() as u32)),
+        ("attention.head_count", U32(c.num_attention_heads as u32)),
+        ("attention.head_count_kv", U32(c.num_key_value_heads as u32)),
+        ("attention.layer_norm_rms_epsilon", F32(eps as f32)),
+        ("rope.dimension_count", U32(rope.rotary_dim as u32)),
+        ("rope.freq_base", F32(rope.theta as f32)),
+        ("attention.sliding_window", U32(c.layers[0].window.unwrap_or(0) as u32)),
+    ];
+    if let RopeScaling::LongRope { .. } = rope.scaling {
+        let scale = c.max_position_embeddings as f64 / original as f64;
+        let factor = if scale > 1.0 { (1.0 + scale.ln() / (original as f64).ln()).sqrt() } else { 1.0 };
+        v.push(("rope.scaling.attn_factor", F32(factor as f32)));
+    }
+    v
+}

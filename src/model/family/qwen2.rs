@@ -34,5 +34,6 @@ pub const GGUF: super::Gguf = super::Gguf {
     skip_lm_head: false,
     file_type: true,
     hparams: |_, c| super::gguf_text_hparams(c, false),
+    vocab: super::GgufVocab::SentencePieceOrBpe,
     tokenizer_quirks: super::no_quirks,
 };

@@ -18,13 +18,19 @@ pub type Cpu = burn::backend::NdArray;
 #[cfg(feature = "cuda")]
 pub type Cuda = burn_cuda::Cuda;
 
-/// `cpu` or `cuda`, as written in recipes and on the command line.
+/// Vulkan, Metal or DX12 through wgpu (burn-wgpu's CubeBackend, without fusion), f32 only:
+/// WGSL has no bf16.
+#[cfg(feature = "wgpu")]
+pub type Wgpu = burn_wgpu::Wgpu;
+
+/// `cpu`, `cuda` or `wgpu`, as written in recipes and on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
     #[default]
     Cpu,
     Cuda,
+    Wgpu,
 }
 
 impl std::str::FromStr for DeviceKind {
@@ -33,18 +39,24 @@ impl std::str::FromStr for DeviceKind {
         match s {
             "cpu" => Ok(DeviceKind::Cpu),
             "cuda" => Ok(DeviceKind::Cuda),
-            other => Err(Error::Unsupported(format!("device `{other}`: expected cpu or cuda"))),
+            "wgpu" => Ok(DeviceKind::Wgpu),
+            other => Err(Error::Unsupported(format!("device `{other}`: expected cpu, cuda or wgpu"))),
         }
     }
 }
 
 impl DeviceKind {
-    /// Refuses cuda in a build without the `cuda` feature.
+    /// Refuses a GPU device in a build without its feature.
     pub fn check_available(self) -> Result<()> {
-        if self == DeviceKind::Cuda && !cfg!(feature = "cuda") {
-            return Err(Error::Unsupported(
-                "device cuda: this tune was built without CUDA support; rebuild with `cargo build --release --features cuda`".into(),
-            ));
+        let (name, built) = match self {
+            DeviceKind::Cpu => return Ok(()),
+            DeviceKind::Cuda => ("cuda", cfg!(feature = "cuda")),
+            DeviceKind::Wgpu => ("wgpu", cfg!(feature = "wgpu")),
+        };
+        if !built {
+            return Err(Error::Unsupported(format!(
+                "device {name}: this tune was built without {name} support; rebuild with `cargo build --release --features {name}`"
+            )));
         }
         Ok(())
     }
@@ -64,13 +76,14 @@ macro_rules! with_backend {
                 let device = Default::default();
                 $f::<$crate::backend::Cuda>(&device, $($arg),*)
             }
-            #[cfg(not(feature = "cuda"))]
-            $crate::backend::DeviceKind::Cuda => {
-                Err($crate::backend::DeviceKind::Cuda
-                    .check_available()
-                    .expect_err("cuda is unavailable without the feature")
-                    .into())
+            #[cfg(feature = "wgpu")]
+            $crate::backend::DeviceKind::Wgpu => {
+                let device = Default::default();
+                $f::<$crate::backend::Wgpu>(&device, $($arg),*)
             }
+            #[allow(unreachable_patterns)]
+            kind => Err(kind.check_available().expect_err("a device without its feature").into()),
         }
     }};
 }
+

@@ -22,7 +22,8 @@ pub struct Recipe {
     pub dataset: DatasetSection,
     #[serde(default)]
     pub train: TrainSection,
-    /// `cpu` (default) or `cuda` (needs a build with `--features cuda`).
+    /// `cpu` (default), `cuda` (needs a build with `--features cuda`) or `wgpu` (Vulkan, Metal
+    /// or DX12 through wgpu, f32 only; needs a build with `--features wgpu`).
     #[serde(default)]
     pub device: DeviceKind,
     pub output: OutputSection,
@@ -63,12 +64,21 @@ pub enum BaseDtype {
 }
 
 impl BaseDtype {
-    /// The default on a device: bf16 on cuda, f32 on cpu (where bf16 is the slower of the two).
+    /// The default on a device: bf16 on cuda, f32 on cpu (where bf16 is the slower of the two)
+    /// and on wgpu (WGSL has no bf16).
     pub fn for_device(device: DeviceKind) -> Self {
         match device {
             DeviceKind::Cuda => BaseDtype::Bf16,
-            DeviceKind::Cpu => BaseDtype::F32,
+            DeviceKind::Cpu | DeviceKind::Wgpu => BaseDtype::F32,
         }
+    }
+
+    /// Refuses a dtype the device cannot compute in.
+    pub fn check_device(self, device: DeviceKind) -> Result<()> {
+        if self == BaseDtype::Bf16 && device == DeviceKind::Wgpu {
+            return Err(Error::Unsupported("model.dtype: bf16 is not available on device wgpu (WGSL has no bf16); use f32".into()));
+        }
+        Ok(())
     }
 
     pub fn float_dtype(self) -> burn::tensor::FloatDType {
@@ -582,6 +592,7 @@ impl Recipe {
 
     fn validate(&self) -> Result<()> {
         let bad = |key: &str, msg: &str| Err(Error::Unsupported(format!("{key}: {msg}")));
+        self.base_dtype().check_device(self.device)?;
         if let Some(t) = &self.lora.target_modules {
             t.check()?;
         }

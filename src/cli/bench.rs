@@ -18,10 +18,11 @@ pub struct Args {
     /// Timed steps, after 2 warm-up steps.
     #[arg(long, default_value_t = 6)]
     steps: usize,
+    /// cpu, cuda or wgpu (a GPU needs a build with its feature).
     #[arg(long, default_value = "cpu")]
     device: DeviceKind,
-    /// Storage dtype of the frozen base: f32 or bf16 (default: bf16 on cuda, f32 on cpu, as
-    /// in recipes).
+    /// Storage dtype of the frozen base: f32 or bf16 (default: bf16 on cuda, f32 on cpu and wgpu,
+    /// as in recipes).
     #[arg(long, value_parser = ["f32", "bf16"])]
     dtype: Option<String>,
     /// Store the decoder linear layers quantized, as model.quantize: nf4, int8 or none.
@@ -45,8 +46,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some("bf16") => BaseDtype::Bf16,
         Some(_) => BaseDtype::F32,
         None => BaseDtype::for_device(args.device),
-    }
-    .float_dtype();
+    };
+    dtype.check_device(args.device)?;
+    let dtype = dtype.float_dtype();
     let config = BenchConfig {
         seq: args.seq,
         batch: args.batch,

@@ -36,6 +36,7 @@ pub struct Args {
     /// Store the base's decoder linear layers quantized, as model.quantize: nf4, int8 or none.
     #[arg(long, default_value = "none")]
     quantize: tune::quant::Quantization,
+    /// cpu, cuda or wgpu (a GPU needs a build with its feature).
     #[arg(long, default_value = "cpu")]
     device: DeviceKind,
 }

@@ -43,8 +43,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tune::backend::DeviceKind::Cpu => train::train::<tune::backend::Cpu>(&recipe, start, &mut progress)?,
         #[cfg(feature = "cuda")]
         tune::backend::DeviceKind::Cuda => train::train::<tune::backend::Cuda>(&recipe, start, &mut progress)?,
-        #[cfg(not(feature = "cuda"))]
-        tune::backend::DeviceKind::Cuda => unreachable!("setup refuses cuda without the feature"),
+        #[cfg(feature = "wgpu")]
+        tune::backend::DeviceKind::Wgpu => train::train::<tune::backend::Wgpu>(&recipe, start, &mut progress)?,
+        #[allow(unreachable_patterns)]
+        kind => return Err(kind.check_available().expect_err("a device without its feature").into()),
     };
     if let Some(checkpoint) = summary.interrupted {
         let mut cmd = format!("tune run {}", args.recipe.display());

@@ -678,7 +678,10 @@ fn logsumexp<B: Backend>(scores: Tensor<B, 4>) -> Tensor<B, 4> {
 impl FusedOps for burn::backend::NdArray {}
 
 #[cfg(feature = "cuda")]
-impl FusedOps for crate::backend::Cuda {}
+impl FusedOps for burn_cuda::Cuda {}
+
+#[cfg(feature = "wgpu")]
+impl FusedOps for burn_wgpu::Wgpu {}
 
 #[cfg(test)]
 mod tests;

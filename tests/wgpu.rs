@@ -1,0 +1,154 @@
+//! `device: wgpu` (burn-wgpu's CubeBackend, no fusion) against transformers and against the CPU,
+//! on the tiny fixtures: every family's logits and loss, a `tune eval`, and a short `tune run`
+//! with dropout, step by step. CI runs these on lavapipe, Mesa's Vulkan driver on the CPU, in
+//! f32 (WGSL has no bf16). They need a Vulkan, Metal or DX12 device, so a plain `cargo test`
+//! skips them; scripts/test.sh installs lavapipe where it can and runs them, and they fail when
+//! no device is found.
+#![cfg(feature = "wgpu")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use tune::backend::DeviceKind;
+use tune::eval::sequence_nll;
+use tune::model::{token_tensor, AttentionMask, CausalLm, ModelConfig};
+use tune::recipe::Recipe;
+use tune::train::metrics::StepMetrics;
+use tune::train::{self, Observer, Start};
+
+type W = tune::backend::Wgpu;
+
+/// transformers' f32 reference, as tests/parity.rs holds the CPU to.
+const TOL: f64 = 1e-4;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tune-wgpu-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+#[ignore = "needs a Vulkan/Metal/DX12 device (lavapipe: apt-get install mesa-vulkan-drivers libvulkan1); scripts/test.sh runs it"]
+fn every_family_matches_transformers_on_wgpu() {
+    let device = Default::default();
+    for name in TINY {
+        let dir = tiny(name);
+        let config = ModelConfig::from_model_dir(&dir).unwrap();
+        let model: CausalLm<W> = tune::model::load_config(config, &dir, &device, burn::tensor::FloatDType::F32).unwrap();
+        let reference = read_reference(&dir.join("reference.safetensors"));
+        let ids = reference["input_ids"].ids();
+        let [rows, seq] = [reference["input_ids"].shape[0], reference["input_ids"].shape[1]];
+        let positions: Vec<usize> = (0..rows).flat_map(|_| 0..seq).collect();
+        let hidden = model.forward_hidden(token_tensor::<W>(&ids, rows, &device), &positions, &AttentionMask::Causal, None);
+        let logits: Vec<f32> = model.lm_head(hidden).into_data().iter::<f32>().collect();
+        let (diff, scale) = max_abs_diff(&logits, &reference["logits"].f32s());
+        let (mut sum, mut n) = (0.0, 0);
+        for row in ids.chunks(seq) {
+            let nll = sequence_nll(&model, row, &device);
+            n += nll.len();
+            sum += nll.iter().map(|&x| x as f64).sum::<f64>();
+        }
+        let ref_loss = reference["loss"].scalar();
+        let (logit_err, loss_err) = (diff / scale, (sum / n as f64 - ref_loss).abs() / ref_loss);
+        eprintln!("{name:14} wgpu: max|Δlogit|/max|logit| = {logit_err:.2e}   |Δloss|/loss = {loss_err:.2e}");
+        assert!(logit_err <= TOL, "{name}: relative logit error {logit_err:.3e} > {TOL:e}");
+        assert!(loss_err <= TOL, "{name}: relative loss error {loss_err:.3e} > {TOL:e}");
+    }
+}
+
+/// `tune eval --device wgpu` with the committed tiny run's adapter gives the CPU's loss and
+/// token count.
+#[test]
+#[ignore = "needs a Vulkan/Metal/DX12 device (lavapipe: apt-get install mesa-vulkan-drivers libvulkan1); scripts/test.sh runs it"]
+fn tune_eval_on_wgpu_equals_the_cpu() {
+    let run = fixtures().join("tiny-run");
+    let eval = |device: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tune"))
+            .current_dir(root())
+            .args(["eval", "--model", "tests/fixtures/tiny/llama-tied", "--adapter"])
+            .arg(run.join("run"))
+            .arg("--data")
+            .arg(run.join("data.jsonl"))
+            .args(["--device", device, "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "tune eval --device {device}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v["loss"].as_f64().unwrap(), v["tokens"].as_u64().unwrap())
+    };
+    let (cpu, cpu_tokens) = eval("cpu");
+    let (gpu, gpu_tokens) = eval("wgpu");
+    eprintln!("tune eval: cpu {cpu:.7}, wgpu {gpu:.7} over {cpu_tokens} tokens");
+    assert_eq!(gpu_tokens, cpu_tokens);
+    assert!(cpu_tokens > 100, "the eval scores the whole file");
+    assert!((gpu - cpu).abs() <= 1e-5 * cpu, "wgpu loss {gpu} vs cpu {cpu}");
+}
+
+#[derive(Default)]
+struct Losses(Vec<(usize, f32, f64)>);
+
+impl Observer for Losses {
+    fn step(&mut self, m: &StepMetrics) {
+        self.0.push((m.step, m.loss, m.grad_norm));
+    }
+}
+
+/// The tiny run's recipe (LoRA on every linear layer, dropout 0.1, gradient accumulation) on
+/// wgpu: every step's loss and gradient norm are the CPU's, and so is the adapter it writes.
+/// Dropout masks come from the host's seeded generator, so both devices drop the same units.
+#[test]
+#[ignore = "needs a Vulkan/Metal/DX12 device (lavapipe: apt-get install mesa-vulkan-drivers libvulkan1); scripts/test.sh runs it"]
+fn tune_run_on_wgpu_trains_as_the_cpu_does() {
+    let dir = scratch("run");
+    let recipe = root().join("tests/fixtures/tiny-run/recipe.yaml");
+    let run = |device: &str| {
+        let overrides = vec![format!("device={device}"), format!("output.dir={}", dir.join(device).display())];
+        let recipe = Recipe::load(&recipe, &overrides).unwrap();
+        let mut losses = Losses::default();
+        match recipe.device {
+            DeviceKind::Cpu => train::train::<B>(&recipe, Start::Fresh, &mut losses).unwrap(),
+            DeviceKind::Wgpu => train::train::<W>(&recipe, Start::Fresh, &mut losses).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        losses.0
+    };
+    let cpu = run("cpu");
+    let gpu = run("wgpu");
+    assert_eq!(cpu.len(), 6);
+    assert_eq!(gpu.iter().map(|s| s.0).collect::<Vec<_>>(), cpu.iter().map(|s| s.0).collect::<Vec<_>>());
+    for ((step, c, cg), (_, g, gg)) in cpu.iter().zip(&gpu) {
+        eprintln!("step {step}: loss cpu {c:.7} wgpu {g:.7}   grad_norm cpu {cg:.7} wgpu {gg:.7}");
+        assert!(((g - c) as f64).abs() <= 1e-4 * *c as f64, "step {step}: wgpu loss {g} vs cpu {c}");
+        assert!((gg - cg).abs() <= 1e-3 * cg, "step {step}: wgpu grad norm {gg} vs cpu {cg}");
+    }
+    assert!(cpu[5].1 < cpu[0].1, "the run learns: {cpu:?}");
+    let adapter = |device: &str| {
+        let path = dir.join(device).join("adapter/adapter_model.safetensors");
+        read_reference(&path)
+    };
+    let (a, b) = (adapter("cpu"), adapter("wgpu"));
+    assert_eq!(a.len(), b.len());
+    assert!(a.len() >= 28, "lora_A and lora_B of 7 projections × 2 layers: {}", a.len());
+    // AdamW moves every element by up to about lr a step whatever its gradient's size, so where a
+    // gradient is near zero, float rounding on either device changes the step's direction: the
+    // bound is a fraction of one step (lr 1e-2), not relative to the weights.
+    let lr = Recipe::load(&recipe, &[]).unwrap().train.lr;
+    let mut worst = (0.0f64, String::new());
+    for (name, t) in &a {
+        let (diff, scale) = max_abs_diff(&b[name].f32s(), &t.f32s());
+        eprintln!("{name}: max |Δ| {diff:.2e} against max |w| {scale:.2e}");
+        if diff > worst.0 {
+            worst = (diff, name.clone());
+        }
+    }
+    assert!(worst.0 <= 0.1 * lr, "{}: max |Δ| {:e} is over a tenth of one AdamW step (lr {lr})", worst.1, worst.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

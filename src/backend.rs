@@ -87,3 +87,10 @@ macro_rules! with_backend {
     }};
 }
 
+/// Device `index` of `B`'s default kind: the index-th GPU on CUDA; on the CPU, the CPU (it has
+/// only one).
+pub fn device_at<B: burn::tensor::backend::Backend>(index: usize) -> B::Device {
+    use burn::tensor::backend::{Device, DeviceId};
+    let kind = B::Device::default().to_id().type_id;
+    B::Device::from_id(DeviceId::new(kind, index as u16))
+}

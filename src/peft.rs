@@ -278,7 +278,7 @@ pub fn load_peft<B: Backend>(model: &mut CausalLm<B>, dir: &Path, device: &B::De
             b: Tensor::from_data(TensorData::new(transpose(&b, out, c.r), [c.r, out]), device),
             scale: config.scale(),
             dropout: config.dropout,
-            dropout_seed: None,
+            dropout_draw: None,
             magnitude,
         });
         let short = l.short_name().to_string();

@@ -408,6 +408,14 @@ pub struct TrainSection {
     /// line of metrics.jsonl, shown on the progress bar and plotted in report.svg. Default none:
     /// only after the last step.
     pub eval_every: Option<usize>,
+    /// Data parallel: one replica of the model per device, each on an equal slice of every
+    /// micro-batch's rows (so train.batch_size must divide by their number), with the LoRA
+    /// gradients all-reduced before each optimizer step. A number N takes devices 0..N of the
+    /// run's `device`; a list (`[0, 2]`) names them. On `cpu` every replica shares the CPU, so
+    /// this checks the parallel path rather than speeding it up. Per-step losses equal one
+    /// device's to float rounding, and a resumed run repeats the uninterrupted one bit for bit
+    /// on the same number of devices. Default 1.
+    pub devices: Devices,
     /// Stop when this many evaluations in a row have not improved on the best eval loss so far
     /// (improving means strictly lower). The run ends with a checkpoint and the adapter of the
     /// step it stopped at, and says why it stopped. Needs train.eval_every. Default none.
@@ -432,6 +440,25 @@ impl Default for TrainSection {
             activation_checkpointing: false,
             eval_every: None,
             early_stopping_patience: None,
+            devices: Devices::Count(1),
+        }
+    }
+}
+
+/// `train.devices`: how many devices, or which.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Devices {
+    Count(usize),
+    List(Vec<usize>),
+}
+
+impl Devices {
+    /// The device indices, in replica order.
+    pub fn indices(&self) -> Vec<usize> {
+        match self {
+            Devices::Count(n) => (0..*n).collect(),
+            Devices::List(l) => l.clone(),
         }
     }
 }
@@ -536,6 +563,7 @@ const KEYS: &[&str] = &[
     "train.activation_checkpointing",
     "train.eval_every",
     "train.early_stopping_patience",
+    "train.devices",
     "device",
     "output",
     "output.dir",
@@ -611,6 +639,24 @@ impl Recipe {
         }
         if self.train.batch_size == 0 || self.train.grad_accum == 0 {
             return bad("train.batch_size / train.grad_accum", "must be at least 1");
+        }
+        let devices = self.train.devices.indices();
+        if devices.is_empty() {
+            return bad("train.devices", "must be at least 1 (a number of devices, or a list of device indices)");
+        }
+        if let Some(d) = devices.iter().enumerate().find_map(|(i, d)| devices[..i].contains(d).then_some(d)) {
+            return bad("train.devices", &format!("device {d} is listed twice"));
+        }
+        if !self.train.batch_size.is_multiple_of(devices.len()) {
+            return bad(
+                "train.devices",
+                &format!(
+                    "{} replicas cannot share train.batch_size {} evenly; use a batch size divisible by {}",
+                    devices.len(),
+                    self.train.batch_size,
+                    devices.len()
+                ),
+            );
         }
         if self.train.epochs == 0 && self.train.max_steps.is_none() {
             return bad("train.epochs", "must be at least 1 (or set train.max_steps)");
@@ -915,6 +961,24 @@ mod tests {
         assert!(parse(MINIMAL, &["lora.dropout=1.5"]).is_err());
         assert!(parse(MINIMAL, &["train.max_grad_norm=0"]).is_err());
         assert!(parse(MINIMAL, &["lora.rank=0"]).is_err());
+    }
+
+    /// train.devices: a number or a list of indices; each refusal names the key and why.
+    #[test]
+    fn devices_are_a_count_or_a_list_that_splits_the_batch() {
+        assert_eq!(parse(MINIMAL, &[]).unwrap().train.devices.indices(), vec![0]);
+        assert_eq!(parse(MINIMAL, &["train.devices=2"]).unwrap().train.devices.indices(), vec![0, 1]);
+        assert_eq!(parse(MINIMAL, &["train.devices=[1, 3]"]).unwrap().train.devices.indices(), vec![1, 3]);
+        let err = |o: &[&str]| parse(MINIMAL, o).unwrap_err().to_string();
+        let e = err(&["train.devices=3"]);
+        assert!(e.contains("train.devices") && e.contains("train.batch_size 4") && e.contains("divisible by 3"), "{e}");
+        let e = err(&["train.devices=0"]);
+        assert!(e.contains("train.devices") && e.contains("at least 1"), "{e}");
+        let e = err(&["train.devices=[2, 2]"]);
+        assert!(e.contains("train.devices") && e.contains("device 2 is listed twice"), "{e}");
+        // Resuming on another number of devices continues the same run.
+        let (one, two) = (parse(MINIMAL, &[]).unwrap(), parse(MINIMAL, &["train.devices=2"]).unwrap());
+        assert!(crate::train::breaking_changes(&one, &two).is_empty());
     }
 
     /// The eval keys: defaults off; a split in (0, 1) or a file, not both; eval_every,

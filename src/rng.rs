@@ -6,17 +6,25 @@ pub struct Rng {
     pub state: u64,
 }
 
+const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
 impl Rng {
     pub fn new(seed: u64) -> Self {
         Rng { state: seed }
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.state = self.state.wrapping_add(GOLDEN_GAMMA);
         let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+
+    /// Moves past the next `n` draws in constant time (SplitMix64's state is a counter), so a
+    /// data-parallel replica can draw its rows' part of a mask seeded for the whole batch.
+    pub fn skip(&mut self, n: u64) {
+        self.state = self.state.wrapping_add(n.wrapping_mul(GOLDEN_GAMMA));
     }
 
     /// Uniform in [0, 1) with 53 random bits.
@@ -53,5 +61,16 @@ mod tests {
         let mean = xs.iter().sum::<f64>() / 1000.0;
         assert!((mean - 0.5).abs() < 0.05, "mean {mean}");
         assert_ne!(Rng::new(8).next_u64(), Rng::new(7).next_u64());
+    }
+
+    #[test]
+    fn skip_lands_where_drawing_would() {
+        let mut drawn = Rng::new(99);
+        let all: Vec<u64> = (0..1000).map(|_| drawn.next_u64()).collect();
+        for n in [0usize, 1, 17, 999] {
+            let mut skipped = Rng::new(99);
+            skipped.skip(n as u64);
+            assert_eq!(skipped.next_u64(), all[n], "skip {n}");
+        }
     }
 }

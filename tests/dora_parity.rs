@@ -16,6 +16,7 @@ mod common;
 use burn::backend::Autodiff;
 use burn::tensor::Tensor;
 use common::*;
+use tune::adapter::DropoutDraw;
 use tune::data::batch::{Batch, Row};
 use tune::data::examples::Example;
 use tune::model::{self, token_tensor, AttentionMask, CausalLm};
@@ -155,11 +156,12 @@ fn dropout_takes_peft_training_form() {
         let reference = reference(name);
         let mut model = model_with_adapter(name);
         let p = reference["dropout.p"].scalar();
+        let rows = reference_batch(&reference).rows;
         for l in model.linears_mut() {
             let seed = fnv1a64(&l.name);
             if let Some(a) = l.adapter.as_mut() {
                 a.dropout = p;
-                a.dropout_seed = Some(seed);
+                a.dropout_draw = Some(DropoutDraw { seed, first_row: 0, rows });
             }
         }
         check_against(name, "dropout 0.1", &model, &reference, "dropout.");

@@ -22,10 +22,10 @@ pub struct LoraAdapter<B: Backend> {
     pub b: Tensor<B, 2>,
     /// alpha / r, or alpha / √r with rsLoRA.
     pub scale: f64,
-    /// Dropout probability on the adapter's input; applied only while `dropout_seed` is set,
+    /// Dropout probability on the adapter's input; applied only while `dropout_draw` is set,
     /// which the training loop does before each forward pass (a fresh seed per micro-batch).
     pub dropout: f64,
-    pub dropout_seed: Option<u64>,
+    pub dropout_draw: Option<DropoutDraw>,
     /// DoRA's lora_magnitude_vector as `[1, out_features]` (PEFT stores `[out]`), so it trains
     /// beside lora_A and lora_B as one more matrix; None for plain LoRA.
     pub magnitude: Option<Tensor<B, 2>>,
@@ -44,7 +44,7 @@ impl<B: Backend> LoraAdapter<B> {
             b: Tensor::zeros([config.rank, out], device),
             scale: config.scale(),
             dropout: config.dropout,
-            dropout_seed: None,
+            dropout_draw: None,
             magnitude: None,
         }
     }
@@ -85,9 +85,9 @@ impl<B: Backend> LoraAdapter<B> {
 
     /// x after the adapter's dropout, or None when no dropout applies (p = 0, or not training).
     pub fn dropped<const D: usize>(&self, x: Tensor<B, D>) -> Option<Tensor<B, D>> {
-        match self.dropout_seed {
-            Some(seed) if self.dropout > 0.0 => {
-                let mask = dropout_mask::<B, D>(&x.dims(), self.dropout, seed, &x.device());
+        match self.dropout_draw {
+            Some(draw) if self.dropout > 0.0 => {
+                let mask = dropout_mask::<B, D>(&x.dims(), self.dropout, draw, &x.device());
                 Some(x * mask)
             }
             _ => None,
@@ -95,11 +95,25 @@ impl<B: Backend> LoraAdapter<B> {
     }
 }
 
+/// Which masks a forward pass draws: those of a micro-batch seeded with `seed`, for its rows
+/// `first_row..first_row + rows`. One device holds every row (`first_row` 0); a data-parallel
+/// replica holds a slice, and draws exactly the part of the whole batch's masks its rows would
+/// get on one device, so a run's dropout does not depend on how many replicas share it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DropoutDraw {
+    pub seed: u64,
+    pub first_row: usize,
+    pub rows: usize,
+}
+
 /// Inverted dropout mask: 0 with probability p, else 1/(1-p). Drawn from tune's own seeded
 /// generator so a run is reproducible on any backend and a resumed run draws the same masks.
-fn dropout_mask<B: Backend, const D: usize>(dims: &[usize; D], p: f64, seed: u64, device: &B::Device) -> Tensor<B, D> {
+/// The batch's rows are the outermost dimension of `dims`, whatever the layout inside a row.
+fn dropout_mask<B: Backend, const D: usize>(dims: &[usize; D], p: f64, draw: DropoutDraw, device: &B::Device) -> Tensor<B, D> {
     let n: usize = dims.iter().product();
-    let mut rng = Rng::new(seed);
+    assert!(draw.rows > 0 && n.is_multiple_of(draw.rows), "dropout: {dims:?} does not hold {} batch rows", draw.rows);
+    let mut rng = Rng::new(draw.seed);
+    rng.skip((draw.first_row * (n / draw.rows)) as u64);
     let keep = (1.0 / (1.0 - p)) as f32;
     let data: Vec<f32> = (0..n).map(|_| if rng.next_f64() < p { 0.0 } else { keep }).collect();
     Tensor::from_data(TensorData::new(data, *dims), device)

@@ -110,6 +110,26 @@ impl Batch {
     pub fn label_count(&self) -> usize {
         self.weights.iter().filter(|&&w| w > 0.0).count()
     }
+
+    /// Rows `first..first + rows`, padded to the whole batch's length as they were, so that
+    /// their dropout masks are the whole batch's (see [`crate::adapter::DropoutDraw`]); the
+    /// padding adds nothing to the loss or gradients, as it sits after each row's tokens.
+    /// `tokens` is 0: which positions are padding is not kept, and a training step counts its
+    /// tokens on the whole batches.
+    pub fn rows(&self, first: usize, rows: usize) -> Batch {
+        assert!(first + rows <= self.rows, "rows {first}..{} of a {}-row batch", first + rows, self.rows);
+        let span = first * self.seq..(first + rows) * self.seq;
+        Batch {
+            rows,
+            seq: self.seq,
+            ids: self.ids[span.clone()].to_vec(),
+            positions: self.positions[span.clone()].to_vec(),
+            targets: self.targets[span.clone()].to_vec(),
+            weights: self.weights[span].to_vec(),
+            tokens: 0,
+            segments: self.segments.as_ref().map(|s| s[first..first + rows].to_vec()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -141,6 +161,21 @@ mod tests {
         // The last token of example a must not learn to predict example b's first token.
         assert_eq!(rows[0].weights, vec![1.0, 1.0, 0.0, 1.0, 0.0]);
         assert_eq!(rows[1].ids, vec![6, 7, 8, 9]);
+    }
+
+    #[test]
+    fn a_slice_of_rows_keeps_the_batch_length_and_its_segments() {
+        let a = Row::from_example(&ex(&[1, 2, 3], &[true; 3]));
+        let b = Row::from_example(&ex(&[4, 5], &[true; 2]));
+        let c = Row::from_example(&ex(&[6], &[true]));
+        let mut batch = Batch::new(&[&a, &b, &c], 0);
+        batch.segments = Some(vec![vec![3], vec![1, 1], vec![1]]);
+        let slice = batch.rows(1, 2);
+        assert_eq!((slice.rows, slice.seq), (2, 3));
+        assert_eq!(slice.ids, vec![4, 5, 0, 6, 0, 0]);
+        assert_eq!(slice.weights, batch.weights[3..].to_vec());
+        assert_eq!(slice.positions, batch.positions[3..].to_vec());
+        assert_eq!(slice.segments, Some(vec![vec![1, 1], vec![1]]));
     }
 
     #[test]

@@ -1,0 +1,119 @@
+//! Data parallel on the CPU (`train.devices`): replicas that each take a slice of every
+//! micro-batch's rows train as one device running the whole batch does, dropout and gradient
+//! accumulation included, and a data-parallel run resumes bit for bit.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use common::*;
+use tune::train::metrics::{self, StepMetrics};
+
+/// The tiny run (LoRA on every projection, dropout 0.1, 2 micro-batches per step) with
+/// `overrides`, in its own directory: its per-step metrics and its adapter.
+fn run(tag: &str, overrides: &[&str]) -> (Vec<StepMetrics>, HashMap<String, RefTensor>, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("tune-parallel-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = format!("output.dir={}", dir.display());
+    let mut args = vec!["run", "tests/fixtures/tiny-run/recipe.yaml", out.as_str()];
+    args.extend_from_slice(overrides);
+    let (code, err) = tune(&args);
+    assert_eq!(code, 0, "{tag}: {err}");
+    let m = metrics::read(&dir.join("metrics.jsonl")).unwrap();
+    let adapter = read_reference(&dir.join("adapter/adapter_model.safetensors"));
+    (m, adapter, dir)
+}
+
+/// Per-step losses and gradient norms within 1e-5 (relative) of one device's, and the same
+/// adapter to float rounding: replicas summing their rows' gradients add the same terms in
+/// another order. Splitting the rows wrongly (a replica on the whole batch, masks drawn for the
+/// wrong rows, the loss scaled per replica) moves these by far more.
+fn same_training(
+    what: &str,
+    got: &(Vec<StepMetrics>, HashMap<String, RefTensor>, PathBuf),
+    want: &(Vec<StepMetrics>, HashMap<String, RefTensor>, PathBuf),
+) {
+    assert_eq!(got.0.len(), want.0.len(), "{what}: steps");
+    for (g, w) in got.0.iter().zip(&want.0) {
+        eprintln!("{what} step {}: loss {:.8} vs {:.8}, grad norm {:.8} vs {:.8}", g.step, g.loss, w.loss, g.grad_norm, w.grad_norm);
+        assert!(
+            (g.loss - w.loss).abs() as f64 <= 1e-5 * w.loss as f64,
+            "{what} step {}: loss {} vs one device's {}",
+            g.step,
+            g.loss,
+            w.loss
+        );
+        assert!(
+            (g.grad_norm - w.grad_norm).abs() <= 1e-5 * w.grad_norm,
+            "{what} step {}: grad norm {} vs {}",
+            g.step,
+            g.grad_norm,
+            w.grad_norm
+        );
+        assert_eq!(g.tokens, w.tokens, "{what} step {}: tokens", g.step);
+    }
+    assert!(want.0.last().unwrap().loss < want.0[0].loss, "{what}: the run learns");
+    assert_eq!(got.1.len(), want.1.len());
+    let mut worst = 0f64;
+    for (name, t) in &want.1 {
+        let (diff, _) = max_abs_diff(&got.1[name].f32s(), &t.f32s());
+        worst = worst.max(diff);
+    }
+    // AdamW's step is about lr (1e-2) whatever a gradient's size: rounding can turn an element
+    // whose gradient is near zero; a tenth of a step bounds that, as in tests/wgpu.rs.
+    eprintln!("{what}: adapters differ by at most {worst:.2e}");
+    assert!(worst <= 1e-3, "{what}: adapters differ by {worst:e}");
+    let _ = std::fs::remove_dir_all(&got.2);
+}
+
+#[test]
+fn two_replicas_train_as_one_device() {
+    let one = run("one", &[]);
+    let two = run("two", &["train.devices=2"]);
+    same_training("2 replicas", &two, &one);
+    let _ = std::fs::remove_dir_all(&one.2);
+}
+
+/// Three replicas (where the order of a plain all-reduce sum would matter) with packed rows.
+#[test]
+fn three_replicas_with_packed_rows_train_as_one_device() {
+    let batch = ["train.batch_size=3", "dataset.packed=true", "dataset.max_seq_len=48"];
+    let one = run("packed-one", &batch);
+    let three = run("packed-three", &[&batch[..], &["train.devices=3"]].concat());
+    same_training("3 replicas, packed", &three, &one);
+    let _ = std::fs::remove_dir_all(&one.2);
+}
+
+/// Three replicas, resumed from the step-3 checkpoint: steps 4 to 6 and the adapter are those
+/// of the uninterrupted run, bit for bit.
+#[test]
+fn three_replicas_resume_bit_for_bit() {
+    let args = ["train.batch_size=3", "train.devices=3", "output.save_every=3", "output.keep_last=3"];
+    let (first, _, dir) = run("resume", &args);
+    let adapter = std::fs::read(dir.join("adapter/adapter_model.safetensors")).unwrap();
+    let out = format!("output.dir={}", dir.display());
+    let checkpoint = dir.join("checkpoints/step_000003");
+    let resume = [&["run", "tests/fixtures/tiny-run/recipe.yaml", out.as_str()][..], &args, &["--resume", s(&checkpoint)]].concat();
+    let (code, err) = tune(&resume);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("resuming from") && err.contains("(step 3 of 6)"), "{err}");
+    let resumed = metrics::read(&dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(resumed.len(), 6);
+    for (a, b) in first.iter().zip(&resumed).skip(3) {
+        assert_eq!((a.loss.to_bits(), a.grad_norm.to_bits()), (b.loss.to_bits(), b.grad_norm.to_bits()), "step {}", a.step);
+    }
+    assert!(std::fs::read(dir.join("adapter/adapter_model.safetensors")).unwrap() == adapter, "the resumed run's adapter differs");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A batch the replicas cannot share evenly is refused before anything runs, naming the key.
+#[test]
+fn uneven_split_is_refused() {
+    let dir = std::env::temp_dir().join(format!("tune-parallel-uneven-{}", std::process::id()));
+    let out = format!("output.dir={}", dir.display());
+    let (code, err) = tune(&["run", "tests/fixtures/tiny-run/recipe.yaml", &out, "train.devices=3"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("train.devices") && err.contains("train.batch_size 2"), "{err}");
+    assert!(!dir.exists(), "nothing is written for a refused recipe");
+}

@@ -212,8 +212,8 @@ mod avx512 {
     use half::bf16;
     use rayon::prelude::*;
 
-    use super::super::cpu::Shared;
     use super::{round, View, KC, MR, NR};
+    use crate::ops::cpu::shared::Shared;
 
     /// The two bf16 of a k-pair in one word, the even k in the low half (as `vdpbf16ps` pairs them).
     fn pair(lo: bf16, hi: bf16) -> u32 {

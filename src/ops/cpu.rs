@@ -12,6 +12,9 @@ use super::bf16::{self as bf16_gemm, View};
 use super::{float, prim, reference, Activation, AttentionOptions, FusedOps, LoraLinear, Mask, QuantLinear};
 
 mod quant;
+pub(super) mod shared;
+
+use shared::Shared;
 
 /// Query rows per attention tile: a causal tile only needs the keys up to its last row.
 const TILE: usize = 64;
@@ -245,19 +248,6 @@ fn contiguous(t: FlexTensor) -> FlexTensor {
 
 fn tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(data, shape))
-}
-
-/// A pointer that tasks writing disjoint parts of one buffer may share.
-#[derive(Clone, Copy)]
-pub(super) struct Shared(pub(super) *mut f32);
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// Through a method, so closures capture the Send wrapper rather than its raw field.
-    pub(super) fn at(self, offset: usize) -> *mut f32 {
-        unsafe { self.0.add(offset) }
-    }
 }
 
 /// One core: the attention kernels already run one task per core.

@@ -10,7 +10,8 @@ use burn::tensor::ops::FloatTensor;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{all_f32, contiguous, dims, gemm, tensor, Shared, ALL_CORES, ONE_CORE, ROWS_PER_TASK};
+use super::shared::Shared;
+use super::{all_f32, contiguous, dims, gemm, tensor, ALL_CORES, ONE_CORE, ROWS_PER_TASK};
 use crate::ops::{reference, QuantLinear};
 use crate::quant::{QuantizedMatrix, SharedMatrix, NF4_BLOCK};
 

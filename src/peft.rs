@@ -53,7 +53,7 @@ pub fn resolve_targets(targets: Targets, config: &ModelConfig) -> Result<Vec<Str
     let names = config.linear_names();
     let targets = match targets {
         Targets::AllLinear => return Ok(names),
-        Targets::Default => return Ok(config.family.default_targets.iter().map(|s| s.to_string()).collect()),
+        Targets::Default => return Ok(config.family().default_targets.iter().map(|s| s.to_string()).collect()),
         Targets::List(t) => t,
     };
     if targets.is_empty() {
@@ -65,7 +65,7 @@ pub fn resolve_targets(targets: Targets, config: &ModelConfig) -> Result<Vec<Str
             let candidates: Vec<&str> = names.iter().map(String::as_str).collect();
             return Err(Error::Unsupported(format!(
                 "lora.target_modules: `{t}` names no linear layer of this {} model{} (its linear layers: {}, or `all-linear`)",
-                config.family.name(),
+                config.family().name(),
                 crate::error::did_you_mean(t, &candidates),
                 names.join(", ")
             )));
@@ -228,7 +228,7 @@ pub fn load_peft<B: Backend>(model: &mut CausalLm<B>, dir: &Path, device: &B::De
         return Err(Error::Unsupported(format!(
             "{}: fan_in_fan_out: true, but this {} model's linear layers are nn.Linear ([out, in]); the adapter is for another model",
             dir.join(ADAPTER_CONFIG).display(),
-            model.config.family.name()
+            model.config.family().name()
         )));
     }
     let weights = Weights::open_file(&dir.join(ADAPTER_WEIGHTS))?;
@@ -294,7 +294,7 @@ pub fn load_peft<B: Backend>(model: &mut CausalLm<B>, dir: &Path, device: &B::De
             name: extra.to_string(),
             msg: format!(
                 "does not match any linear layer of the base {} model (an adapter for another model?)",
-                model.config.family.name()
+                model.config.family().name()
             ),
         });
     }

@@ -36,7 +36,7 @@ fn greedy_generation_eval_loss_and_logits_equal_transformers() {
     let dir = model_dir();
     let device = Default::default();
     let model: CausalLm<B> = model::load(&dir, &device).unwrap();
-    assert_eq!(model.config.family.name(), "gemma3_text");
+    assert_eq!(model.config.family().name(), "gemma3_text");
     let tok = Tokenizer::from_model_dir(&dir).unwrap();
     for case in json("gemma3-270m/generate.json").as_array().unwrap() {
         let prompt = ids(&case["prompt_ids"]);

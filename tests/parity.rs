@@ -107,7 +107,7 @@ fn fixtures_cover_the_features_they_claim() {
     assert_eq!(dtypes("qwen3"), vec!["f16"]);
     // What each new family switches on (tests/fixtures/tiny/FEATURES.md: how far each moves logits).
     let g3 = c("gemma3");
-    assert_eq!(g3.family.name(), "gemma3_text");
+    assert_eq!(g3.family().name(), "gemma3_text");
     assert!(g3.layers.iter().any(|l| l.window == Some(8)) && g3.layers.iter().any(|l| l.window.is_none()));
     assert_ne!(rope(&g3, 0).theta, rope(&g3, 1).theta, "gemma3: one base for global layers, one for local ones");
     assert!(matches!(rope(&g3, 0).scaling, RopeScaling::Linear { .. }) && rope(&g3, 1).scaling == RopeScaling::None);

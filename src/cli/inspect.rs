@@ -12,7 +12,7 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
     let params =
         weights.num_elements() - if c.tie_word_embeddings && weights.contains("lm_head.weight") { c.vocab_size * c.hidden_size } else { 0 };
     println!("model       {}", dir.display());
-    println!("family      {}", c.family.name());
+    println!("family      {}", c.family().name());
     println!("parameters  {} ({:.1}M)", params, params as f64 / 1e6);
     println!("layers      {}", c.num_hidden_layers());
     println!("hidden      {} (intermediate {})", c.hidden_size, c.intermediate_size);

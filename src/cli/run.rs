@@ -124,7 +124,7 @@ pub fn validate(recipe_path: &Path, overrides: &[String]) -> anyhow::Result<()> 
         .map(|l| setup.lora.rank * (l.in_features + l.out_features) + dora * l.out_features)
         .sum();
     print!("{}", recipe.to_yaml());
-    println!("# model: {} ({}, {:.1}M parameters)", recipe.model.path.display(), c.family.name(), c.num_parameters() as f64 / 1e6);
+    println!("# model: {} ({}, {:.1}M parameters)", recipe.model.path.display(), c.family().name(), c.num_parameters() as f64 / 1e6);
     let d = &setup.data;
     println!("# dataset: {} examples, {} rows, {} label tokens", d.examples, d.rows.len(), d.label_tokens);
     let max_seq_len = recipe.dataset.max_seq_len;

@@ -224,11 +224,11 @@ pub(crate) fn write_model(
 
 /// The family's GGUF facts, or why it has none.
 pub(crate) fn gguf_facts(cfg: &ModelConfig) -> Result<&'static Gguf> {
-    cfg.family.gguf.ok_or_else(|| {
+    cfg.family().gguf.ok_or_else(|| {
         Error::Unsupported(format!(
             "GGUF export of model_type `{}` is not supported (use llama.cpp's convert_hf_to_gguf.py on a \
              `tune export --merged` checkpoint)",
-            cfg.family.name()
+            cfg.family().name()
         ))
     })
 }

@@ -5,8 +5,6 @@
 //! blocks to the checkpoint's tensor names. The network (`lm.rs`, `blocks/`) is built from this
 //! alone.
 
-use super::family::Family;
-
 /// Which normalisation every norm of the model uses.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum NormKind {
@@ -189,7 +187,8 @@ pub struct Names {
 /// The architecture, resolved from config.json with the family's defaults applied.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
-    pub family: Family,
+    /// transformers' `model_type`: the family (`ModelConfig::family`) it was read as.
+    pub model_type: &'static str,
     pub names: &'static Names,
     pub vocab_size: usize,
     pub hidden_size: usize,

@@ -60,7 +60,7 @@ pub fn config(raw: &RawConfig) -> Result<ModelConfig> {
     }
     let (heads, kv, d) = super::heads(raw, c.hidden_size, c.n_head, None, None)?;
     Ok(ModelConfig {
-        family: super::Family::from_model_type("bloom").expect("registered"),
+        model_type: "bloom",
         names: &NAMES,
         vocab_size: c.vocab_size,
         hidden_size: c.hidden_size,

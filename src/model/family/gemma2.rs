@@ -67,7 +67,7 @@ pub fn config(raw: &RawConfig) -> Result<ModelConfig> {
     let block = super::rope_block(&c.rope_parameters, &c.rope_scaling, "full_attention");
     let rope = super::rope(raw, block, c.rope_theta.unwrap_or(10_000.0), d, c.max_position_embeddings, None)?;
     Ok(ModelConfig {
-        family: super::Family::from_model_type("gemma2").expect("registered"),
+        model_type: "gemma2",
         names: &super::gemma3::NAMES,
         vocab_size: c.vocab_size,
         hidden_size: c.hidden_size,

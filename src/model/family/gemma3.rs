@@ -113,7 +113,7 @@ pub fn network(raw: &RawConfig, c: &Gemma3TextConfig) -> Result<ModelConfig> {
     let global = super::rope(raw, global_block, c.rope_theta.unwrap_or(1e6), d, c.max_position_embeddings, None)?;
     let local = super::rope(raw, local_block, c.rope_local_base_freq.unwrap_or(1e4), d, c.max_position_embeddings, None)?;
     Ok(ModelConfig {
-        family: super::Family::from_model_type("gemma3_text").expect("registered"),
+        model_type: "gemma3_text",
         names: &NAMES,
         vocab_size: c.vocab_size,
         hidden_size: c.hidden_size,

@@ -99,7 +99,7 @@ pub fn config(raw: &RawConfig) -> Result<ModelConfig> {
     let (heads, kv, d) = super::heads(raw, c.n_embd, c.n_head, None, None)?;
     let act = super::activation(raw, "activation_function", &c.activation_function)?;
     Ok(ModelConfig {
-        family: super::Family::from_model_type("gpt2").expect("registered"),
+        model_type: "gpt2",
         names: &NAMES,
         vocab_size: c.vocab_size,
         hidden_size: c.n_embd,

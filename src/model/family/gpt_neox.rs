@@ -82,7 +82,7 @@ pub fn config(raw: &RawConfig) -> Result<ModelConfig> {
     let rotary_dim = (d as f64 * fraction) as usize;
     let rope = super::rope(raw, block, c.rotary_emb_base.unwrap_or(10_000.0), rotary_dim, c.max_position_embeddings, None)?;
     Ok(ModelConfig {
-        family: super::Family::from_model_type("gpt_neox").expect("registered"),
+        model_type: "gpt_neox",
         names: &NAMES,
         vocab_size: c.vocab_size,
         hidden_size: c.hidden_size,

@@ -73,7 +73,7 @@ fn default_max_positions() -> usize {
 }
 
 /// The Llama network for a config: the other Llama-like families start from this.
-pub fn network(raw: &RawConfig, c: &LlamaConfig, family: &str) -> Result<ModelConfig> {
+pub fn network(raw: &RawConfig, c: &LlamaConfig, family: &'static str) -> Result<ModelConfig> {
     let (heads, kv, head_dim) = super::heads(raw, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim)?;
     let act = super::activation(raw, "hidden_act", &c.hidden_act)?;
     if act != Activation::Silu {
@@ -93,7 +93,7 @@ pub fn network(raw: &RawConfig, c: &LlamaConfig, family: &str) -> Result<ModelCo
         None,
     )?;
     Ok(ModelConfig {
-        family: super::Family::from_model_type(family).expect("a registered family"),
+        model_type: family,
         names: &NAMES,
         vocab_size: c.vocab_size,
         hidden_size: c.hidden_size,

@@ -232,6 +232,14 @@ impl Family {
     }
 }
 
+// Here rather than in config.rs, so that the config does not import the families that build it.
+impl ModelConfig {
+    /// The family this config was read as.
+    pub fn family(&self) -> Family {
+        Family::from_model_type(self.model_type).expect("a ModelConfig is built by a registered family")
+    }
+}
+
 /// serde defaults that several families' config structs share (transformers' own values).
 pub(crate) mod defaults {
     pub fn yes() -> bool {

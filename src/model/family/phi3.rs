@@ -71,7 +71,7 @@ pub fn config(raw: &RawConfig) -> Result<ModelConfig> {
         c.original_max_position_embeddings,
     )?;
     Ok(ModelConfig {
-        family: super::Family::from_model_type("phi3").expect("registered"),
+        model_type: "phi3",
         names: &NAMES,
         vocab_size: c.vocab_size,
         hidden_size: c.hidden_size,

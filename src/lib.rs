@@ -7,7 +7,6 @@
 pub mod adapter;
 pub mod backend;
 pub mod bench;
-pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod eval;

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::*;
-use tune::checkpoint::{self, EvalState};
 use tune::data::examples::Example;
 use tune::eval::{evaluate_examples, Window};
 use tune::recipe::Recipe;
+use tune::train::checkpoint::{self, EvalState};
 use tune::train::metrics::{self, StepMetrics};
 use tune::train::{self, Observer, Start};
 

@@ -54,7 +54,7 @@ fn report() -> serde_json::Value {
 }
 
 fn fingerprint(path: &Path) -> String {
-    tune::checkpoint::file_fingerprint(path).unwrap()
+    tune::train::checkpoint::file_fingerprint(path).unwrap()
 }
 
 /// Logits of one sequence.
@@ -398,7 +398,7 @@ fn run_exports_at_the_end_and_exports_resolve_from_runs_and_checkpoints() {
     };
     let base = "tests/fixtures/tiny/llama-tied";
     let with_adapter = eval(base, Some(&dir.join("adapter")));
-    let checkpoint = tune::checkpoint::list(&dir).pop().unwrap().dir;
+    let checkpoint = tune::train::checkpoint::list(&dir).pop().unwrap().dir;
     for adapter in [dir.clone(), checkpoint.clone(), dir.join("export/adapter")] {
         let loss = eval(base, Some(&adapter));
         assert!((loss - with_adapter).abs() <= 1e-6 * with_adapter, "--adapter {}: {loss} vs {with_adapter}", adapter.display());

@@ -115,7 +115,7 @@ fn sigint_then_resume_is_bit_identical() {
     let partial = read_metrics(&s.root.join("run"));
     assert!(partial.len() < STEPS, "the interrupt came too late to test anything");
     // The checkpoint is at the step the interrupt finished.
-    let last = tune::checkpoint::list(&s.root.join("run")).pop().unwrap();
+    let last = tune::train::checkpoint::list(&s.root.join("run")).pop().unwrap();
     assert_eq!(last.state.step, partial.len());
 
     let out = run_to_end(&s.recipe, &["--resume"]);
@@ -132,7 +132,7 @@ fn sigkill_then_resume_is_bit_identical_and_logs_each_step_once() {
     assert_ne!(out.status.code(), Some(0));
     let run = s.root.join("run");
     let logged = read_metrics(&run).len();
-    let found = tune::checkpoint::list(&run);
+    let found = tune::train::checkpoint::list(&run);
     assert!(found.len() <= 2, "keep_last: 2");
     let resume_step = found.last().expect("a periodic checkpoint exists").state.step;
     assert!(resume_step <= logged && resume_step.is_multiple_of(25));
@@ -169,7 +169,7 @@ fn resume_guards() {
 
     // Changing what only affects output or memory is fine; a damaged latest checkpoint is
     // skipped.
-    let latest = tune::checkpoint::list(&run).pop().unwrap();
+    let latest = tune::train::checkpoint::list(&run).pop().unwrap();
     assert_eq!(latest.state.step, 50);
     std::fs::remove_file(latest.dir.join(".complete")).unwrap();
     let out = run_to_end(&s.recipe, &["train.max_steps=50", "output.keep_last=5", "train.activation_checkpointing=true", "--resume"]);

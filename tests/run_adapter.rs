@@ -46,7 +46,8 @@ fn check_run_adapter(run_dir: &str, report: &str, dora: bool) {
     let base = tiny("llama-tied");
     let device = Default::default();
     let mut m: CausalLm<B> = model::load(&base, &device).unwrap();
-    let config = tune::peft::load_peft(&mut m, &tune::checkpoint::resolve_adapter_dir(&run.join(run_dir)).unwrap(), &device).unwrap();
+    let config =
+        tune::peft::load_peft(&mut m, &tune::train::checkpoint::resolve_adapter_dir(&run.join(run_dir)).unwrap(), &device).unwrap();
     assert_eq!(config.use_dora, dora);
     let tok = Tokenizer::from_model_dir(&base).unwrap();
     let data = run.join("data.jsonl");

@@ -66,7 +66,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut tokenizer = Tokenizer::from_model_dir(&args.model)?;
     if matches!(args.format, DataFormat::Chat | DataFormat::Sharegpt | DataFormat::PromptCompletion) {
         if let Some(adapter) = &args.adapter {
-            let dir = tune::checkpoint::resolve_adapter_dir(adapter)?;
+            let dir = tune::train::checkpoint::resolve_adapter_dir(adapter)?;
             if let Some((source, path)) = tune::hf::adapter_template::read(&dir)? {
                 tokenizer.set_chat_template(&source, &path.display().to_string())?;
             }

@@ -47,7 +47,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut tokenizer = Tokenizer::from_model_dir(&args.model)?;
     // An adapter's own chat template (the one it was trained with) wins over the model's.
     if let (Some(adapter), false) = (&args.adapter, args.raw) {
-        if let Some(path) = tokenizer.use_adapter_chat_template(&tune::checkpoint::resolve_adapter_dir(adapter)?)? {
+        if let Some(path) = tokenizer.use_adapter_chat_template(&tune::train::checkpoint::resolve_adapter_dir(adapter)?)? {
             eprintln!("chat template: {}", path.display());
         }
     }

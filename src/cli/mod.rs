@@ -74,7 +74,7 @@ fn load_model<B: tune::backend::Backend>(
     let opts = tune::model::LoadOptions { quantize, ..Default::default() };
     let mut model = tune::model::load_with(dir, device, &opts).with_context(|| format!("loading {}", dir.display()))?;
     if let Some(path) = adapter {
-        let adapter_dir = tune::checkpoint::resolve_adapter_dir(path)?;
+        let adapter_dir = tune::train::checkpoint::resolve_adapter_dir(path)?;
         let config = tune::peft::load_peft(&mut model, &adapter_dir, device)
             .with_context(|| format!("loading adapter {}", adapter_dir.display()))?;
         eprintln!(

@@ -192,7 +192,7 @@ impl Observer for Progress {
         self.println(format!("resuming from {} (step {step} of {total})", dir.display()));
     }
 
-    fn eval(&mut self, step: usize, report: &tune::eval::EvalReport, state: &tune::checkpoint::EvalState) {
+    fn eval(&mut self, step: usize, report: &tune::eval::EvalReport, state: &tune::train::checkpoint::EvalState) {
         let best = state.best_loss.unwrap_or(report.loss);
         let mark = if state.best_step == Some(step) {
             " (best)".to_string()

@@ -34,12 +34,12 @@ pub use peft::export_adapter;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::checkpoint;
 use crate::error::{Error, Result};
 use crate::hf::Weights;
 use crate::model::config::WeightLayout;
 use crate::model::ModelConfig;
 use crate::peft::{self as peft_format, AdapterConfig, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+use crate::train::checkpoint;
 
 /// Parses a shard size the way transformers' `max_shard_size` does: `5GB` (10⁹), `500MB`,
 /// `2GiB` (2³⁰), `100KB`, or a plain number of bytes.

@@ -1,6 +1,5 @@
 //! The recipe's dataset, tokenized into rows, and the order rows are visited in.
 
-use crate::checkpoint;
 use crate::data::batch::{pack, Batch, Row};
 use crate::data::examples::{build_full_example, detect_format, uses_chat_template, Example, ExampleOptions};
 use crate::data::{read_records, LengthSummary, Record};
@@ -8,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::hf::{adapter_template, ChatDate, Tokenizer};
 use crate::recipe::{DataFormat, Recipe};
 use crate::rng::Rng;
+use crate::train::checkpoint;
 
 pub struct Prepared {
     /// The format of the first source (see `sources` for each).

@@ -2,6 +2,7 @@
 //! calls live beside it (data order, one optimizer step, optimizer, schedule, metrics, data
 //! parallel).
 
+pub mod checkpoint;
 pub mod data;
 pub mod metrics;
 pub mod optimizer;
@@ -19,7 +20,6 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 
 use crate::adapter::LoraConfig;
-use crate::checkpoint;
 use crate::error::{Error, Result};
 use crate::hf::Tokenizer;
 use crate::model::{self, CausalLm, ModelConfig};

@@ -21,12 +21,12 @@ use crate::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use super::optimizer::AdamW;
 use crate::adapter::LoraConfig;
 use crate::error::{read_json, Error, Result};
 use crate::hf::Weights;
 use crate::model::CausalLm;
 use crate::peft;
-use crate::train::optimizer::AdamW;
 
 pub const FORMAT_VERSION: u32 = 1;
 const COMPLETE: &str = ".complete";

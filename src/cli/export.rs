@@ -54,6 +54,10 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let resolve = |p: &PathBuf| tune::recipe::resolve(p);
+    // A run directory exports its latest complete checkpoint; say which newer ones were passed over.
+    for why in tune::train::checkpoint::damaged(&resolve(&args.src)) {
+        eprintln!("warning: skipping {why}");
+    }
     let src = export::resolve_source(&resolve(&args.src))?;
     let base = export::base_dir(args.model.as_ref().map(resolve).as_deref(), &src.adapter_dir)?;
     // Shapes catch most wrong pairings; a same-shaped model needs the recorded name.

@@ -188,6 +188,10 @@ impl Observer for Progress {
         self.println(format!("checkpoint {} ({:.1} MB, {seconds:.2} s)", dir.display(), bytes as f64 / 1e6));
     }
 
+    fn skipped_checkpoint(&mut self, why: &tune::Error) {
+        self.println(format!("warning: skipping {why}"));
+    }
+
     fn resumed(&mut self, dir: &Path, step: usize, total: usize) {
         self.println(format!("resuming from {} (step {step} of {total})", dir.display()));
     }

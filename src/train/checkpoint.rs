@@ -251,37 +251,37 @@ pub fn open(dir: &Path) -> Result<Found> {
     Ok(Found { dir: dir.to_path_buf(), state })
 }
 
-/// Complete checkpoints of a run, oldest first. Damaged or partial ones are skipped with a
-/// warning on stderr.
+/// Complete checkpoints of a run, oldest first. Damaged or partial ones are left out;
+/// [`damaged`] says which and why.
 pub fn list(run_dir: &Path) -> Vec<Found> {
-    scan(run_dir, true)
+    scan(run_dir).0
 }
 
-/// The latest complete checkpoint of a run, as [`list`] finds it, without the warnings.
-pub fn latest_quietly(run_dir: &Path) -> Option<Found> {
-    scan(run_dir, false).pop()
+/// The checkpoint directories of a run that [`list`] leaves out, oldest first, each as the
+/// error opening it gave.
+pub fn damaged(run_dir: &Path) -> Vec<Error> {
+    scan(run_dir).1
 }
 
-fn scan(run_dir: &Path, warn: bool) -> Vec<Found> {
+fn scan(run_dir: &Path) -> (Vec<Found>, Vec<Error>) {
     let Ok(entries) = std::fs::read_dir(checkpoints_dir(run_dir)) else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
-    let mut found: Vec<Found> = entries
+    let mut dirs: Vec<PathBuf> = entries
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step_")))
-        .filter_map(|p| match open(&p) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                if warn {
-                    eprintln!("warning: skipping {e}");
-                }
-                None
-            }
-        })
         .collect();
+    dirs.sort();
+    let (mut found, mut damaged) = (Vec::new(), Vec::new());
+    for dir in dirs {
+        match open(&dir) {
+            Ok(f) => found.push(f),
+            Err(e) => damaged.push(e),
+        }
+    }
     found.sort_by_key(|f| f.state.step);
-    found
+    (found, damaged)
 }
 
 /// Total size of the files under a directory.

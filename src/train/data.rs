@@ -115,7 +115,7 @@ pub fn tokenizer(recipe: &Recipe, chat_date: ChatDate) -> Result<Tokenizer> {
 pub fn chat_date(recipe: &Recipe, start: &super::Start) -> ChatDate {
     let state = match start {
         super::Start::Resume(Some(dir)) => checkpoint::open(dir).ok().map(|f| f.state),
-        super::Start::Resume(None) => checkpoint::latest_quietly(&recipe.output.dir).map(|f| f.state),
+        super::Start::Resume(None) => checkpoint::list(&recipe.output.dir).pop().map(|f| f.state),
         super::Start::Fresh | super::Start::Overwrite => None,
     };
     state.and_then(|s| s.chat_date).unwrap_or_else(ChatDate::today)

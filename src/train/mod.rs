@@ -138,6 +138,8 @@ pub trait Observer {
     fn checkpoint(&mut self, _dir: &Path, _bytes: u64, _seconds: f64) {}
     /// A run continues from the checkpoint `dir`, after `step` of `total` steps.
     fn resumed(&mut self, _dir: &Path, _step: usize, _total: usize) {}
+    /// A resume passed over a damaged or partial checkpoint (an interrupted save), for `why`.
+    fn skipped_checkpoint(&mut self, _why: &Error) {}
     /// The dataset as read, before the first step: its sources, and how many records were
     /// truncated or skipped (no labelled token left after truncation).
     fn dataset(&mut self, _data: &Prepared) {}
@@ -266,6 +268,11 @@ where
         }
         Some(found) => {
             let resumed = resume(recipe, &dataset_hash, eval_dataset_hash.as_deref(), found, &mut model, &mut opt, &paths, &device)?;
+            if matches!(start, Start::Resume(None)) {
+                for why in checkpoint::damaged(&paths.dir) {
+                    observer.skipped_checkpoint(&why);
+                }
+            }
             observer.resumed(&found.dir, resumed.0, found.state.total_steps);
             resumed
         }

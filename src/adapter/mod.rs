@@ -95,6 +95,16 @@ impl<B: Backend> LoraAdapter<B> {
     }
 }
 
+impl<B: Backend + burn::tensor::backend::AutodiffBackend> LoraAdapter<B> {
+    /// The same values as leaves that do not require gradients, so a forward pass through them
+    /// records no graph. (`detach` would not do: burn keeps a detached leaf's `require_grad`.)
+    pub fn untracked(&mut self) {
+        self.a = Tensor::from_inner(self.a.clone().inner());
+        self.b = Tensor::from_inner(self.b.clone().inner());
+        self.magnitude = self.magnitude.take().map(|m| Tensor::from_inner(m.inner()));
+    }
+}
+
 /// Which masks a forward pass draws: those of a micro-batch seeded with `seed`, for its rows
 /// `first_row..first_row + rows`. One device holds every row (`first_row` 0); a data-parallel
 /// replica holds a slice, and draws exactly the part of the whole batch's masks its rows would

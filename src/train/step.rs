@@ -5,7 +5,7 @@
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::adapter::DropoutDraw;
+use crate::adapter::{DropoutDraw, LoraAdapter};
 use crate::backend::Backend;
 use crate::data::batch::Batch;
 use crate::eval::token_nll;
@@ -152,16 +152,10 @@ pub fn loss_and_grads<B: AutodiffBackend<InnerBackend: Backend> + Backend>(
 }
 
 /// A copy of the layer whose adapters do not require gradients, so its forward pass records
-/// no graph. (`detach` would not do: burn keeps a detached leaf's `require_grad`.)
+/// no graph.
 fn without_grad<B: AutodiffBackend + Backend>(layer: &Block<B>) -> Block<B> {
     let mut layer = layer.clone();
-    for p in layer.linears_mut() {
-        if let Some(l) = p.adapter.as_mut() {
-            l.a = Tensor::from_inner(l.a.clone().inner());
-            l.b = Tensor::from_inner(l.b.clone().inner());
-            l.magnitude = l.magnitude.take().map(|m| Tensor::from_inner(m.inner()));
-        }
-    }
+    layer.linears_mut().into_iter().filter_map(|p| p.adapter.as_mut()).for_each(LoraAdapter::untracked);
     layer
 }
 
@@ -170,13 +164,9 @@ fn without_grad<B: AutodiffBackend + Backend>(layer: &Block<B>) -> Block<B> {
 /// ones `tune eval` runs), and no dropout seed, so nothing is dropped.
 pub fn for_eval<B: AutodiffBackend + Backend>(model: &CausalLm<B>) -> CausalLm<B> {
     let mut model = model.clone();
-    for p in model.linears_mut() {
-        if let Some(l) = p.adapter.as_mut() {
-            l.a = Tensor::from_inner(l.a.clone().inner());
-            l.b = Tensor::from_inner(l.b.clone().inner());
-            l.magnitude = l.magnitude.take().map(|m| Tensor::from_inner(m.inner()));
-            l.dropout_draw = None;
-        }
+    for l in model.linears_mut().into_iter().filter_map(|p| p.adapter.as_mut()) {
+        l.untracked();
+        l.dropout_draw = None;
     }
     model
 }

@@ -152,3 +152,65 @@ fn tune_run_on_wgpu_trains_as_the_cpu_does() {
     assert!(worst.0 <= 0.1 * lr, "{}: max |Δ| {:e} is over a tenth of one AdamW step (lr {lr})", worst.1, worst.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every file under `dir`, with its bytes, in path order.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                out.push((path.strip_prefix(dir).unwrap().to_path_buf(), bytes));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A GPU start keeps what it learns in tune's own cache, one directory per GPU: the first
+/// `tune bench --device wgpu` writes its autotune results under `$TUNE_CUBECL_CACHE/<gpu name>`
+/// (and not where cubecl would put them by default: a Cargo `target/` or `~/.cache/cubecl`), and
+/// a second start finds them all and tunes nothing again (cubecl appends a line for each result
+/// it tunes).
+#[test]
+#[ignore = "needs a Vulkan/Metal/DX12 device (lavapipe: apt-get install mesa-vulkan-drivers libvulkan1); scripts/test.sh runs it"]
+fn a_second_wgpu_start_finds_the_first_ones_autotune_results() {
+    let dir = scratch("warm-start");
+    let (cache, home, cwd) = (dir.join("cache"), dir.join("home"), dir.join("cwd"));
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::create_dir_all(&cwd).unwrap();
+    let bench = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_tune"))
+            .current_dir(&cwd)
+            .env("HOME", &home)
+            .env("TUNE_CUBECL_CACHE", &cache)
+            .args(["bench", "--device", "wgpu", "--model"])
+            .arg(tiny("llama"))
+            .args(["--seq", "8", "--batch", "1", "--rank", "2", "--steps", "1", "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "tune bench --device wgpu: {}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        report["to_first_step_s"].as_f64().unwrap()
+    };
+    let cold = bench();
+    let gpus: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(gpus.len(), 1, "one directory for the one GPU: {gpus:?}");
+    let first = files_under(&cache);
+    let tuned: Vec<_> = first.iter().filter(|(p, bytes)| p.to_string_lossy().contains("autotune") && !bytes.is_empty()).collect();
+    assert!(!tuned.is_empty(), "no autotune results under {}: {:?}", cache.display(), first.iter().map(|f| &f.0).collect::<Vec<_>>());
+    assert!(!home.join(".cache/cubecl").exists(), "cubecl's default cache was written too");
+    assert!(!cwd.join("target").exists(), "cubecl's default cache was written too");
+    let warm = bench();
+    let second = files_under(&cache);
+    let names = |f: &[(PathBuf, Vec<u8>)]| f.iter().map(|(p, b)| (p.clone(), b.len())).collect::<Vec<_>>();
+    assert_eq!(names(&second), names(&first), "the warm start tuned again");
+    assert!(second == first, "the warm start rewrote the cache");
+    eprintln!("to the first step: cold {cold:.2} s, warm {warm:.2} s ({} autotune files)", tuned.len());
+    let _ = std::fs::remove_dir_all(&dir);
+}

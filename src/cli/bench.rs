@@ -34,6 +34,11 @@ pub struct Args {
     /// Print one JSON line.
     #[arg(long)]
     json: bool,
+    /// On a GPU: run the bench twice, in two processes sharing a fresh kernel cache, and report
+    /// the time to the first step of a cold start (kernels compiled and autotuned) and of a warm
+    /// one (both found in the cache).
+    #[arg(long, conflicts_with = "json")]
+    cold_and_warm: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -59,14 +64,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         quantize: args.quantize,
         activation_checkpointing: args.activation_checkpointing,
     };
+    if args.cold_and_warm {
+        return cold_and_warm(&args, &model);
+    }
     let report = tune::with_backend!(args.device, bench_on(&model, &config))?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        println!("| model | backend | dtype | quantize | seq | batch | rank | checkpointing | tokens/s | median step s | peak RSS MiB |");
-        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("| model | backend | dtype | quantize | seq | batch | rank | checkpointing | tokens/s | median step s | peak RSS MiB | to first step s |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {:.0} | {:.2} |",
             model.file_name().unwrap_or_default().to_string_lossy(),
             report.backend,
             report.dtype,
@@ -77,7 +85,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             if report.activation_checkpointing { "on" } else { "off" },
             report.tokens_per_s,
             report.step_s_median,
-            report.peak_rss_mib
+            report.peak_rss_mib,
+            report.to_first_step_s
         );
     }
     Ok(())
@@ -89,4 +98,54 @@ fn bench_on<B: tune::backend::Backend>(
     config: &BenchConfig,
 ) -> tune::Result<bench::BenchReport> {
     bench::run::<B>(device, model, config)
+}
+
+/// Two child processes of this same command line, with `--json` and a fresh
+/// `TUNE_CUBECL_CACHE`: the first starts cold, the second finds the first's kernels.
+fn cold_and_warm(args: &Args, model: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if args.device == DeviceKind::Cpu {
+        anyhow::bail!("--cold-and-warm: only a GPU device (--device cuda or wgpu) compiles and autotunes kernels at start-up");
+    }
+    args.device.check_available()?;
+    let root = tune::backend::cubecl_config::cache_root()?.join(format!("bench-cold-{}", std::process::id()));
+    if root.exists() {
+        std::fs::remove_dir_all(&root).with_context(|| format!("removing the old bench cache {}", root.display()))?;
+    }
+    let exe = std::env::current_exe().context("finding the tune executable")?;
+    let child_args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--cold-and-warm").chain(["--json".to_string()]).collect();
+    let mut rows = Vec::new();
+    for start in ["cold", "warm"] {
+        let out = std::process::Command::new(&exe)
+            .args(&child_args)
+            .env("TUNE_CUBECL_CACHE", &root)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("running {}", exe.display()))?;
+        if !out.status.success() {
+            let _ = std::fs::remove_dir_all(&root);
+            anyhow::bail!("the {start} bench run failed ({})", out.status);
+        }
+        let line = String::from_utf8_lossy(&out.stdout);
+        let report: serde_json::Value =
+            serde_json::from_str(line.trim()).with_context(|| format!("the {start} bench run printed {line:?}, not one JSON line"))?;
+        rows.push((start, report));
+    }
+    std::fs::remove_dir_all(&root).with_context(|| format!("removing the bench cache {}", root.display()))?;
+    println!("| model | backend | start | to first step s | load s | tokens/s | median step s | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (start, r) in rows {
+        let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "| {} | {} | {start} | {:.2} | {:.2} | {:.1} | {:.3} | {:.0} |",
+            model.file_name().unwrap_or_default().to_string_lossy(),
+            r["backend"].as_str().unwrap_or(""),
+            f("to_first_step_s"),
+            f("load_s"),
+            f("tokens_per_s"),
+            f("step_s_median"),
+            f("peak_rss_mib"),
+        );
+    }
+    Ok(())
 }

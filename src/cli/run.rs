@@ -39,6 +39,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         eprintln!("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to quit at once)");
     })?;
+    if let Some(caches) = tune::backend::cubecl_config::configure(recipe.device)? {
+        eprintln!("GPU kernel caches for {}: {}", caches.gpu, caches.dir.display());
+    }
     let summary = match recipe.device {
         tune::backend::DeviceKind::Cpu => train::train::<tune::backend::Cpu>(&recipe, start, &mut progress)?,
         #[cfg(feature = "cuda")]

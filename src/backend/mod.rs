@@ -2,6 +2,8 @@
 //! tune's fused ops); this module picks the concrete types and dispatches a generic function on
 //! the device the user asked for.
 
+pub mod cubecl_config;
+
 use crate::error::{Error, Result};
 
 /// A burn backend with tune's fused operations ([`crate::ops`]): what the model is generic over.
@@ -62,7 +64,8 @@ impl DeviceKind {
     }
 }
 
-/// Calls `$f::<Backend>(device, args...)` for the chosen device kind.
+/// Calls `$f::<Backend>(device, args...)` for the chosen device kind; on a GPU, after pointing
+/// cubecl's caches at tune's ([`cubecl_config`]).
 #[macro_export]
 macro_rules! with_backend {
     ($kind:expr, $f:ident ( $($arg:expr),* $(,)? )) => {{
@@ -72,15 +75,21 @@ macro_rules! with_backend {
                 $f::<$crate::backend::Cpu>(&device, $($arg),*)
             }
             #[cfg(feature = "cuda")]
-            $crate::backend::DeviceKind::Cuda => {
-                let device = Default::default();
-                $f::<$crate::backend::Cuda>(&device, $($arg),*)
-            }
+            $crate::backend::DeviceKind::Cuda => match $crate::backend::cubecl_config::configure($kind) {
+                Err(e) => Err(e.into()),
+                Ok(_) => {
+                    let device = Default::default();
+                    $f::<$crate::backend::Cuda>(&device, $($arg),*)
+                }
+            },
             #[cfg(feature = "wgpu")]
-            $crate::backend::DeviceKind::Wgpu => {
-                let device = Default::default();
-                $f::<$crate::backend::Wgpu>(&device, $($arg),*)
-            }
+            $crate::backend::DeviceKind::Wgpu => match $crate::backend::cubecl_config::configure($kind) {
+                Err(e) => Err(e.into()),
+                Ok(_) => {
+                    let device = Default::default();
+                    $f::<$crate::backend::Wgpu>(&device, $($arg),*)
+                }
+            },
             #[allow(unreachable_patterns)]
             kind => Err(kind.check_available().expect_err("a device without its feature").into()),
         }

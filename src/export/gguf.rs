@@ -452,21 +452,11 @@ fn tensor_type(name: &str, ne: &[u64], ty: GgufType) -> GgmlType {
     {
         return GgmlType::F32;
     }
+    // Only f16, bf16 and q8_0 reach here (q4_k_m's mix is chosen in gguf/mix.rs). The converter
+    // writes f16 where a row is not a whole number of q8_0 blocks.
     let t = ty.base_type();
     if ne[0].is_multiple_of(t.block_size() as u64) {
-        return t;
-    }
-    // llama-quantize's fallbacks for k-quants on rows that are not a multiple of 256; the
-    // converter writes f16 where q8_0 does not fit.
-    let fallback = match t {
-        GgmlType::Q4_K => GgmlType::Q5_0,
-        GgmlType::Q5_K => GgmlType::Q5_1,
-        GgmlType::Q6_K => GgmlType::Q8_0,
-        GgmlType::Q2_K | GgmlType::Q3_K => GgmlType::IQ4_NL,
-        _ => GgmlType::F16,
-    };
-    if ne[0].is_multiple_of(fallback.block_size() as u64) {
-        fallback
+        t
     } else {
         GgmlType::F16
     }

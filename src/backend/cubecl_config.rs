@@ -56,11 +56,6 @@ pub fn configure(kind: DeviceKind) -> Result<Option<GpuCaches>> {
     CONFIGURED.get_or_init(|| set_up(kind).map_err(|e| e.to_string())).clone().map_err(Error::Unsupported)
 }
 
-/// The caches set up in this process, if any.
-pub fn configured() -> Option<GpuCaches> {
-    CONFIGURED.get().and_then(|c| c.clone().ok().flatten())
-}
-
 /// A GPU name as one directory name: letters, digits, `.`, `-` and `_`, the rest as `_`.
 pub fn dir_name(gpu: &str) -> String {
     let mut out = String::new();
@@ -150,9 +145,7 @@ fn wgpu_name() -> Result<String> {
     let wanted = std::env::var("CUBECL_WGPU_DEFAULT_DEVICE").ok();
     let adapter = match wanted.as_deref().and_then(override_type) {
         Some((kind, index)) => {
-            let adapters: Vec<_> =
-                block_on(instance.enumerate_adapters(backend.into())).into_iter().filter(|a| a.get_info().device_type == kind).collect();
-            adapters.into_iter().nth(index)
+            block_on(instance.enumerate_adapters(backend.into())).into_iter().filter(|a| a.get_info().device_type == kind).nth(index)
         }
         None => block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
             power_preference: wgpu::PowerPreference::HighPerformance,

@@ -68,6 +68,16 @@ impl DeviceKind {
 /// cubecl's caches at tune's ([`cubecl_config`]).
 #[macro_export]
 macro_rules! with_backend {
+    // First: a `@gpu` call must not reach the public rule, whose `$kind:expr` cannot parse `@`.
+    (@gpu $kind:expr, $backend:ty, $f:ident ( $($arg:expr),* )) => {
+        match $crate::backend::cubecl_config::configure($kind) {
+            Err(e) => Err(e.into()),
+            Ok(_) => {
+                let device = Default::default();
+                $f::<$backend>(&device, $($arg),*)
+            }
+        }
+    };
     ($kind:expr, $f:ident ( $($arg:expr),* $(,)? )) => {{
         match $kind {
             $crate::backend::DeviceKind::Cpu => {
@@ -75,21 +85,9 @@ macro_rules! with_backend {
                 $f::<$crate::backend::Cpu>(&device, $($arg),*)
             }
             #[cfg(feature = "cuda")]
-            $crate::backend::DeviceKind::Cuda => match $crate::backend::cubecl_config::configure($kind) {
-                Err(e) => Err(e.into()),
-                Ok(_) => {
-                    let device = Default::default();
-                    $f::<$crate::backend::Cuda>(&device, $($arg),*)
-                }
-            },
+            $crate::backend::DeviceKind::Cuda => $crate::with_backend!(@gpu $kind, $crate::backend::Cuda, $f($($arg),*)),
             #[cfg(feature = "wgpu")]
-            $crate::backend::DeviceKind::Wgpu => match $crate::backend::cubecl_config::configure($kind) {
-                Err(e) => Err(e.into()),
-                Ok(_) => {
-                    let device = Default::default();
-                    $f::<$crate::backend::Wgpu>(&device, $($arg),*)
-                }
-            },
+            $crate::backend::DeviceKind::Wgpu => $crate::with_backend!(@gpu $kind, $crate::backend::Wgpu, $f($($arg),*)),
             #[allow(unreachable_patterns)]
             kind => Err(kind.check_available().expect_err("a device without its feature").into()),
         }

@@ -263,7 +263,8 @@ pub fn damaged(run_dir: &Path) -> Vec<Error> {
     scan(run_dir).1
 }
 
-fn scan(run_dir: &Path) -> (Vec<Found>, Vec<Error>) {
+/// [`list`] and [`damaged`] from one pass over the run's checkpoint directories.
+pub fn scan(run_dir: &Path) -> (Vec<Found>, Vec<Error>) {
     let Ok(entries) = std::fs::read_dir(checkpoints_dir(run_dir)) else {
         return (Vec::new(), Vec::new());
     };

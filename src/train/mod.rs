@@ -246,7 +246,7 @@ where
     let eval_dataset_hash = recipe.dataset.eval_path.as_deref().map(checkpoint::file_fingerprint).transpose()?;
 
     // 0. The run directory: fresh, overwritten, or resumed from a checkpoint.
-    let resume_from = prepare_run_dir(&paths, &start)?;
+    let (resume_from, skipped) = prepare_run_dir(&paths, &start)?;
     std::fs::create_dir_all(&paths.dir).map_err(|e| Error::io(&paths.dir, e))?;
 
     // 1. The frozen base model with LoRA adapters, and AdamW over the adapters only.
@@ -268,10 +268,8 @@ where
         }
         Some(found) => {
             let resumed = resume(recipe, &dataset_hash, eval_dataset_hash.as_deref(), found, &mut model, &mut opt, &paths, &device)?;
-            if matches!(start, Start::Resume(None)) {
-                for why in checkpoint::damaged(&paths.dir) {
-                    observer.skipped_checkpoint(&why);
-                }
+            for why in &skipped {
+                observer.skipped_checkpoint(why);
             }
             observer.resumed(&found.dir, resumed.0, found.state.total_steps);
             resumed
@@ -429,15 +427,16 @@ where
     })
 }
 
-/// Applies the `Start` policy to the run directory; returns the checkpoint to resume from.
-fn prepare_run_dir(paths: &RunPaths, start: &Start) -> Result<Option<checkpoint::Found>> {
+/// Applies the `Start` policy to the run directory; returns the checkpoint to resume from and,
+/// when that is the latest complete one, the damaged checkpoints the search passed over.
+fn prepare_run_dir(paths: &RunPaths, start: &Start) -> Result<(Option<checkpoint::Found>, Vec<Error>)> {
     let has_run = paths.metrics.exists() || checkpoint::any(&paths.dir);
     match start {
         Start::Fresh if has_run => Err(Error::Unsupported(format!(
             "{} already holds a run; continue it with `tune run RECIPE --resume`, or replace it with --overwrite",
             paths.dir.display()
         ))),
-        Start::Fresh => Ok(None),
+        Start::Fresh => Ok((None, Vec::new())),
         Start::Overwrite => {
             for p in [&paths.metrics, &paths.report, &paths.recipe] {
                 let _ = std::fs::remove_file(p);
@@ -447,14 +446,12 @@ fn prepare_run_dir(paths: &RunPaths, start: &Start) -> Result<Option<checkpoint:
                     std::fs::remove_dir_all(&d).map_err(|e| Error::io(&d, e))?;
                 }
             }
-            Ok(None)
+            Ok((None, Vec::new()))
         }
-        Start::Resume(Some(dir)) => checkpoint::open(dir).map(Some),
-        Start::Resume(None) => match checkpoint::list(&paths.dir).pop() {
-            Some(found) => Ok(Some(found)),
-            None => {
-                Err(Error::Model(format!("{}: no complete checkpoint to resume from", checkpoint::checkpoints_dir(&paths.dir).display())))
-            }
+        Start::Resume(Some(dir)) => Ok((Some(checkpoint::open(dir)?), Vec::new())),
+        Start::Resume(None) => match checkpoint::scan(&paths.dir) {
+            (mut complete, damaged) if !complete.is_empty() => Ok((complete.pop(), damaged)),
+            _ => Err(Error::Model(format!("{}: no complete checkpoint to resume from", checkpoint::checkpoints_dir(&paths.dir).display()))),
         },
     }
 }

@@ -18,6 +18,7 @@ pub type Cpu = burn::backend::Flex;
 pub type Cpu = burn::backend::NdArray;
 
 #[cfg(feature = "cuda")]
+/// CUDA GPUs: burn-cuda's CubeBackend, without fusion (Cargo.toml says why).
 pub type Cuda = burn_cuda::Cuda;
 
 /// Vulkan, Metal or DX12 through wgpu (burn-wgpu's CubeBackend, without fusion), f32 only:

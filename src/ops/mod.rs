@@ -8,13 +8,16 @@
 //! written out, which keeps only its inputs (and, for attention, one log-sum-exp per query).
 //!
 //! [`FusedOps`] is a burn backend extension. Its default methods are plain burn tensor ops, so
-//! every backend (burn-ndarray, CUDA) runs them; [`cpu`] overrides them for burn-flex with
-//! kernels on the raw buffers, and [`autodiff`] gives every backend the backward passes. The
-//! defaults double as the reference the kernels are tested against.
+//! every backend (burn-ndarray) runs them; [`cpu`] overrides them for burn-flex with kernels on
+//! the raw buffers, `cube` for CUDA and wgpu with CubeCL kernels, and [`autodiff`] gives every
+//! backend the backward passes. The defaults double as the reference the kernels are tested
+//! against.
 
 pub mod autodiff;
 pub mod bf16;
 pub mod cpu;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub mod cube;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{BoolTensor, FloatTensor};
@@ -676,12 +679,6 @@ fn logsumexp<B: Backend>(scores: Tensor<B, 4>) -> Tensor<B, 4> {
 }
 
 impl FusedOps for burn::backend::NdArray {}
-
-#[cfg(feature = "cuda")]
-impl FusedOps for burn_cuda::Cuda {}
-
-#[cfg(feature = "wgpu")]
-impl FusedOps for burn_wgpu::Wgpu {}
 
 #[cfg(test)]
 mod tests;

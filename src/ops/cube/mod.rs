@@ -1,0 +1,279 @@
+//! The fused operations on burn's CubeCL backends, CUDA and wgpu: [`FusedOps`] for
+//! `CubeBackend<R, ..>` over any runtime R, with the kernels in [`kernels`].
+//!
+//! The norms, the rotary embedding and the MLPs' activations are one kernel each way, reading
+//! their inputs once instead of through burn's chain of element-wise ops (each a kernel launch
+//! and a tensor in memory). The other operations keep the generic defaults of [`FusedOps`].
+//!
+//! tune runs these backends without burn's fusion (see Cargo.toml), so the kernels register on
+//! `CubeBackend` directly and fusion's open wrong-result bugs cannot reach them.
+
+mod kernels;
+#[cfg(all(test, feature = "wgpu"))]
+mod tests;
+
+use burn::tensor::{DType, Shape};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use cubecl::prelude::*;
+use cubecl_runtime::server::CubeCountSelection;
+
+use super::{Activation, FusedOps};
+
+/// Units per cube for the row kernels: a power of two, at most what the device allows.
+fn row_block<R: CubeRuntime>(client: &ComputeClient<R>) -> usize {
+    let max = client.properties().hardware.max_units_per_cube.clamp(1, 256);
+    1 << (31 - max.leading_zeros())
+}
+
+/// One cube per row; the device may give more cubes than asked, which the kernels skip.
+fn row_launch<R: CubeRuntime>(client: &ComputeClient<R>, rows: usize) -> (CubeCount, CubeDim, usize) {
+    let block = row_block(client);
+    let count = CubeCountSelection::new(client, rows as u32).cube_count();
+    (count, CubeDim::new_1d(block as u32), block)
+}
+
+/// One unit per element.
+fn elementwise_launch<R: CubeRuntime>(client: &ComputeClient<R>, len: usize) -> (CubeCount, CubeDim) {
+    let dim = CubeDim::new(client, len);
+    (cubecl::calculate_cube_count_elemwise(client, len, dim), dim)
+}
+
+fn empty_like<R: CubeRuntime>(x: &CubeTensor<R>, shape: Shape) -> CubeTensor<R> {
+    empty_device_dtype(x.client.clone(), x.device.clone(), shape, x.dtype)
+}
+
+/// `[n, d]` of a 2-d tensor, with a message naming the operation otherwise.
+fn rows_and_width<R: CubeRuntime>(x: &CubeTensor<R>, what: &str) -> (usize, usize) {
+    let shape = x.meta.shape();
+    assert!(shape.num_dims() == 2, "{what}: expected a [rows, width] tensor, got {shape:?}");
+    (shape[0], shape[1])
+}
+
+fn storage(dtype: DType) -> StorageType {
+    dtype.into()
+}
+
+/// The comptime code of an activation in [`kernels`].
+fn activation_code(act: Activation) -> u32 {
+    match act {
+        Activation::Silu => 0,
+        Activation::GeluTanh => 1,
+        Activation::Gelu => 2,
+    }
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps for CubeBackend<R, F, I, BT> {
+    fn rms_norm_forward(x: CubeTensor<R>, w: CubeTensor<R>, eps: f64) -> (CubeTensor<R>, CubeTensor<R>) {
+        let (x, w) = (into_contiguous(x), into_contiguous(w));
+        let (rows, d) = rows_and_width(&x, "rms_norm");
+        let out = empty_like(&x, Shape::new([rows, d]));
+        let rstd = empty_like(&x, Shape::new([rows, 1]));
+        let (count, dim, block) = row_launch(&x.client, rows);
+        let dtypes = [storage(x.dtype), storage(w.dtype)];
+        kernels::rms_norm_forward::launch::<R>(
+            &x.client.clone(),
+            count,
+            dim,
+            x.into_tensor_arg(),
+            w.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            rstd.clone().into_tensor_arg(),
+            rows,
+            d,
+            eps as f32,
+            block,
+            dtypes,
+        );
+        (out, rstd)
+    }
+
+    fn rms_norm_backward(x: CubeTensor<R>, w: CubeTensor<R>, rstd: CubeTensor<R>, grad: CubeTensor<R>) -> CubeTensor<R> {
+        let (x, w, rstd, grad) = (into_contiguous(x), into_contiguous(w), into_contiguous(rstd), into_contiguous(grad));
+        let (rows, d) = rows_and_width(&x, "rms_norm_backward");
+        let dx = empty_like(&x, Shape::new([rows, d]));
+        let (count, dim, block) = row_launch(&x.client, rows);
+        let dtypes = [storage(x.dtype), storage(w.dtype)];
+        kernels::rms_norm_backward::launch::<R>(
+            &x.client.clone(),
+            count,
+            dim,
+            x.into_tensor_arg(),
+            w.into_tensor_arg(),
+            rstd.into_tensor_arg(),
+            grad.into_tensor_arg(),
+            dx.clone().into_tensor_arg(),
+            rows,
+            d,
+            block,
+            dtypes,
+        );
+        dx
+    }
+
+    fn layer_norm_forward(x: CubeTensor<R>, w: CubeTensor<R>, b: CubeTensor<R>, eps: f64) -> (CubeTensor<R>, CubeTensor<R>) {
+        let (x, w, b) = (into_contiguous(x), into_contiguous(w), into_contiguous(b));
+        assert_eq!(w.dtype, b.dtype, "layer_norm: weight {:?} and bias {:?}", w.dtype, b.dtype);
+        let (rows, d) = rows_and_width(&x, "layer_norm");
+        let out = empty_like(&x, Shape::new([rows, d]));
+        let stats = empty_like(&x, Shape::new([rows, 2]));
+        let (count, dim, block) = row_launch(&x.client, rows);
+        let dtypes = [storage(x.dtype), storage(w.dtype)];
+        kernels::layer_norm_forward::launch::<R>(
+            &x.client.clone(),
+            count,
+            dim,
+            x.into_tensor_arg(),
+            w.into_tensor_arg(),
+            b.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            stats.clone().into_tensor_arg(),
+            rows,
+            d,
+            eps as f32,
+            block,
+            dtypes,
+        );
+        (out, stats)
+    }
+
+    fn layer_norm_backward(x: CubeTensor<R>, w: CubeTensor<R>, stats: CubeTensor<R>, grad: CubeTensor<R>) -> CubeTensor<R> {
+        let (x, w, stats, grad) = (into_contiguous(x), into_contiguous(w), into_contiguous(stats), into_contiguous(grad));
+        let (rows, d) = rows_and_width(&x, "layer_norm_backward");
+        let dx = empty_like(&x, Shape::new([rows, d]));
+        let (count, dim, block) = row_launch(&x.client, rows);
+        let dtypes = [storage(x.dtype), storage(w.dtype)];
+        kernels::layer_norm_backward::launch::<R>(
+            &x.client.clone(),
+            count,
+            dim,
+            x.into_tensor_arg(),
+            w.into_tensor_arg(),
+            stats.into_tensor_arg(),
+            grad.into_tensor_arg(),
+            dx.clone().into_tensor_arg(),
+            rows,
+            d,
+            block,
+            dtypes,
+        );
+        dx
+    }
+
+    fn fused_rope(x: CubeTensor<R>, cos: CubeTensor<R>, sin: CubeTensor<R>) -> CubeTensor<R> {
+        let (x, cos, sin) = (into_contiguous(x), into_contiguous(cos), into_contiguous(sin));
+        let (xs, ts) = (x.meta.shape().clone(), cos.meta.shape().clone());
+        assert!(
+            xs.num_dims() == 4 && ts.num_dims() == 4 && (ts[0] == 1 || ts[0] == xs[0]) && ts[1] == xs[1] && ts[2] == 1,
+            "rope: x {xs:?} with tables {ts:?} (expected [b, s, h, d] and [b or 1, s, 1, r])"
+        );
+        let (r, d) = (ts[3], xs[3]);
+        assert!(r <= d && r % 2 == 0, "rope: {r} rotary dimensions of a head of {d}");
+        let len = xs.num_elements();
+        let out = empty_like(&x, xs.clone());
+        let (count, dim) = elementwise_launch(&x.client, len);
+        let dtypes = [storage(x.dtype), storage(cos.dtype)];
+        kernels::rope::launch::<R>(
+            &x.client.clone(),
+            count,
+            dim,
+            x.into_tensor_arg(),
+            cos.into_tensor_arg(),
+            sin.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            len,
+            xs[1],
+            xs[2],
+            d,
+            r,
+            ts[0],
+            dtypes,
+        );
+        out
+    }
+
+    fn fused_glu(gate: CubeTensor<R>, up: CubeTensor<R>, act: Activation) -> CubeTensor<R> {
+        let (gate, up) = (into_contiguous(gate), into_contiguous(up));
+        assert_eq!(gate.meta.shape(), up.meta.shape(), "glu: gate and up");
+        let len = gate.meta.shape().num_elements();
+        let out = empty_like(&gate, gate.meta.shape().clone());
+        let (count, dim) = elementwise_launch(&gate.client, len);
+        let dtype = storage(gate.dtype);
+        kernels::glu::launch::<R>(
+            &gate.client.clone(),
+            count,
+            dim,
+            gate.into_tensor_arg(),
+            up.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            len,
+            activation_code(act),
+            dtype,
+        );
+        out
+    }
+
+    fn glu_backward(gate: CubeTensor<R>, up: CubeTensor<R>, act: Activation, grad: CubeTensor<R>) -> (CubeTensor<R>, CubeTensor<R>) {
+        let (gate, up, grad) = (into_contiguous(gate), into_contiguous(up), into_contiguous(grad));
+        let shape = gate.meta.shape().clone();
+        let len = shape.num_elements();
+        let (d_gate, d_up) = (empty_like(&gate, shape.clone()), empty_like(&gate, shape));
+        let (count, dim) = elementwise_launch(&gate.client, len);
+        let dtype = storage(gate.dtype);
+        kernels::glu_backward::launch::<R>(
+            &gate.client.clone(),
+            count,
+            dim,
+            gate.into_tensor_arg(),
+            up.into_tensor_arg(),
+            grad.into_tensor_arg(),
+            d_gate.clone().into_tensor_arg(),
+            d_up.clone().into_tensor_arg(),
+            len,
+            activation_code(act),
+            dtype,
+        );
+        (d_gate, d_up)
+    }
+
+    fn fused_activation(x: CubeTensor<R>, act: Activation) -> CubeTensor<R> {
+        let x = into_contiguous(x);
+        let len = x.meta.shape().num_elements();
+        let out = empty_like(&x, x.meta.shape().clone());
+        let (count, dim) = elementwise_launch(&x.client, len);
+        let dtype = storage(x.dtype);
+        kernels::activation::launch::<R>(
+            &x.client.clone(),
+            count,
+            dim,
+            x.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            len,
+            activation_code(act),
+            dtype,
+        );
+        out
+    }
+
+    fn activation_backward(x: CubeTensor<R>, act: Activation, grad: CubeTensor<R>) -> CubeTensor<R> {
+        let (x, grad) = (into_contiguous(x), into_contiguous(grad));
+        let len = x.meta.shape().num_elements();
+        let dx = empty_like(&x, x.meta.shape().clone());
+        let (count, dim) = elementwise_launch(&x.client, len);
+        let dtype = storage(x.dtype);
+        kernels::activation_backward::launch::<R>(
+            &x.client.clone(),
+            count,
+            dim,
+            x.into_tensor_arg(),
+            grad.into_tensor_arg(),
+            dx.clone().into_tensor_arg(),
+            len,
+            activation_code(act),
+            dtype,
+        );
+        dx
+    }
+}

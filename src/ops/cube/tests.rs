@@ -1,0 +1,102 @@
+//! Each CubeCL kernel against the generic burn ops of [`crate::ops::reference`] on the same
+//! device (wgpu; lavapipe in CI). The references are themselves checked against burn's
+//! autodiff in f64 on the CPU (`ops::tests`); WGSL has no f64, so the comparison here is
+//! kernel against reference, both in f32.
+
+use burn::tensor::{Distribution, ElementConversion, Tensor};
+use burn_wgpu::Wgpu;
+
+use crate::ops::{float, prim, reference, Activation, FusedOps};
+
+type B = Wgpu;
+
+fn random<const D: usize>(shape: [usize; D]) -> Tensor<B, D> {
+    Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+}
+
+/// Largest |a − b| relative to the largest |b|.
+fn rel_diff<const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let scale: f32 = b.clone().abs().max().into_scalar().elem();
+    let d: f32 = (a - b).abs().max().into_scalar().elem();
+    d / scale.max(1e-12)
+}
+
+/// Both compute in f32, in other orders: ~1e-6 of the largest value apart.
+const TOL: f32 = 1e-5;
+
+fn check<const D: usize>(kernel: Tensor<B, D>, reference: Tensor<B, D>, what: &str) {
+    let r = rel_diff(kernel, reference);
+    assert!(r < TOL, "{what}: the kernel is {r} off the reference");
+}
+
+/// Widths below, at and above the 256 units of a row's cube, and not multiples of them.
+const WIDTHS: [usize; 4] = [8, 100, 256, 576];
+
+#[test]
+fn rms_norm_forward_and_backward_match_the_reference() {
+    for d in WIDTHS {
+        let rows = 37;
+        let (x, w, grad) = (random::<2>([rows, d]), random::<1>([d]), random::<2>([rows, d]));
+        let (out, rstd) = B::rms_norm_forward(prim(x.clone()), prim(w.clone()), 1e-6);
+        let (out_ref, rstd_ref) = reference::rms_norm_forward::<B>(prim(x.clone()), prim(w.clone()), 1e-6);
+        check::<2>(float(out), float(out_ref), &format!("rms_norm d={d}"));
+        check::<2>(float(rstd.clone()), float(rstd_ref), &format!("rms_norm rstd d={d}"));
+        let dx = B::rms_norm_backward(prim(x.clone()), prim(w.clone()), rstd.clone(), prim(grad.clone()));
+        let dx_ref = reference::rms_norm_backward::<B>(prim(x), prim(w), rstd, prim(grad));
+        check::<2>(float(dx), float(dx_ref), &format!("rms_norm backward d={d}"));
+    }
+}
+
+#[test]
+fn layer_norm_forward_and_backward_match_the_reference() {
+    for d in WIDTHS {
+        let rows = 19;
+        // Off-centre rows, so that a one-pass variance would show.
+        let x = random::<2>([rows, d]) * 3.0 + 5.0;
+        let (w, b, grad) = (random::<1>([d]), random::<1>([d]), random::<2>([rows, d]));
+        let (out, stats) = B::layer_norm_forward(prim(x.clone()), prim(w.clone()), prim(b.clone()), 1e-5);
+        let (out_ref, stats_ref) = reference::layer_norm_forward::<B>(prim(x.clone()), prim(w.clone()), prim(b), 1e-5);
+        check::<2>(float(out), float(out_ref), &format!("layer_norm d={d}"));
+        check::<2>(float(stats.clone()), float(stats_ref), &format!("layer_norm stats d={d}"));
+        let dx = B::layer_norm_backward(prim(x.clone()), prim(w.clone()), stats.clone(), prim(grad.clone()));
+        let dx_ref = reference::layer_norm_backward::<B>(prim(x), prim(w), stats, prim(grad));
+        check::<2>(float(dx), float(dx_ref), &format!("layer_norm backward d={d}"));
+    }
+}
+
+#[test]
+fn rope_matches_the_reference_whole_and_partial_with_shared_or_per_row_tables() {
+    // (batch, table rows, head_dim, rotary dims): Llama's whole rotation, GPT-NeoX's and
+    // Phi-3's partial one, one table for every row and one per row.
+    for (b, rows, d, r) in [(2, 1, 16, 16), (2, 2, 16, 16), (3, 1, 32, 8), (2, 2, 24, 12)] {
+        let (s, h) = (5, 3);
+        let x = random::<4>([b, s, h, d]);
+        let (cos, sin) = (random::<4>([rows, s, 1, r]), random::<4>([rows, s, 1, r]));
+        let out = B::fused_rope(prim(x.clone()), prim(cos.clone()), prim(sin.clone()));
+        let out_ref = reference::fused_rope::<B>(prim(x), prim(cos), prim(sin));
+        check::<4>(float(out), float(out_ref), &format!("rope b={b} rows={rows} d={d} r={r}"));
+    }
+}
+
+#[test]
+fn gated_and_plain_activations_match_the_reference_both_ways() {
+    for act in [Activation::Silu, Activation::GeluTanh, Activation::Gelu] {
+        // Wide inputs: the tails of σ, tanh and erf.
+        let (gate, up, grad) = (random::<2>([13, 70]) * 4.0, random::<2>([13, 70]), random::<2>([13, 70]));
+        let out = B::fused_glu(prim(gate.clone()), prim(up.clone()), act);
+        let out_ref = reference::fused_glu::<B>(prim(gate.clone()), prim(up.clone()), act);
+        check::<2>(float(out), float(out_ref), &format!("glu {act:?}"));
+        let (d_gate, d_up) = B::glu_backward(prim(gate.clone()), prim(up.clone()), act, prim(grad.clone()));
+        let (d_gate_ref, d_up_ref) = reference::glu_backward::<B>(prim(gate.clone()), prim(up), act, prim(grad.clone()));
+        check::<2>(float(d_gate), float(d_gate_ref), &format!("glu backward d gate {act:?}"));
+        check::<2>(float(d_up), float(d_up_ref), &format!("glu backward d up {act:?}"));
+
+        let out = B::fused_activation(prim(gate.clone()), act);
+        let out_ref = reference::activation::<B, 2>(gate.clone(), act);
+        check::<2>(float(out), out_ref, &format!("activation {act:?}"));
+        let dx = B::activation_backward(prim(gate.clone()), act, prim(grad.clone()));
+        let dx_ref = reference::activation_backward::<B>(prim(gate), act, prim(grad));
+        check::<2>(float(dx), float(dx_ref), &format!("activation backward {act:?}"));
+    }
+}

@@ -340,3 +340,310 @@ pub fn activation_backward<F: Float>(
     }
     dx[p] = F::cast_from(f32::cast_from(grad[p]) * act_grad(f32::cast_from(x[p]), code));
 }
+
+/// Whether query i (absolute position i_abs) may see key j: the causal rule or the explicit
+/// mask (`[rows, 1, s, t]`, nonzero where hidden, its row's offset `mask_row`), then the
+/// sliding window.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn visible<M: Numeric>(
+    mask: &Tensor<M>,
+    mask_row: usize,
+    i: usize,
+    i_abs: usize,
+    j: usize,
+    t: usize,
+    window: usize,
+    #[comptime] causal: bool,
+    #[comptime] has_window: bool,
+) -> bool {
+    let mut seen = if causal { j <= i_abs } else { u32::cast_from(mask[mask_row + i * t + j]) == 0 };
+    if has_window {
+        // Hidden when i_abs − j >= window, written without a negative difference.
+        if i_abs >= j + window {
+            seen = false;
+        }
+    }
+    seen
+}
+
+/// The soft-capped score scale·q·k, before the ALiBi bias: cap·tanh(raw/cap) with a cap.
+#[cube]
+fn capped_score<F: Float>(
+    q: &Array<f32>,
+    k: &Tensor<F>,
+    k_row: usize,
+    scale: f32,
+    cap: f32,
+    #[comptime] head_dim: usize,
+    #[comptime] has_cap: bool,
+) -> f32 {
+    let mut dot = f32::new(0.0);
+    for e in 0..head_dim {
+        dot += q[e] * f32::cast_from(k[k_row + e]);
+    }
+    let mut score = dot * scale;
+    if has_cap {
+        score = cap * f32::tanh(score / cap);
+    }
+    score
+}
+
+/// Attention forward, one unit per query row (b, h, i), over q `[b, s, h, d]` and k, v
+/// `[b, t, kv, d]`: an online softmax over the keys, so nothing of size s·t is ever stored.
+/// Writes out `[b, s, h, d]` and lse `[b, h, s]` (the unit's own index). A row that sees no
+/// key gets zeros and the smallest finite lse, as the reference does.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward<F: Float, M: Numeric>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    mask: &Tensor<M>,
+    slopes: &Tensor<f32>,
+    out: &mut Tensor<F>,
+    lse: &mut Tensor<F>,
+    b: usize,
+    s: usize,
+    t: usize,
+    h: usize,
+    kv: usize,
+    mask_rows: usize,
+    scale: f32,
+    cap: f32,
+    window: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] causal: bool,
+    #[comptime] has_cap: bool,
+    #[comptime] has_alibi: bool,
+    #[comptime] has_window: bool,
+    #[define(F, M)] _dtypes: [StorageType; 2],
+) {
+    let p = ABSOLUTE_POS;
+    if p >= b * h * s {
+        terminate!();
+    }
+    let i = p % s;
+    let head = (p / s) % h;
+    let batch = p / (s * h);
+    let kv_head = head / (h / kv);
+    let i_abs = i + t - s;
+    let mut mask_row = 0;
+    if mask_rows != 1 {
+        mask_row = batch * s * t;
+    }
+    let q_row = ((batch * s + i) * h + head) * head_dim;
+    let mut qi = Array::<f32>::new(head_dim);
+    let mut acc = Array::<f32>::new(head_dim);
+    for e in 0..head_dim {
+        qi[e] = f32::cast_from(q[q_row + e]);
+        acc[e] = f32::new(0.0);
+    }
+    let mut max = f32::new(-3.0e38);
+    let mut sum = f32::new(0.0);
+    for j in 0..t {
+        if visible::<M>(mask, mask_row, i, i_abs, j, t, window, causal, has_window) {
+            let kv_row = ((batch * t + j) * kv + kv_head) * head_dim;
+            let mut score = capped_score::<F>(&qi, k, kv_row, scale, cap, head_dim, has_cap);
+            if has_alibi {
+                score -= slopes[head] * (f32::cast_from(i_abs) - f32::cast_from(j));
+            }
+            let new_max = f32::max(max, score);
+            let shrink = f32::exp(max - new_max);
+            let weight = f32::exp(score - new_max);
+            sum = sum * shrink + weight;
+            for e in 0..head_dim {
+                acc[e] = acc[e] * shrink + weight * f32::cast_from(v[kv_row + e]);
+            }
+            max = new_max;
+        }
+    }
+    if sum > f32::new(0.0) {
+        for e in 0..head_dim {
+            out[q_row + e] = F::cast_from(acc[e] / sum);
+        }
+        lse[p] = F::cast_from(max + f32::ln(sum));
+    } else {
+        for e in 0..head_dim {
+            out[q_row + e] = F::new(0.0);
+        }
+        lse[p] = F::cast_from(f32::new(-3.4028235e38));
+    }
+}
+
+/// Attention backward for q, one unit per query row (b, h, i): the softmax rebuilt from lse,
+/// dS = P·(dP − Σ grad·out) (times the cap's derivative), dq = scale·Σ_j dS·k_j. Also writes
+/// each row's Σ grad·out to `delta` `[b, h, s]`, for [`attention_backward_kv`].
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_q<F: Float, M: Numeric>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    mask: &Tensor<M>,
+    slopes: &Tensor<f32>,
+    out: &Tensor<F>,
+    lse: &Tensor<F>,
+    grad: &Tensor<F>,
+    dq: &mut Tensor<F>,
+    delta: &mut Tensor<f32>,
+    b: usize,
+    s: usize,
+    t: usize,
+    h: usize,
+    kv: usize,
+    mask_rows: usize,
+    scale: f32,
+    cap: f32,
+    window: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] causal: bool,
+    #[comptime] has_cap: bool,
+    #[comptime] has_alibi: bool,
+    #[comptime] has_window: bool,
+    #[define(F, M)] _dtypes: [StorageType; 2],
+) {
+    let p = ABSOLUTE_POS;
+    if p >= b * h * s {
+        terminate!();
+    }
+    let i = p % s;
+    let head = (p / s) % h;
+    let batch = p / (s * h);
+    let kv_head = head / (h / kv);
+    let i_abs = i + t - s;
+    let mut mask_row = 0;
+    if mask_rows != 1 {
+        mask_row = batch * s * t;
+    }
+    let q_row = ((batch * s + i) * h + head) * head_dim;
+    let mut qi = Array::<f32>::new(head_dim);
+    let mut gi = Array::<f32>::new(head_dim);
+    let mut acc = Array::<f32>::new(head_dim);
+    let mut row_delta = f32::new(0.0);
+    for e in 0..head_dim {
+        qi[e] = f32::cast_from(q[q_row + e]);
+        gi[e] = f32::cast_from(grad[q_row + e]);
+        acc[e] = f32::new(0.0);
+        row_delta += gi[e] * f32::cast_from(out[q_row + e]);
+    }
+    delta[p] = row_delta;
+    let row_lse = f32::cast_from(lse[p]);
+    for j in 0..t {
+        if visible::<M>(mask, mask_row, i, i_abs, j, t, window, causal, has_window) {
+            let kv_row = ((batch * t + j) * kv + kv_head) * head_dim;
+            let capped = capped_score::<F>(&qi, k, kv_row, scale, cap, head_dim, has_cap);
+            let mut score = capped;
+            if has_alibi {
+                score -= slopes[head] * (f32::cast_from(i_abs) - f32::cast_from(j));
+            }
+            let prob = f32::exp(score - row_lse);
+            let mut d_prob = f32::new(0.0);
+            for e in 0..head_dim {
+                d_prob += gi[e] * f32::cast_from(v[kv_row + e]);
+            }
+            let mut d_score = prob * (d_prob - row_delta) * scale;
+            if has_cap {
+                let c = capped / cap;
+                d_score *= f32::new(1.0) - c * c;
+            }
+            for e in 0..head_dim {
+                acc[e] += d_score * f32::cast_from(k[kv_row + e]);
+            }
+        }
+    }
+    for e in 0..head_dim {
+        dq[q_row + e] = F::cast_from(acc[e]);
+    }
+}
+
+/// Attention backward for k and v, one unit per key row (b, kv head, j), summing over the
+/// query heads that share it and over the queries: dv = Σ P·grad_i, dk = scale·Σ dS·q_i.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_kv<F: Float, M: Numeric>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    mask: &Tensor<M>,
+    slopes: &Tensor<f32>,
+    lse: &Tensor<F>,
+    delta: &Tensor<f32>,
+    grad: &Tensor<F>,
+    dk: &mut Tensor<F>,
+    dv: &mut Tensor<F>,
+    b: usize,
+    s: usize,
+    t: usize,
+    h: usize,
+    kv: usize,
+    mask_rows: usize,
+    scale: f32,
+    cap: f32,
+    window: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] causal: bool,
+    #[comptime] has_cap: bool,
+    #[comptime] has_alibi: bool,
+    #[comptime] has_window: bool,
+    #[define(F, M)] _dtypes: [StorageType; 2],
+) {
+    let p = ABSOLUTE_POS;
+    if p >= b * kv * t {
+        terminate!();
+    }
+    // p = (batch·t + j)·kv + kv_head: dk and dv rows are the unit's own.
+    let kv_head = p % kv;
+    let j = (p / kv) % t;
+    let batch = p / (kv * t);
+    let group = h / kv;
+    let mut mask_row = 0;
+    if mask_rows != 1 {
+        mask_row = batch * s * t;
+    }
+    let kv_row = p * head_dim;
+    let mut dk_acc = Array::<f32>::new(head_dim);
+    let mut dv_acc = Array::<f32>::new(head_dim);
+    let mut qi = Array::<f32>::new(head_dim);
+    for e in 0..head_dim {
+        dk_acc[e] = f32::new(0.0);
+        dv_acc[e] = f32::new(0.0);
+    }
+    for g in 0..group {
+        let head = kv_head * group + g;
+        for i in 0..s {
+            let i_abs = i + t - s;
+            if visible::<M>(mask, mask_row, i, i_abs, j, t, window, causal, has_window) {
+                let q_row = ((batch * s + i) * h + head) * head_dim;
+                for e in 0..head_dim {
+                    qi[e] = f32::cast_from(q[q_row + e]);
+                }
+                let capped = capped_score::<F>(&qi, k, kv_row, scale, cap, head_dim, has_cap);
+                let mut score = capped;
+                if has_alibi {
+                    score -= slopes[head] * (f32::cast_from(i_abs) - f32::cast_from(j));
+                }
+                let stat = (batch * h + head) * s + i;
+                let prob = f32::exp(score - f32::cast_from(lse[stat]));
+                let mut d_prob = f32::new(0.0);
+                for e in 0..head_dim {
+                    let gi = f32::cast_from(grad[q_row + e]);
+                    dv_acc[e] += prob * gi;
+                    d_prob += gi * f32::cast_from(v[kv_row + e]);
+                }
+                let mut d_score = prob * (d_prob - delta[stat]) * scale;
+                if has_cap {
+                    let c = capped / cap;
+                    d_score *= f32::new(1.0) - c * c;
+                }
+                for e in 0..head_dim {
+                    dk_acc[e] += d_score * qi[e];
+                }
+            }
+        }
+    }
+    for e in 0..head_dim {
+        dk[kv_row + e] = F::cast_from(dk_acc[e]);
+        dv[kv_row + e] = F::cast_from(dv_acc[e]);
+    }
+}

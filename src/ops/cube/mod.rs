@@ -20,7 +20,7 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 use cubecl::prelude::*;
 use cubecl_runtime::server::CubeCountSelection;
 
-use super::{Activation, FusedOps};
+use super::{Activation, AttentionOptions, FusedOps, Mask};
 
 /// Units per cube for the row kernels: a power of two, at most what the device allows.
 fn row_block<R: CubeRuntime>(client: &ComputeClient<R>) -> usize {
@@ -65,7 +65,203 @@ fn activation_code(act: Activation) -> u32 {
     }
 }
 
+/// What the three attention kernels share: the mask as a tensor (q itself, unread, when
+/// causal), the ALiBi slopes (zeros without ALiBi) and the sizes.
+struct AttentionArgs<R: CubeRuntime> {
+    mask: CubeTensor<R>,
+    slopes: CubeTensor<R>,
+    causal: bool,
+    /// b, s, t, h, kv, mask rows
+    sizes: [usize; 6],
+    head_dim: usize,
+}
+
+impl<R: CubeRuntime> AttentionArgs<R> {
+    /// `mask` None is causal.
+    fn new(q: &CubeTensor<R>, k: &CubeTensor<R>, mask: Option<CubeTensor<R>>, opts: &AttentionOptions) -> Self {
+        let (qs, ks) = (q.meta.shape(), k.meta.shape());
+        assert!(
+            qs.num_dims() == 4
+                && ks.num_dims() == 4
+                && qs[0] == ks[0]
+                && qs[3] == ks[3]
+                && ks[2] > 0
+                && qs[2] % ks[2] == 0
+                && qs[1] <= ks[1],
+            "attention: q {qs:?}, k {ks:?} (expected [b, s, h, d], [b, t, kv, d] with h a multiple of kv and s <= t)"
+        );
+        let (b, s, h, d) = (qs[0], qs[1], qs[2], qs[3]);
+        let (t, kv) = (ks[1], ks[2]);
+        let (mask, causal, mask_rows) = match mask {
+            None => (q.clone(), true, 1),
+            Some(m) => {
+                let m = into_contiguous(m);
+                let ms = m.meta.shape();
+                assert!(
+                    ms.num_dims() == 4 && (ms[0] == 1 || ms[0] == b) && ms[1] == 1 && ms[2] == s && ms[3] == t,
+                    "attention: mask {ms:?} for q {qs:?} and k {ks:?} (expected [b or 1, 1, s, t])"
+                );
+                let rows = ms[0];
+                (m, false, rows)
+            }
+        };
+        let slopes = match &opts.alibi {
+            Some(slopes) => {
+                assert_eq!(slopes.len(), h, "attention: {} ALiBi slopes for {h} heads", slopes.len());
+                slopes.clone()
+            }
+            None => vec![0.0; h],
+        };
+        let handle = q.client.create_from_slice(f32::as_bytes(&slopes));
+        let slopes = CubeTensor::new_contiguous(q.client.clone(), q.device.clone(), Shape::new([h]), handle, DType::F32);
+        AttentionArgs { mask, slopes, causal, sizes: [b, s, t, h, kv, mask_rows], head_dim: d }
+    }
+
+    fn dtypes(&self, x: &CubeTensor<R>) -> [StorageType; 2] {
+        [storage(x.dtype), storage(self.mask.dtype)]
+    }
+}
+
+fn explicit<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    mask: Mask<CubeBackend<R, F, I, BT>>,
+) -> Option<CubeTensor<R>> {
+    match mask {
+        Mask::Causal => None,
+        Mask::Explicit(m) => Some(m),
+    }
+}
+
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps for CubeBackend<R, F, I, BT> {
+    fn attention_forward(
+        q: CubeTensor<R>,
+        k: CubeTensor<R>,
+        v: CubeTensor<R>,
+        mask: Mask<Self>,
+        opts: &AttentionOptions,
+    ) -> (CubeTensor<R>, CubeTensor<R>) {
+        let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
+        let args = AttentionArgs::new(&q, &k, explicit(mask), opts);
+        let [b, s, t, h, kv, mask_rows] = args.sizes;
+        let out = empty_like(&q, q.meta.shape().clone());
+        let lse = empty_like(&q, Shape::new([b, h, s]));
+        let (count, dim) = elementwise_launch(&q.client, b * h * s);
+        let dtypes = args.dtypes(&q);
+        let client = q.client.clone();
+        kernels::attention_forward::launch::<R>(
+            &client,
+            count,
+            dim,
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            args.mask.into_tensor_arg(),
+            args.slopes.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            b,
+            s,
+            t,
+            h,
+            kv,
+            mask_rows,
+            opts.scale as f32,
+            opts.softcap.unwrap_or(1.0) as f32,
+            opts.window.unwrap_or(0),
+            args.head_dim,
+            args.causal,
+            opts.softcap.is_some(),
+            opts.alibi.is_some(),
+            opts.window.is_some(),
+            dtypes,
+        );
+        (out, lse)
+    }
+
+    fn attention_backward(
+        q: CubeTensor<R>,
+        k: CubeTensor<R>,
+        v: CubeTensor<R>,
+        mask: Mask<Self>,
+        opts: &AttentionOptions,
+        out: CubeTensor<R>,
+        lse: CubeTensor<R>,
+        grad: CubeTensor<R>,
+    ) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+        let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
+        let (out, lse, grad) = (into_contiguous(out), into_contiguous(lse), into_contiguous(grad));
+        let args = AttentionArgs::new(&q, &k, explicit(mask), opts);
+        let [b, s, t, h, kv, mask_rows] = args.sizes;
+        let dq = empty_like(&q, q.meta.shape().clone());
+        let (dk, dv) = (empty_like(&k, k.meta.shape().clone()), empty_like(&v, v.meta.shape().clone()));
+        let delta = empty_device_dtype(q.client.clone(), q.device.clone(), Shape::new([b, h, s]), DType::F32);
+        let dtypes = args.dtypes(&q);
+        let client = q.client.clone();
+        let (count, dim) = elementwise_launch(&client, b * h * s);
+        kernels::attention_backward_q::launch::<R>(
+            &client,
+            count,
+            dim,
+            q.clone().into_tensor_arg(),
+            k.clone().into_tensor_arg(),
+            v.clone().into_tensor_arg(),
+            args.mask.clone().into_tensor_arg(),
+            args.slopes.clone().into_tensor_arg(),
+            out.into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            grad.clone().into_tensor_arg(),
+            dq.clone().into_tensor_arg(),
+            delta.clone().into_tensor_arg(),
+            b,
+            s,
+            t,
+            h,
+            kv,
+            mask_rows,
+            opts.scale as f32,
+            opts.softcap.unwrap_or(1.0) as f32,
+            opts.window.unwrap_or(0),
+            args.head_dim,
+            args.causal,
+            opts.softcap.is_some(),
+            opts.alibi.is_some(),
+            opts.window.is_some(),
+            dtypes,
+        );
+        // Queued after the first on the same stream: it reads the delta that one wrote.
+        let (count, dim) = elementwise_launch(&client, b * kv * t);
+        kernels::attention_backward_kv::launch::<R>(
+            &client,
+            count,
+            dim,
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            args.mask.into_tensor_arg(),
+            args.slopes.into_tensor_arg(),
+            lse.into_tensor_arg(),
+            delta.into_tensor_arg(),
+            grad.into_tensor_arg(),
+            dk.clone().into_tensor_arg(),
+            dv.clone().into_tensor_arg(),
+            b,
+            s,
+            t,
+            h,
+            kv,
+            mask_rows,
+            opts.scale as f32,
+            opts.softcap.unwrap_or(1.0) as f32,
+            opts.window.unwrap_or(0),
+            args.head_dim,
+            args.causal,
+            opts.softcap.is_some(),
+            opts.alibi.is_some(),
+            opts.window.is_some(),
+            dtypes,
+        );
+        (dq, dk, dv)
+    }
+
     fn rms_norm_forward(x: CubeTensor<R>, w: CubeTensor<R>, eps: f64) -> (CubeTensor<R>, CubeTensor<R>) {
         let (x, w) = (into_contiguous(x), into_contiguous(w));
         let (rows, d) = rows_and_width(&x, "rms_norm");

@@ -6,7 +6,7 @@
 use burn::tensor::{Distribution, ElementConversion, Tensor};
 use burn_wgpu::Wgpu;
 
-use crate::ops::{float, prim, reference, Activation, FusedOps};
+use crate::ops::{float, prim, reference, Activation, AttentionOptions, FusedOps, Mask};
 
 type B = Wgpu;
 
@@ -99,4 +99,84 @@ fn gated_and_plain_activations_match_the_reference_both_ways() {
         let dx_ref = reference::activation_backward::<B>(prim(gate), act, prim(grad));
         check::<2>(float(dx), float(dx_ref), &format!("activation backward {act:?}"));
     }
+}
+
+/// A `[rows, 1, s, t]` mask, true where `hidden(row, i, j)`.
+fn mask([rows, s, t]: [usize; 3], hidden: impl Fn(usize, usize, usize) -> bool) -> Tensor<B, 4, burn::tensor::Bool> {
+    let data: Vec<bool> =
+        (0..rows).flat_map(|r| (0..s).flat_map(move |i| (0..t).map(move |j| (r, i, j)))).map(|(r, i, j)| hidden(r, i, j)).collect();
+    Tensor::from_data(burn::tensor::TensorData::new(data, [rows, 1, s, t]), &Default::default())
+}
+
+/// The attention kernels' output, lse and gradients of q, k and v against the reference's.
+fn check_attention(
+    [b, s, t, h, kv, d]: [usize; 6],
+    explicit: Option<Tensor<B, 4, burn::tensor::Bool>>,
+    opts: AttentionOptions,
+    what: &str,
+) {
+    let (q, k, v) = (random::<4>([b, s, h, d]), random::<4>([b, t, kv, d]), random::<4>([b, t, kv, d]));
+    let grad = random::<4>([b, s, h, d]);
+    let mask = || match &explicit {
+        None => Mask::Causal,
+        Some(m) => Mask::Explicit(m.clone().into_primitive()),
+    };
+    let (out, lse) = B::attention_forward(prim(q.clone()), prim(k.clone()), prim(v.clone()), mask(), &opts);
+    let (out_ref, lse_ref) = reference::attention_forward::<B>(prim(q.clone()), prim(k.clone()), prim(v.clone()), mask(), &opts);
+    check::<4>(float(out.clone()), float(out_ref), &format!("{what}: out"));
+    // A row that sees no key has the smallest finite lse in both: compare the others.
+    let (lse, lse_ref): (Tensor<B, 3>, Tensor<B, 3>) = (float(lse.clone()), float(lse_ref));
+    let seen = lse_ref.clone().greater_elem(-1e30);
+    check::<3>(lse.clone().mask_fill(seen.clone().bool_not(), 0.0), lse_ref.mask_fill(seen.bool_not(), 0.0), &format!("{what}: lse"));
+    let grads = B::attention_backward(
+        prim(q.clone()),
+        prim(k.clone()),
+        prim(v.clone()),
+        mask(),
+        &opts,
+        out.clone(),
+        prim(lse.clone()),
+        prim(grad.clone()),
+    );
+    let grads_ref = reference::attention_backward::<B>(prim(q), prim(k), prim(v), mask(), &opts, out, prim(lse), prim(grad));
+    check::<4>(float(grads.0), float(grads_ref.0), &format!("{what}: dq"));
+    check::<4>(float(grads.1), float(grads_ref.1), &format!("{what}: dk"));
+    check::<4>(float(grads.2), float(grads_ref.2), &format!("{what}: dv"));
+}
+
+#[test]
+fn attention_forward_and_backward_match_the_reference_for_every_familys_options() {
+    // Causal, grouped-query heads (Llama, Qwen, Mistral), a head of 64.
+    check_attention([2, 7, 7, 4, 2, 64], None, AttentionOptions::new(64), "causal gqa");
+    // Queries after earlier keys (s < t): bottom-right alignment.
+    check_attention([1, 3, 8, 2, 1, 8], None, AttentionOptions::new(8), "causal s<t");
+    // Sliding window (Mistral, Gemma 2/3's local layers) with a soft-cap and a custom scale (Gemma 2).
+    let mut opts = AttentionOptions::new(16);
+    (opts.window, opts.softcap, opts.scale) = (Some(3), Some(5.0), 0.3);
+    check_attention([2, 9, 9, 2, 1, 16], None, opts, "window softcap scale");
+    // ALiBi (BLOOM), multi-head.
+    let mut opts = AttentionOptions::new(8);
+    opts.alibi = Some(vec![0.5, 0.25, 0.125]);
+    check_attention([2, 6, 6, 3, 3, 8], None, opts, "alibi");
+    // Block-diagonal masks of packed rows, one per row of the batch, and a padding query that
+    // sees no key at all.
+    let (s, t) = (8, 8);
+    let packed = mask([2, s, t], |r, i, j| {
+        let start = if r == 0 {
+            if i < 3 {
+                0
+            } else {
+                3
+            }
+        } else {
+            0
+        };
+        j > i || j < start || (r == 1 && i == 7)
+    });
+    check_attention([2, s, t, 4, 2, 8], Some(packed), AttentionOptions::new(8), "packed rows");
+    // One mask for every row of the batch, with a window on top.
+    let shared = mask([1, s, t], |_, i, j| j > i || (i == 5 && j == 2));
+    let mut opts = AttentionOptions::new(8);
+    opts.window = Some(4);
+    check_attention([3, s, t, 2, 2, 8], Some(shared), opts, "shared mask and window");
 }

@@ -1,9 +1,11 @@
 //! The fused operations on burn's CubeCL backends, CUDA and wgpu: [`FusedOps`] for
 //! `CubeBackend<R, ..>` over any runtime R, with the kernels in [`kernels`].
 //!
-//! The norms, the rotary embedding and the MLPs' activations are one kernel each way, reading
-//! their inputs once instead of through burn's chain of element-wise ops (each a kernel launch
-//! and a tensor in memory). The other operations keep the generic defaults of [`FusedOps`].
+//! Attention keeps only its inputs and one log-sum-exp per query (the generic ops store the
+//! `[b, h, s, t]` scores and probabilities). The norms, the rotary embedding and the MLPs'
+//! activations are one kernel each way, reading their inputs once instead of through burn's
+//! chain of element-wise ops (each a kernel launch and a tensor in memory). The LoRA linear
+//! layers (burn's autotuned matmuls) and the loss keep the generic defaults of [`FusedOps`].
 //!
 //! tune runs these backends without burn's fusion (see Cargo.toml), so the kernels register on
 //! `CubeBackend` directly and fusion's open wrong-result bugs cannot reach them.

@@ -653,7 +653,12 @@ impl FusedOps for Flex {
         quant::lora_backward(x, x_lora, p, grad, need_dx)
     }
 
-    fn cross_entropy(logits: FloatTensor<Self>, targets: &[u32], coef: &[f32], softcap: Option<f64>) -> (f64, FloatTensor<Self>) {
+    fn cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: &[u32],
+        coef: &[f32],
+        softcap: Option<f64>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         if !all_f32(&[&logits]) {
             return reference::cross_entropy::<Self>(logits, targets, coef, softcap);
         }
@@ -695,7 +700,7 @@ impl FusedOps for Flex {
                 nll * w as f64
             })
             .sum();
-        (loss, tensor(grad, shape))
+        (tensor(vec![loss as f32], vec![1]), tensor(grad, shape))
     }
 
     fn frozen_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -223,11 +223,18 @@ pub trait FusedOps: Backend {
     }
 
     /// Cross-entropy of logits `[c, vocab]` against target ids, each row weighted by `coef`:
-    /// returns Σ coef·nll and its gradient with respect to the logits, (softmax − one-hot)·coef.
+    /// returns Σ coef·nll as a `[1]` f32 tensor and its gradient with respect to the logits,
+    /// (softmax − one-hot)·coef. The loss stays a tensor so that a GPU need not wait for each
+    /// chunk: the caller reads the chunks' losses back once.
     /// With a soft-cap (Gemma 2's final_logit_softcapping) the loss is that of
     /// c = cap·tanh(logits/cap), and the gradient is still with respect to the raw logits,
     /// through dc/dlogits = 1 − (c/cap)².
-    fn cross_entropy(logits: FloatTensor<Self>, targets: &[u32], coef: &[f32], softcap: Option<f64>) -> (f64, FloatTensor<Self>) {
+    fn cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: &[u32],
+        coef: &[f32],
+        softcap: Option<f64>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         reference::cross_entropy::<Self>(logits, targets, coef, softcap)
     }
 
@@ -475,7 +482,12 @@ pub mod reference {
         lora_linear_backward::<B>(x, x_lora, dequantized_lora(p, &device), grad, need_dx)
     }
 
-    pub fn cross_entropy<B: Backend>(logits: FloatTensor<B>, targets: &[u32], coef: &[f32], softcap: Option<f64>) -> (f64, FloatTensor<B>) {
+    pub fn cross_entropy<B: Backend>(
+        logits: FloatTensor<B>,
+        targets: &[u32],
+        coef: &[f32],
+        softcap: Option<f64>,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
         let Some(cap) = softcap else {
             return cross_entropy_plain::<B>(logits, targets, coef);
         };
@@ -485,8 +497,8 @@ pub mod reference {
         (loss, prim(float::<B, 2>(dc) * (capped.square().neg() + 1.0)))
     }
 
-    fn cross_entropy_plain<B: Backend>(logits: FloatTensor<B>, targets: &[u32], coef: &[f32]) -> (f64, FloatTensor<B>) {
-        use burn::tensor::{ElementConversion, Int, TensorData};
+    fn cross_entropy_plain<B: Backend>(logits: FloatTensor<B>, targets: &[u32], coef: &[f32]) -> (FloatTensor<B>, FloatTensor<B>) {
+        use burn::tensor::{Int, TensorData};
         let logits = float::<B, 2>(logits);
         let [c, vocab] = logits.dims();
         let device = logits.device();
@@ -497,7 +509,7 @@ pub mod reference {
         let exp = shifted.clone().exp();
         let sum = exp.clone().sum_dim(1);
         let nll = sum.clone().log() - shifted.gather(1, ids.clone());
-        let loss = (nll * weight.clone()).sum().into_scalar().elem::<f64>();
+        let loss = prim((nll * weight.clone()).sum());
         let one_hot = Tensor::<B, 2>::zeros([c, vocab], &device).scatter(1, ids, weight.clone(), burn::tensor::IndexingUpdateOp::Add);
         (loss, prim(exp * (weight / sum) - one_hot))
     }

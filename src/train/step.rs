@@ -68,7 +68,8 @@ pub fn loss_for_backward<B: AutodiffBackend<InnerBackend: Backend> + Backend>(
 /// The lm_head and cross-entropy run LOSS_CHUNK rows at a time, with their gradient written
 /// out: d loss / d logits = (softmax − one-hot) · w / label_total, so d loss / d h = that ·
 /// lm_headᵀ. The [tokens × vocab] logits are never held whole, nor saved for the backward pass
-/// (the lm_head is frozen, so nothing else needs them).
+/// (the lm_head is frozen, so nothing else needs them). The chunks' losses are summed in f64
+/// once all of them are queued.
 fn head_gradient<B: Backend>(
     h: Tensor<B, 2>,
     w: Tensor<B, 2>,
@@ -79,7 +80,7 @@ fn head_gradient<B: Backend>(
     let [n, hidden] = h.dims();
     let device = h.device();
     let coef: Vec<f32> = batch.weights.iter().map(|w| w / label_total.max(1) as f32).collect();
-    let mut loss = 0f64;
+    let mut losses = Vec::with_capacity(n.div_ceil(LOSS_CHUNK));
     let mut grad = Vec::with_capacity(n.div_ceil(LOSS_CHUNK));
     for start in (0..n).step_by(LOSS_CHUNK) {
         let c = LOSS_CHUNK.min(n - start);
@@ -90,9 +91,11 @@ fn head_gradient<B: Backend>(
         }
         let logits = linear_in_weight_dtype(h.clone().narrow(0, start, c), w.clone(), None);
         let (l, dlogits) = B::cross_entropy(prim(logits), &batch.targets[start..start + c], &coef[start..start + c], softcap);
-        loss += l;
+        losses.push(float::<B, 1>(l));
         grad.push(linear_in_weight_dtype(float::<_, 2>(dlogits), w.clone().transpose(), None));
     }
+    // The one read back of the loss: a GPU runs every chunk without waiting for the host.
+    let loss = if losses.is_empty() { 0.0 } else { Tensor::cat(losses, 0).into_data().iter::<f64>().sum() };
     (Tensor::cat(grad, 0), loss)
 }
 

@@ -6,10 +6,11 @@
 
 use cubecl::prelude::*;
 
-/// The sum of every unit's `v` over the cube (a power of two of units, `shared` one slot per
-/// unit); every unit gets the total. Ends with a barrier so that `shared` can be used again.
+/// The sum (or, with `max`, the largest) of every unit's `v` over the cube (a power of two of
+/// units, `shared` one slot per unit); every unit gets the result. Ends with a barrier so that
+/// `shared` can be used again.
 #[cube]
-fn block_sum(shared: &mut SharedMemory<f32>, v: f32) -> f32 {
+fn block_reduce(shared: &mut SharedMemory<f32>, v: f32, #[comptime] max: bool) -> f32 {
     let t = UNIT_POS_X as usize;
     shared[t] = v;
     sync_cube();
@@ -17,7 +18,11 @@ fn block_sum(shared: &mut SharedMemory<f32>, v: f32) -> f32 {
     while stride > 0 {
         if t < stride {
             let other = shared[t + stride];
-            shared[t] += other;
+            if max {
+                shared[t] = f32::max(shared[t], other);
+            } else {
+                shared[t] += other;
+            }
         }
         sync_cube();
         stride /= 2;
@@ -25,6 +30,11 @@ fn block_sum(shared: &mut SharedMemory<f32>, v: f32) -> f32 {
     let total = shared[0];
     sync_cube();
     total
+}
+
+#[cube]
+fn block_sum(shared: &mut SharedMemory<f32>, v: f32) -> f32 {
+    block_reduce(shared, v, false)
 }
 
 /// One cube per row of `[rows, d]`: out = x·rstd·w and rstd = 1/√(mean(x²) + eps).
@@ -645,5 +655,78 @@ pub fn attention_backward_kv<F: Float, M: Numeric>(
     for e in 0..head_dim {
         dk[kv_row + e] = F::cast_from(dk_acc[e]);
         dv[kv_row + e] = F::cast_from(dv_acc[e]);
+    }
+}
+
+/// A logit as the loss sees it: cap·tanh(x/cap) under Gemma 2's final soft-cap, else x.
+#[cube]
+fn loss_logit(x: f32, cap: f32, #[comptime] capped: bool) -> f32 {
+    if capped {
+        cap * f32::tanh(x / cap)
+    } else {
+        x
+    }
+}
+
+/// One cube per row of logits `[rows, vocab]`, with c the row's [`loss_logit`]s:
+/// loss[row] = coef·(logsumexp(c) − c[target]) and grad = (softmax(c) − one-hot)·coef, chained
+/// back through the soft-cap by dc/dx = 1 − (c/cap)². Three passes over the row (max, Σ exp,
+/// gradient) recompute c rather than store it.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy<F: Float>(
+    logits: &Tensor<F>,
+    targets: &Tensor<u32>,
+    coef: &Tensor<f32>,
+    grad: &mut Tensor<F>,
+    loss: &mut Tensor<f32>,
+    rows: usize,
+    vocab: usize,
+    cap: f32,
+    #[comptime] capped: bool,
+    #[comptime] block: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = CUBE_POS;
+    if row >= rows {
+        terminate!();
+    }
+    let t = UNIT_POS_X as usize;
+    let base = row * vocab;
+    let mut shared = SharedMemory::<f32>::new(block);
+    let mut largest = f32::new(-3.4028235e38);
+    let mut i = t;
+    while i < vocab {
+        largest = f32::max(largest, loss_logit(f32::cast_from(logits[base + i]), cap, capped));
+        i += block;
+    }
+    let max = block_reduce(&mut shared, largest, true);
+    let mut sum = f32::new(0.0);
+    let mut i = t;
+    while i < vocab {
+        sum += f32::exp(loss_logit(f32::cast_from(logits[base + i]), cap, capped) - max);
+        i += block;
+    }
+    let total = block_sum(&mut shared, sum);
+    let w = coef[row];
+    let target = usize::cast_from(targets[row]);
+    let scale = w / total;
+    let mut i = t;
+    while i < vocab {
+        let c = loss_logit(f32::cast_from(logits[base + i]), cap, capped);
+        let mut g = f32::exp(c - max) * scale;
+        if i == target {
+            g -= w;
+        }
+        if capped {
+            let th = c / cap;
+            g *= f32::new(1.0) - th * th;
+        }
+        grad[base + i] = F::cast_from(g);
+        i += block;
+    }
+    if t == 0 {
+        let picked = loss_logit(f32::cast_from(logits[base + target]), cap, capped);
+        loss[row] = w * (max + f32::ln(total) - picked);
     }
 }

@@ -4,8 +4,9 @@
 //! Attention keeps only its inputs and one log-sum-exp per query (the generic ops store the
 //! `[b, h, s, t]` scores and probabilities). The norms, the rotary embedding and the MLPs'
 //! activations are one kernel each way, reading their inputs once instead of through burn's
-//! chain of element-wise ops (each a kernel launch and a tensor in memory). The LoRA linear
-//! layers (burn's autotuned matmuls) and the loss keep the generic defaults of [`FusedOps`].
+//! chain of element-wise ops (each a kernel launch and a tensor in memory). The cross-entropy
+//! is one kernel per chunk of rows that leaves its loss on the device. The LoRA linear layers
+//! (burn's autotuned matmuls) keep the generic defaults of [`FusedOps`].
 //!
 //! tune runs these backends without burn's fusion (see Cargo.toml), so the kernels register on
 //! `CubeBackend` directly and fusion's open wrong-result bugs cannot reach them.
@@ -473,5 +474,46 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps f
             dtype,
         );
         dx
+    }
+
+    fn cross_entropy(logits: CubeTensor<R>, targets: &[u32], coef: &[f32], softcap: Option<f64>) -> (CubeTensor<R>, CubeTensor<R>) {
+        let logits = into_contiguous(logits);
+        let (rows, vocab) = rows_and_width(&logits, "cross_entropy");
+        assert!(
+            targets.len() == rows && coef.len() == rows,
+            "cross_entropy: logits [{rows}, {vocab}] for {} targets and {} weights",
+            targets.len(),
+            coef.len()
+        );
+        if let Some((row, t)) = targets.iter().enumerate().find(|&(_, &t)| t as usize >= vocab) {
+            panic!("cross_entropy: target {t} of row {row} is not below the vocabulary size {vocab} (logits [{rows}, {vocab}])");
+        }
+        let client = logits.client.clone();
+        let upload = |bytes: &[u8], dtype: DType| {
+            let handle = client.create_from_slice(bytes);
+            CubeTensor::new_contiguous(client.clone(), logits.device.clone(), Shape::new([rows]), handle, dtype)
+        };
+        let (targets, coef) = (upload(u32::as_bytes(targets), DType::U32), upload(f32::as_bytes(coef), DType::F32));
+        let grad = empty_like(&logits, Shape::new([rows, vocab]));
+        let loss = empty_device_dtype(client.clone(), logits.device.clone(), Shape::new([rows]), DType::F32);
+        let (count, dim, block) = row_launch(&client, rows);
+        let dtype = storage(logits.dtype);
+        kernels::cross_entropy::launch::<R>(
+            &client,
+            count,
+            dim,
+            logits.into_tensor_arg(),
+            targets.into_tensor_arg(),
+            coef.into_tensor_arg(),
+            grad.clone().into_tensor_arg(),
+            loss.clone().into_tensor_arg(),
+            rows,
+            vocab,
+            softcap.unwrap_or(1.0) as f32,
+            softcap.is_some(),
+            block,
+            dtype,
+        );
+        (super::prim(super::float::<Self, 1>(loss).sum()), grad)
     }
 }

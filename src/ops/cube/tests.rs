@@ -180,3 +180,18 @@ fn attention_forward_and_backward_match_the_reference_for_every_familys_options(
     opts.window = Some(4);
     check_attention([3, s, t, 2, 2, 8], Some(shared), opts, "shared mask and window");
 }
+
+#[test]
+fn cross_entropy_matches_the_reference_plain_and_soft_capped() {
+    // A vocabulary neither a multiple of the cube nor below it; weights 0 (prompt) included.
+    let (rows, vocab) = (6, 1000);
+    let targets = [3u32, 999, 0, 500, 42, 7];
+    let coef = [0.5f32, 0.0, 1.0, 0.25, 2.0, 1.0];
+    for softcap in [None, Some(5.0)] {
+        let logits = random::<2>([rows, vocab]) * 4.0;
+        let (loss, grad) = B::cross_entropy(prim(logits.clone()), &targets, &coef, softcap);
+        let (loss_ref, grad_ref) = reference::cross_entropy::<B>(prim(logits), &targets, &coef, softcap);
+        check::<1>(float(loss), float(loss_ref), &format!("cross_entropy loss, soft-cap {softcap:?}"));
+        check::<2>(float(grad), float(grad_ref), &format!("cross_entropy gradient, soft-cap {softcap:?}"));
+    }
+}

@@ -6,7 +6,8 @@ pub struct Rng {
     pub state: u64,
 }
 
-const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+/// SplitMix64's increment; the GPU dropout kernel steps by it too.
+pub(crate) const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
 impl Rng {
     pub fn new(seed: u64) -> Self {

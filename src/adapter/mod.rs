@@ -116,17 +116,15 @@ pub struct DropoutDraw {
     pub rows: usize,
 }
 
-/// Inverted dropout mask: 0 with probability p, else 1/(1-p). Drawn from tune's own seeded
-/// generator so a run is reproducible on any backend and a resumed run draws the same masks.
-/// The batch's rows are the outermost dimension of `dims`, whatever the layout inside a row.
+/// Inverted dropout mask: 0 with probability p, else 1/(1-p), drawn by the backend
+/// ([`crate::ops::FusedOps::dropout_mask`]) from tune's own seeded generator, so a run is
+/// reproducible on any backend and a resumed run draws the same masks. The batch's rows are the
+/// outermost dimension of `dims`, whatever the layout inside a row.
 fn dropout_mask<B: Backend, const D: usize>(dims: &[usize; D], p: f64, draw: DropoutDraw, device: &B::Device) -> Tensor<B, D> {
     let n: usize = dims.iter().product();
     assert!(draw.rows > 0 && n.is_multiple_of(draw.rows), "dropout: {dims:?} does not hold {} batch rows", draw.rows);
-    let mut rng = Rng::new(draw.seed);
-    rng.skip((draw.first_row * (n / draw.rows)) as u64);
-    let keep = (1.0 / (1.0 - p)) as f32;
-    let data: Vec<f32> = (0..n).map(|_| if rng.next_f64() < p { 0.0 } else { keep }).collect();
-    Tensor::from_data(TensorData::new(data, *dims), device)
+    let first = (draw.first_row * (n / draw.rows)) as u64;
+    float::<B, 1>(B::dropout_mask(n, p, draw.seed, first, device)).reshape(*dims)
 }
 
 /// The LoRA shape of a run.

@@ -305,6 +305,11 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         }
     }
 
+    /// The inner backend's mask, as a constant: nothing flows back into a mask.
+    fn dropout_mask(len: usize, p: f64, seed: u64, first: u64, device: &Self::Device) -> FloatTensor<Self> {
+        <Self as AutodiffBackend>::from_inner(B::dropout_mask(len, p, seed, first, device))
+    }
+
     fn fused_rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         // The weight is frozen: it is not a parent, so no gradient flows to it.
         let w = w.primitive;

@@ -238,6 +238,15 @@ pub trait FusedOps: Backend {
         reference::cross_entropy::<Self>(logits, targets, coef, softcap)
     }
 
+    /// An inverted-dropout mask `[len]`: element k is 0 when draw number `first + k` of tune's
+    /// [`crate::rng::Rng`] seeded with `seed`, as a uniform in [0, 1), is below p, and 1/(1 − p)
+    /// otherwise. SplitMix64's draws depend only on their number, so a GPU draws the mask in
+    /// place (no [tokens × features] upload per projection) and gets the host's exact bits:
+    /// a run draws the same masks on any backend, and a resumed run the same as the first.
+    fn dropout_mask(len: usize, p: f64, seed: u64, first: u64, device: &Self::Device) -> FloatTensor<Self> {
+        reference::dropout_mask::<Self>(len, p, seed, first, device)
+    }
+
     /// x / sqrt(mean(x²) + eps) · w over the last dimension of `[n, d]`.
     fn fused_rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         Self::rms_norm_forward(x, w, eps).0
@@ -512,6 +521,15 @@ pub mod reference {
         let loss = prim((nll * weight.clone()).sum());
         let one_hot = Tensor::<B, 2>::zeros([c, vocab], &device).scatter(1, ids, weight.clone(), burn::tensor::IndexingUpdateOp::Add);
         (loss, prim(exp * (weight / sum) - one_hot))
+    }
+
+    pub fn dropout_mask<B: Backend>(len: usize, p: f64, seed: u64, first: u64, device: &B::Device) -> FloatTensor<B> {
+        use burn::tensor::TensorData;
+        let mut rng = crate::rng::Rng::new(seed);
+        rng.skip(first);
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let data: Vec<f32> = (0..len).map(|_| if rng.next_f64() < p { 0.0 } else { keep }).collect();
+        prim(Tensor::<B, 1>::from_data(TensorData::new(data, [len]), device))
     }
 
     pub fn layer_norm_forward<B: Backend>(

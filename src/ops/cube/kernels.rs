@@ -730,3 +730,76 @@ pub fn cross_entropy<F: Float>(
         loss[row] = w * (max + f32::ln(total) - picked);
     }
 }
+
+/// a·b as (low, high) 32-bit halves, from 16-bit limbs: WGSL has no 64-bit integers.
+#[cube]
+fn mul_wide(a: u32, b: u32) -> (u32, u32) {
+    let (a0, a1) = (a & 65535u32, a >> 16u32);
+    let (b0, b1) = (b & 65535u32, b >> 16u32);
+    let (p00, p01, p10, p11) = (a0 * b0, a0 * b1, a1 * b0, a1 * b1);
+    let mid = (p00 >> 16u32) + (p01 & 65535u32) + (p10 & 65535u32);
+    let lo = (p00 & 65535u32) | (mid << 16u32);
+    let hi = p11 + (p01 >> 16u32) + (p10 >> 16u32) + (mid >> 16u32);
+    (lo, hi)
+}
+
+/// a·b mod 2⁶⁴ on (low, high) halves.
+#[cube]
+fn mul64(a_lo: u32, a_hi: u32, b_lo: u32, b_hi: u32) -> (u32, u32) {
+    let (lo, hi) = mul_wide(a_lo, b_lo);
+    (lo, hi + a_lo * b_hi + a_hi * b_lo)
+}
+
+/// a + b mod 2⁶⁴ on (low, high) halves.
+#[cube]
+fn add64(a_lo: u32, a_hi: u32, b_lo: u32, b_hi: u32) -> (u32, u32) {
+    let lo = a_lo + b_lo;
+    let mut carry = 0u32;
+    if lo < a_lo {
+        carry = 1u32;
+    }
+    (lo, a_hi + b_hi + carry)
+}
+
+/// z ^ (z >> k) for 0 < k < 32 on (low, high) halves.
+#[cube]
+fn xor_shift64(lo: u32, hi: u32, #[comptime] k: u32) -> (u32, u32) {
+    (lo ^ ((lo >> k) | (hi << (32 - k))), hi ^ (hi >> k))
+}
+
+/// One unit per element k of the mask: SplitMix64's draw from state base + k·γ (`base` being
+/// seed + (first + 1)·γ, γ the golden gamma), as [`crate::rng::Rng::next_u64`] computes it;
+/// dropped when its top 53 bits are below `threshold` = ⌈p·2⁵³⌉, which is exactly
+/// `next_f64() < p`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn dropout_mask<F: Float>(
+    mask: &mut Tensor<F>,
+    len: usize,
+    base_lo: u32,
+    base_hi: u32,
+    threshold_lo: u32,
+    threshold_hi: u32,
+    keep: f32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let p = ABSOLUTE_POS;
+    if p >= len {
+        terminate!();
+    }
+    let (step_lo, step_hi) = mul64(u32::cast_from(p), 0u32, 0x7F4A_7C15u32, 0x9E37_79B9u32);
+    let (lo, hi) = add64(base_lo, base_hi, step_lo, step_hi);
+    let (lo, hi) = xor_shift64(lo, hi, 30u32);
+    let (lo, hi) = mul64(lo, hi, 0x1CE4_E5B9u32, 0xBF58_476Du32);
+    let (lo, hi) = xor_shift64(lo, hi, 27u32);
+    let (lo, hi) = mul64(lo, hi, 0x1331_11EBu32, 0x94D0_49BBu32);
+    let (lo, hi) = xor_shift64(lo, hi, 31u32);
+    // The top 53 bits, as (low 32, high 21).
+    let (top_lo, top_hi) = ((lo >> 11u32) | (hi << 21u32), hi >> 11u32);
+    let dropped = top_hi < threshold_hi || (top_hi == threshold_hi && top_lo < threshold_lo);
+    let mut v = keep;
+    if dropped {
+        v = f32::new(0.0);
+    }
+    mask[p] = F::cast_from(v);
+}

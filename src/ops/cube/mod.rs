@@ -516,4 +516,29 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps f
         );
         (super::prim(super::float::<Self, 1>(loss).sum()), grad)
     }
+
+    fn dropout_mask(len: usize, p: f64, seed: u64, first: u64, device: &Self::Device) -> CubeTensor<R> {
+        assert!(len <= u32::MAX as usize, "dropout: a mask of {len} elements (the kernel counts them in 32 bits)");
+        assert!((0.0..1.0).contains(&p), "dropout: probability {p} (expected 0 <= p < 1)");
+        let base = seed.wrapping_add(first.wrapping_add(1).wrapping_mul(crate::rng::GOLDEN_GAMMA));
+        // next_f64() < p ⟺ (draw >> 11) < p·2⁵³ ⟺ (draw >> 11) < ⌈p·2⁵³⌉: p·2⁵³ is exact in f64.
+        let threshold = (p * (1u64 << 53) as f64).ceil() as u64;
+        let client = R::client(device);
+        let mask = empty_device_dtype(client.clone(), device.clone(), Shape::new([len]), F::dtype());
+        let (count, dim) = elementwise_launch(&client, len);
+        kernels::dropout_mask::launch::<R>(
+            &client,
+            count,
+            dim,
+            mask.clone().into_tensor_arg(),
+            len,
+            base as u32,
+            (base >> 32) as u32,
+            threshold as u32,
+            (threshold >> 32) as u32,
+            (1.0 / (1.0 - p)) as f32,
+            storage(F::dtype()),
+        );
+        mask
+    }
 }

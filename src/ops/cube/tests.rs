@@ -195,3 +195,21 @@ fn cross_entropy_matches_the_reference_plain_and_soft_capped() {
         check::<2>(float(grad), float(grad_ref), &format!("cross_entropy gradient, soft-cap {softcap:?}"));
     }
 }
+
+#[test]
+fn dropout_mask_has_the_host_generators_exact_bits() {
+    let device = Default::default();
+    // Seeds and offsets whose additions carry across the 32-bit halves and wrap 2⁶⁴, offsets
+    // past 2³², and a length that is not a multiple of a cube.
+    for (p, seed, first) in
+        [(0.1, 0u64, 0u64), (0.5, u64::MAX - 3, 12_345), (0.05, 0xDEAD_BEEF_0000_0001, 5 << 32), (0.9, 42, u64::MAX / 3)]
+    {
+        let len = 10_007;
+        let kernel = float::<B, 1>(B::dropout_mask(len, p, seed, first, &device)).into_data().to_vec::<f32>().unwrap();
+        let host = float::<B, 1>(reference::dropout_mask::<B>(len, p, seed, first, &device)).into_data().to_vec::<f32>().unwrap();
+        let differ = kernel.iter().zip(&host).filter(|(a, b)| a != b).count();
+        assert_eq!(differ, 0, "p={p} seed={seed} first={first}: {differ} of {len} elements differ from the host's mask");
+        let dropped = host.iter().filter(|&&v| v == 0.0).count() as f64 / len as f64;
+        assert!((dropped - p).abs() < 0.02, "p={p}: {dropped} dropped");
+    }
+}

@@ -351,58 +351,142 @@ pub fn activation_backward<F: Float>(
     dx[p] = F::cast_from(f32::cast_from(grad[p]) * act_grad(f32::cast_from(x[p]), code));
 }
 
+/// The sizes and options the three attention kernels share: q `[b, s, h, d]`, k and v
+/// `[b, t, kv, d]`, the explicit mask's rows (1 when one serves every batch row), the score
+/// scale, the soft-cap and the sliding window.
+#[derive(CubeLaunch, CubeType)]
+pub struct AttentionSizes {
+    pub b: usize,
+    pub s: usize,
+    pub t: usize,
+    pub h: usize,
+    pub kv: usize,
+    pub mask_rows: usize,
+    pub scale: f32,
+    pub cap: f32,
+    pub window: usize,
+}
+
+/// What the attention kernels are compiled for: the head size, and which of the causal rule
+/// (else an explicit mask), soft-cap, ALiBi and sliding window apply.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct AttentionFlags {
+    pub head_dim: usize,
+    pub causal: bool,
+    pub softcap: bool,
+    pub alibi: bool,
+    pub window: bool,
+}
+
+/// Where query row (batch, head, i) sits: its absolute position i_abs (queries are the last s
+/// of t positions), its kv head under GQA, its explicit mask's offset and its row in q.
+#[derive(CubeType)]
+struct QueryRow {
+    i: usize,
+    head: usize,
+    batch: usize,
+    kv_head: usize,
+    i_abs: usize,
+    mask_row: usize,
+    q_row: usize,
+}
+
+/// The query row of unit p, p being its index in `[b, h, s]` (the lse's layout).
+#[cube]
+fn query_row(p: usize, n: &AttentionSizes, #[comptime] flags: AttentionFlags) -> QueryRow {
+    let i = p % n.s;
+    let head = (p / n.s) % n.h;
+    let batch = p / (n.s * n.h);
+    QueryRow {
+        i,
+        head,
+        batch,
+        kv_head: head / (n.h / n.kv),
+        i_abs: i + n.t - n.s,
+        mask_row: mask_offset(batch, n),
+        q_row: ((batch * n.s + i) * n.h + head) * comptime![flags.head_dim],
+    }
+}
+
+/// The offset of a batch row's explicit mask: 0 when one mask serves them all.
+#[cube]
+fn mask_offset(batch: usize, n: &AttentionSizes) -> usize {
+    let mut offset = 0;
+    if n.mask_rows != 1 {
+        offset = batch * n.s * n.t;
+    }
+    offset
+}
+
 /// Whether query i (absolute position i_abs) may see key j: the causal rule or the explicit
 /// mask (`[rows, 1, s, t]`, nonzero where hidden, its row's offset `mask_row`), then the
 /// sliding window.
 #[cube]
-#[allow(clippy::too_many_arguments)]
 fn visible<M: Numeric>(
     mask: &Tensor<M>,
     mask_row: usize,
     i: usize,
     i_abs: usize,
     j: usize,
-    t: usize,
-    window: usize,
-    #[comptime] causal: bool,
-    #[comptime] has_window: bool,
+    n: &AttentionSizes,
+    #[comptime] flags: AttentionFlags,
 ) -> bool {
-    let mut seen = if causal { j <= i_abs } else { u32::cast_from(mask[mask_row + i * t + j]) == 0 };
-    if has_window {
+    let mut seen = if comptime![flags.causal] { j <= i_abs } else { u32::cast_from(mask[mask_row + i * n.t + j]) == 0 };
+    if comptime![flags.window] {
         // Hidden when i_abs − j >= window, written without a negative difference.
-        if i_abs >= j + window {
+        if i_abs >= j + n.window {
             seen = false;
         }
     }
     seen
 }
 
-/// The soft-capped score scale·q·k, before the ALiBi bias: cap·tanh(raw/cap) with a cap.
+/// Query (head, i_abs) against key row k_row at position j: the soft-capped score
+/// cap·tanh(scale·q·k / cap) (scale·q·k without a cap), and that minus the ALiBi bias
+/// slope·(i_abs − j), the logit of the softmax.
 #[cube]
-fn capped_score<F: Float>(
+#[allow(clippy::too_many_arguments)]
+fn score<F: Float>(
     q: &Array<f32>,
     k: &Tensor<F>,
     k_row: usize,
-    scale: f32,
-    cap: f32,
-    #[comptime] head_dim: usize,
-    #[comptime] has_cap: bool,
-) -> f32 {
+    slopes: &Tensor<f32>,
+    head: usize,
+    i_abs: usize,
+    j: usize,
+    n: &AttentionSizes,
+    #[comptime] flags: AttentionFlags,
+) -> (f32, f32) {
     let mut dot = f32::new(0.0);
-    for e in 0..head_dim {
+    for e in 0..comptime![flags.head_dim] {
         dot += q[e] * f32::cast_from(k[k_row + e]);
     }
-    let mut score = dot * scale;
-    if has_cap {
-        score = cap * f32::tanh(score / cap);
+    let mut capped = dot * n.scale;
+    if comptime![flags.softcap] {
+        capped = n.cap * f32::tanh(capped / n.cap);
     }
-    score
+    let mut logit = capped;
+    if comptime![flags.alibi] {
+        logit -= slopes[head] * (f32::cast_from(i_abs) - f32::cast_from(j));
+    }
+    (capped, logit)
 }
 
-/// Attention forward, one unit per query row (b, h, i), over q `[b, s, h, d]` and k, v
-/// `[b, t, kv, d]`: an online softmax over the keys, so nothing of size s·t is ever stored.
-/// Writes out `[b, s, h, d]` and lse `[b, h, s]` (the unit's own index). A row that sees no
-/// key gets zeros and the smallest finite lse, as the reference does.
+/// d logit → d (scale·q·k): the scale, and the soft-cap's derivative 1 − (capped/cap)².
+#[cube]
+fn raw_score_grad(d_logit: f32, capped: f32, n: &AttentionSizes, #[comptime] flags: AttentionFlags) -> f32 {
+    let mut d = d_logit * n.scale;
+    if comptime![flags.softcap] {
+        let c = capped / n.cap;
+        d *= f32::new(1.0) - c * c;
+    }
+    d
+}
+
+/// Attention forward, one unit per query row (b, h, i): an online softmax over the keys, so
+/// nothing of size s·t is ever stored. Writes out `[b, s, h, d]` and lse `[b, h, s]` (the
+/// unit's own index). A row that sees no key gets zeros and the smallest finite lse, as the
+/// reference does.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward<F: Float, M: Numeric>(
@@ -413,54 +497,31 @@ pub fn attention_forward<F: Float, M: Numeric>(
     slopes: &Tensor<f32>,
     out: &mut Tensor<F>,
     lse: &mut Tensor<F>,
-    b: usize,
-    s: usize,
-    t: usize,
-    h: usize,
-    kv: usize,
-    mask_rows: usize,
-    scale: f32,
-    cap: f32,
-    window: usize,
-    #[comptime] head_dim: usize,
-    #[comptime] causal: bool,
-    #[comptime] has_cap: bool,
-    #[comptime] has_alibi: bool,
-    #[comptime] has_window: bool,
+    n: AttentionSizes,
+    #[comptime] flags: AttentionFlags,
     #[define(F, M)] _dtypes: [StorageType; 2],
 ) {
     let p = ABSOLUTE_POS;
-    if p >= b * h * s {
+    if p >= n.b * n.h * n.s {
         terminate!();
     }
-    let i = p % s;
-    let head = (p / s) % h;
-    let batch = p / (s * h);
-    let kv_head = head / (h / kv);
-    let i_abs = i + t - s;
-    let mut mask_row = 0;
-    if mask_rows != 1 {
-        mask_row = batch * s * t;
-    }
-    let q_row = ((batch * s + i) * h + head) * head_dim;
+    let head_dim = comptime![flags.head_dim];
+    let row = query_row(p, &n, flags);
     let mut qi = Array::<f32>::new(head_dim);
     let mut acc = Array::<f32>::new(head_dim);
     for e in 0..head_dim {
-        qi[e] = f32::cast_from(q[q_row + e]);
+        qi[e] = f32::cast_from(q[row.q_row + e]);
         acc[e] = f32::new(0.0);
     }
     let mut max = f32::new(-3.0e38);
     let mut sum = f32::new(0.0);
-    for j in 0..t {
-        if visible::<M>(mask, mask_row, i, i_abs, j, t, window, causal, has_window) {
-            let kv_row = ((batch * t + j) * kv + kv_head) * head_dim;
-            let mut score = capped_score::<F>(&qi, k, kv_row, scale, cap, head_dim, has_cap);
-            if has_alibi {
-                score -= slopes[head] * (f32::cast_from(i_abs) - f32::cast_from(j));
-            }
-            let new_max = f32::max(max, score);
+    for j in 0..n.t {
+        if visible::<M>(mask, row.mask_row, row.i, row.i_abs, j, &n, flags) {
+            let kv_row = ((row.batch * n.t + j) * n.kv + row.kv_head) * head_dim;
+            let (_, logit) = score::<F>(&qi, k, kv_row, slopes, row.head, row.i_abs, j, &n, flags);
+            let new_max = f32::max(max, logit);
             let shrink = f32::exp(max - new_max);
-            let weight = f32::exp(score - new_max);
+            let weight = f32::exp(logit - new_max);
             sum = sum * shrink + weight;
             for e in 0..head_dim {
                 acc[e] = acc[e] * shrink + weight * f32::cast_from(v[kv_row + e]);
@@ -470,12 +531,12 @@ pub fn attention_forward<F: Float, M: Numeric>(
     }
     if sum > f32::new(0.0) {
         for e in 0..head_dim {
-            out[q_row + e] = F::cast_from(acc[e] / sum);
+            out[row.q_row + e] = F::cast_from(acc[e] / sum);
         }
         lse[p] = F::cast_from(max + f32::ln(sum));
     } else {
         for e in 0..head_dim {
-            out[q_row + e] = F::new(0.0);
+            out[row.q_row + e] = F::new(0.0);
         }
         lse[p] = F::cast_from(f32::new(-3.4028235e38));
     }
@@ -497,73 +558,45 @@ pub fn attention_backward_q<F: Float, M: Numeric>(
     grad: &Tensor<F>,
     dq: &mut Tensor<F>,
     delta: &mut Tensor<f32>,
-    b: usize,
-    s: usize,
-    t: usize,
-    h: usize,
-    kv: usize,
-    mask_rows: usize,
-    scale: f32,
-    cap: f32,
-    window: usize,
-    #[comptime] head_dim: usize,
-    #[comptime] causal: bool,
-    #[comptime] has_cap: bool,
-    #[comptime] has_alibi: bool,
-    #[comptime] has_window: bool,
+    n: AttentionSizes,
+    #[comptime] flags: AttentionFlags,
     #[define(F, M)] _dtypes: [StorageType; 2],
 ) {
     let p = ABSOLUTE_POS;
-    if p >= b * h * s {
+    if p >= n.b * n.h * n.s {
         terminate!();
     }
-    let i = p % s;
-    let head = (p / s) % h;
-    let batch = p / (s * h);
-    let kv_head = head / (h / kv);
-    let i_abs = i + t - s;
-    let mut mask_row = 0;
-    if mask_rows != 1 {
-        mask_row = batch * s * t;
-    }
-    let q_row = ((batch * s + i) * h + head) * head_dim;
+    let head_dim = comptime![flags.head_dim];
+    let row = query_row(p, &n, flags);
     let mut qi = Array::<f32>::new(head_dim);
     let mut gi = Array::<f32>::new(head_dim);
     let mut acc = Array::<f32>::new(head_dim);
     let mut row_delta = f32::new(0.0);
     for e in 0..head_dim {
-        qi[e] = f32::cast_from(q[q_row + e]);
-        gi[e] = f32::cast_from(grad[q_row + e]);
+        qi[e] = f32::cast_from(q[row.q_row + e]);
+        gi[e] = f32::cast_from(grad[row.q_row + e]);
         acc[e] = f32::new(0.0);
-        row_delta += gi[e] * f32::cast_from(out[q_row + e]);
+        row_delta += gi[e] * f32::cast_from(out[row.q_row + e]);
     }
     delta[p] = row_delta;
     let row_lse = f32::cast_from(lse[p]);
-    for j in 0..t {
-        if visible::<M>(mask, mask_row, i, i_abs, j, t, window, causal, has_window) {
-            let kv_row = ((batch * t + j) * kv + kv_head) * head_dim;
-            let capped = capped_score::<F>(&qi, k, kv_row, scale, cap, head_dim, has_cap);
-            let mut score = capped;
-            if has_alibi {
-                score -= slopes[head] * (f32::cast_from(i_abs) - f32::cast_from(j));
-            }
-            let prob = f32::exp(score - row_lse);
+    for j in 0..n.t {
+        if visible::<M>(mask, row.mask_row, row.i, row.i_abs, j, &n, flags) {
+            let kv_row = ((row.batch * n.t + j) * n.kv + row.kv_head) * head_dim;
+            let (capped, logit) = score::<F>(&qi, k, kv_row, slopes, row.head, row.i_abs, j, &n, flags);
+            let prob = f32::exp(logit - row_lse);
             let mut d_prob = f32::new(0.0);
             for e in 0..head_dim {
                 d_prob += gi[e] * f32::cast_from(v[kv_row + e]);
             }
-            let mut d_score = prob * (d_prob - row_delta) * scale;
-            if has_cap {
-                let c = capped / cap;
-                d_score *= f32::new(1.0) - c * c;
-            }
+            let d_score = raw_score_grad(prob * (d_prob - row_delta), capped, &n, flags);
             for e in 0..head_dim {
                 acc[e] += d_score * f32::cast_from(k[kv_row + e]);
             }
         }
     }
     for e in 0..head_dim {
-        dq[q_row + e] = F::cast_from(acc[e]);
+        dq[row.q_row + e] = F::cast_from(acc[e]);
     }
 }
 
@@ -582,35 +615,21 @@ pub fn attention_backward_kv<F: Float, M: Numeric>(
     grad: &Tensor<F>,
     dk: &mut Tensor<F>,
     dv: &mut Tensor<F>,
-    b: usize,
-    s: usize,
-    t: usize,
-    h: usize,
-    kv: usize,
-    mask_rows: usize,
-    scale: f32,
-    cap: f32,
-    window: usize,
-    #[comptime] head_dim: usize,
-    #[comptime] causal: bool,
-    #[comptime] has_cap: bool,
-    #[comptime] has_alibi: bool,
-    #[comptime] has_window: bool,
+    n: AttentionSizes,
+    #[comptime] flags: AttentionFlags,
     #[define(F, M)] _dtypes: [StorageType; 2],
 ) {
     let p = ABSOLUTE_POS;
-    if p >= b * kv * t {
+    if p >= n.b * n.kv * n.t {
         terminate!();
     }
+    let head_dim = comptime![flags.head_dim];
     // p = (batch·t + j)·kv + kv_head: dk and dv rows are the unit's own.
-    let kv_head = p % kv;
-    let j = (p / kv) % t;
-    let batch = p / (kv * t);
-    let group = h / kv;
-    let mut mask_row = 0;
-    if mask_rows != 1 {
-        mask_row = batch * s * t;
-    }
+    let kv_head = p % n.kv;
+    let j = (p / n.kv) % n.t;
+    let batch = p / (n.kv * n.t);
+    let group = n.h / n.kv;
+    let mask_row = mask_offset(batch, &n);
     let kv_row = p * head_dim;
     let mut dk_acc = Array::<f32>::new(head_dim);
     let mut dv_acc = Array::<f32>::new(head_dim);
@@ -621,31 +640,23 @@ pub fn attention_backward_kv<F: Float, M: Numeric>(
     }
     for g in 0..group {
         let head = kv_head * group + g;
-        for i in 0..s {
-            let i_abs = i + t - s;
-            if visible::<M>(mask, mask_row, i, i_abs, j, t, window, causal, has_window) {
-                let q_row = ((batch * s + i) * h + head) * head_dim;
+        for i in 0..n.s {
+            let i_abs = i + n.t - n.s;
+            if visible::<M>(mask, mask_row, i, i_abs, j, &n, flags) {
+                let q_row = ((batch * n.s + i) * n.h + head) * head_dim;
                 for e in 0..head_dim {
                     qi[e] = f32::cast_from(q[q_row + e]);
                 }
-                let capped = capped_score::<F>(&qi, k, kv_row, scale, cap, head_dim, has_cap);
-                let mut score = capped;
-                if has_alibi {
-                    score -= slopes[head] * (f32::cast_from(i_abs) - f32::cast_from(j));
-                }
-                let stat = (batch * h + head) * s + i;
-                let prob = f32::exp(score - f32::cast_from(lse[stat]));
+                let (capped, logit) = score::<F>(&qi, k, kv_row, slopes, head, i_abs, j, &n, flags);
+                let stat = (batch * n.h + head) * n.s + i;
+                let prob = f32::exp(logit - f32::cast_from(lse[stat]));
                 let mut d_prob = f32::new(0.0);
                 for e in 0..head_dim {
                     let gi = f32::cast_from(grad[q_row + e]);
                     dv_acc[e] += prob * gi;
                     d_prob += gi * f32::cast_from(v[kv_row + e]);
                 }
-                let mut d_score = prob * (d_prob - delta[stat]) * scale;
-                if has_cap {
-                    let c = capped / cap;
-                    d_score *= f32::new(1.0) - c * c;
-                }
+                let d_score = raw_score_grad(prob * (d_prob - delta[stat]), capped, &n, flags);
                 for e in 0..head_dim {
                     dk_acc[e] += d_score * qi[e];
                 }

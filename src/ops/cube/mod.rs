@@ -69,14 +69,17 @@ fn activation_code(act: Activation) -> u32 {
 }
 
 /// What the three attention kernels share: the mask as a tensor (q itself, unread, when
-/// causal), the ALiBi slopes (zeros without ALiBi) and the sizes.
+/// causal), the ALiBi slopes (one unread zero without ALiBi), the sizes and options, and the
+/// flags the kernels are compiled for.
 struct AttentionArgs<R: CubeRuntime> {
     mask: CubeTensor<R>,
     slopes: CubeTensor<R>,
-    causal: bool,
     /// b, s, t, h, kv, mask rows
     sizes: [usize; 6],
-    head_dim: usize,
+    scale: f32,
+    cap: f32,
+    window: usize,
+    flags: kernels::AttentionFlags,
 }
 
 impl<R: CubeRuntime> AttentionArgs<R> {
@@ -113,11 +116,31 @@ impl<R: CubeRuntime> AttentionArgs<R> {
                 assert_eq!(slopes.len(), h, "attention: {} ALiBi slopes for {h} heads", slopes.len());
                 slopes.clone()
             }
-            None => vec![0.0; h],
+            None => vec![0.0],
         };
         let handle = q.client.create_from_slice(f32::as_bytes(&slopes));
-        let slopes = CubeTensor::new_contiguous(q.client.clone(), q.device.clone(), Shape::new([h]), handle, DType::F32);
-        AttentionArgs { mask, slopes, causal, sizes: [b, s, t, h, kv, mask_rows], head_dim: d }
+        let slopes = CubeTensor::new_contiguous(q.client.clone(), q.device.clone(), Shape::new([slopes.len()]), handle, DType::F32);
+        let flags = kernels::AttentionFlags {
+            head_dim: d,
+            causal,
+            softcap: opts.softcap.is_some(),
+            alibi: opts.alibi.is_some(),
+            window: opts.window.is_some(),
+        };
+        AttentionArgs {
+            mask,
+            slopes,
+            sizes: [b, s, t, h, kv, mask_rows],
+            scale: opts.scale as f32,
+            cap: opts.softcap.unwrap_or(1.0) as f32,
+            window: opts.window.unwrap_or(0),
+            flags,
+        }
+    }
+
+    fn launch_sizes(&self) -> RuntimeArg<kernels::AttentionSizes, R> {
+        let [b, s, t, h, kv, mask_rows] = self.sizes;
+        kernels::AttentionSizesLaunch::new(b, s, t, h, kv, mask_rows, self.scale, self.cap, self.window)
     }
 
     fn dtypes(&self, x: &CubeTensor<R>) -> [StorageType; 2] {
@@ -144,7 +167,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps f
     ) -> (CubeTensor<R>, CubeTensor<R>) {
         let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
         let args = AttentionArgs::new(&q, &k, explicit(mask), opts);
-        let [b, s, t, h, kv, mask_rows] = args.sizes;
+        let [b, s, _, h, _, _] = args.sizes;
+        let sizes = args.launch_sizes();
         let out = empty_like(&q, q.meta.shape().clone());
         let lse = empty_like(&q, Shape::new([b, h, s]));
         let (count, dim) = elementwise_launch(&q.client, b * h * s);
@@ -161,20 +185,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps f
             args.slopes.into_tensor_arg(),
             out.clone().into_tensor_arg(),
             lse.clone().into_tensor_arg(),
-            b,
-            s,
-            t,
-            h,
-            kv,
-            mask_rows,
-            opts.scale as f32,
-            opts.softcap.unwrap_or(1.0) as f32,
-            opts.window.unwrap_or(0),
-            args.head_dim,
-            args.causal,
-            opts.softcap.is_some(),
-            opts.alibi.is_some(),
-            opts.window.is_some(),
+            sizes,
+            args.flags,
             dtypes,
         );
         (out, lse)
@@ -193,7 +205,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps f
         let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
         let (out, lse, grad) = (into_contiguous(out), into_contiguous(lse), into_contiguous(grad));
         let args = AttentionArgs::new(&q, &k, explicit(mask), opts);
-        let [b, s, t, h, kv, mask_rows] = args.sizes;
+        let [b, s, t, h, kv, _] = args.sizes;
+        let (sizes, sizes_kv) = (args.launch_sizes(), args.launch_sizes());
         let dq = empty_like(&q, q.meta.shape().clone());
         let (dk, dv) = (empty_like(&k, k.meta.shape().clone()), empty_like(&v, v.meta.shape().clone()));
         let delta = empty_device_dtype(q.client.clone(), q.device.clone(), Shape::new([b, h, s]), DType::F32);
@@ -214,20 +227,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps f
             grad.clone().into_tensor_arg(),
             dq.clone().into_tensor_arg(),
             delta.clone().into_tensor_arg(),
-            b,
-            s,
-            t,
-            h,
-            kv,
-            mask_rows,
-            opts.scale as f32,
-            opts.softcap.unwrap_or(1.0) as f32,
-            opts.window.unwrap_or(0),
-            args.head_dim,
-            args.causal,
-            opts.softcap.is_some(),
-            opts.alibi.is_some(),
-            opts.window.is_some(),
+            sizes,
+            args.flags,
             dtypes,
         );
         // Queued after the first on the same stream: it reads the delta that one wrote.
@@ -246,20 +247,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps f
             grad.into_tensor_arg(),
             dk.clone().into_tensor_arg(),
             dv.clone().into_tensor_arg(),
-            b,
-            s,
-            t,
-            h,
-            kv,
-            mask_rows,
-            opts.scale as f32,
-            opts.softcap.unwrap_or(1.0) as f32,
-            opts.window.unwrap_or(0),
-            args.head_dim,
-            args.causal,
-            opts.softcap.is_some(),
-            opts.alibi.is_some(),
-            opts.window.is_some(),
+            sizes_kv,
+            args.flags,
             dtypes,
         );
         (dq, dk, dv)

@@ -1,6 +1,8 @@
 //! GFLOP/s of the gemm crate (what burn-flex and tune's CPU kernels call) on W1's matmul
-//! shapes, on all cores and on one: the ceiling for tune's training step on this machine; and
-//! of tune's bf16 kernel (`tune::ops::bf16`, a bf16 base) on the same shapes, all cores.
+//! shapes and on a 7B model's (256 rows), on all cores and on one: the ceiling for tune's
+//! training step on this machine; and of tune's bf16 kernels (`tune::ops::bf16`, a bf16 base)
+//! on the same shapes, all cores, with the weight as a bf16 base holds it (`[out, in]` as
+//! stored: read transposed in the forward pass, row-major for the input gradient).
 //!
 //! `cargo bench --bench gemm_shapes` prints a table; the README's performance section uses it
 //! to bound tokens/s (a step's FLOPs over the gemm rate).
@@ -76,15 +78,26 @@ fn main() {
         ("down dx", 1024, 1536, 576, true),
         ("lm_head chunk (128 rows)", 128, 49152, 576, true),
         ("lm_head dx chunk", 128, 576, 49152, false),
+        // 256 tokens of Mistral-7B (hidden 4096, 8 kv heads of 128, ffn 14336).
+        ("7B q_proj forward", 256, 4096, 4096, false),
+        ("7B k_proj forward", 256, 1024, 4096, false),
+        ("7B gate forward", 256, 14336, 4096, false),
+        ("7B down forward", 256, 4096, 14336, false),
+        ("7B q_proj dx", 256, 4096, 4096, true),
+        ("7B gate dx", 256, 4096, 14336, true),
+        ("7B down dx", 256, 14336, 4096, true),
     ];
     use tune::ops::bf16::Kernel;
-    println!("| matmul | m | n | k | f32 GFLOP/s, {cores} cores | f32, 1 core | bf16 AVX512-BF16, {cores} cores | bf16 f32 tiles, {cores} cores |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| matmul | m | n | k | f32 GFLOP/s, {cores} cores | f32, 1 core | bf16 AMX, {cores} cores | bf16 AVX512-BF16, {cores} cores | bf16 f32 tiles, {cores} cores |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (what, m, n, k, t) in shapes {
         let all = gflops(gemm::Parallelism::Rayon(cores), m, n, k, t);
         let one = gflops(gemm::Parallelism::None, m, n, k, t);
-        let dp = if Kernel::has_avx512_bf16() { format!("{:.1}", bf16_gflops(Kernel::Avx512Bf16, m, n, k, t)) } else { "-".into() };
-        let tiles = bf16_gflops(Kernel::F32Tiles, m, n, k, t);
-        println!("| {what} | {m} | {n} | {k} | {all:.1} | {one:.1} | {dp} | {tiles:.1} |");
+        // An f32 base holds its weights [in, out]; a bf16 base keeps them [out, in].
+        let bf16 = |kernel, available: bool| if available { format!("{:.1}", bf16_gflops(kernel, m, n, k, !t)) } else { "-".into() };
+        let amx = bf16(Kernel::Amx, Kernel::has_amx());
+        let dp = bf16(Kernel::Avx512Bf16, Kernel::has_avx512_bf16());
+        let tiles = bf16(Kernel::F32Tiles, true);
+        println!("| {what} | {m} | {n} | {k} | {all:.1} | {one:.1} | {amx} | {dp} | {tiles} |");
     }
 }

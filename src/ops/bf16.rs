@@ -3,10 +3,12 @@
 //! as autocast rounds activations entering a bf16 matmul; the products of two bf16 numbers are
 //! exact in f32 and are summed in f32.
 //!
-//! Two kernels compute it. [`Kernel::F32Tiles`] widens the rounded operands to f32 (exactly) a
-//! tile at a time and runs the f32 gemm on each tile, so no f32 copy of the weight is ever
-//! made. [`Kernel::Avx512Bf16`] multiplies the bf16 pairs with `vdpbf16ps`, 32 products an
-//! instruction; on paper twice the f32 FMA rate, measured slower here (see [`Kernel::detect`]).
+//! Three kernels compute it. [`Kernel::Amx`] multiplies bf16 tiles on Intel AMX (`amx.rs`),
+//! where the CPU has it and Linux allows it: the fast one. [`Kernel::F32Tiles`] widens the
+//! rounded operands to f32 (exactly) a tile at a time and runs the f32 gemm on each tile, so no
+//! f32 copy of the weight is ever made: the path for every other CPU. [`Kernel::Avx512Bf16`]
+//! multiplies the bf16 pairs with `vdpbf16ps`, 32 products an instruction; on paper twice the
+//! f32 FMA rate, measured slower (see [`Kernel::detect`]).
 //!
 //! Layout of the AVX512-BF16 kernel: A is packed once per product in blocks of [`MR`] rows,
 //! each k-pair (a[i, 2p], a[i, 2p + 1]) one 32-bit word the kernel broadcasts; each task packs
@@ -16,6 +18,9 @@
 
 use half::bf16;
 use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+mod amx;
 
 /// Rows of A per kernel call.
 const MR: usize = 8;
@@ -62,9 +67,11 @@ impl<'a, T: Copy> View<'a, T> {
     }
 }
 
-/// Which kernel runs: the AVX512-BF16 one where the CPU has it.
+/// Which kernel runs: see [`Kernel::detect`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
+    /// Intel AMX tiles (`tdpbf16ps`).
+    Amx,
     Avx512Bf16,
     /// Rounded operands, f32 gemm: for every other CPU.
     F32Tiles,
@@ -80,13 +87,26 @@ impl Kernel {
         false
     }
 
-    /// The kernel tune uses: [`Kernel::F32Tiles`] everywhere for now. On the Intel Xeon
-    /// (Emerald Rapids) this was measured on, `vdpbf16ps` sustains one instruction per ~1.7
-    /// cycles, 87 GFLOP/s a core against 150 for f32 FMAs, so the widened f32 gemm is the faster
-    /// of the two (`cargo bench --bench gemm_shapes` prints both). A CPU where it is the other
-    /// way round would pick the dot-product kernel here; none was measured.
+    /// Whether this CPU has AMX-BF16 and the kernel lets this process use its tiles.
+    pub fn has_amx() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if amx::available() {
+            return true;
+        }
+        false
+    }
+
+    /// The kernel tune uses: [`Kernel::Amx`] where the CPU has it, [`Kernel::F32Tiles`]
+    /// everywhere else. On the Intel Xeons this was measured on, `vdpbf16ps` sustains one
+    /// instruction per ~1.7 cycles, 87 GFLOP/s a core against 150 for f32 FMAs, so the widened
+    /// f32 gemm beats it; AMX's `tdpbf16ps` beats both (`cargo bench --bench gemm_shapes`
+    /// prints all three on W1's shapes).
     pub fn detect() -> Kernel {
-        Kernel::F32Tiles
+        if Kernel::has_amx() {
+            Kernel::Amx
+        } else {
+            Kernel::F32Tiles
+        }
     }
 }
 
@@ -114,6 +134,9 @@ pub fn matmul_with(kernel: Kernel, a: View<f32>, b: View<bf16>, c: &mut [f32], a
         return;
     }
     match kernel {
+        // The tiles read b along a unit stride; any other view is widened.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Amx if Kernel::has_amx() && (b.rs == 1 || b.cs == 1) => amx::matmul(a, b, c, accumulate),
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512Bf16 if Kernel::has_avx512_bf16() => avx512::matmul(a, b, c, accumulate),
         _ => f32_tiles(a, b, c, accumulate),
@@ -355,9 +378,14 @@ mod tests {
         if Kernel::has_avx512_bf16() {
             kernels.push(Kernel::Avx512Bf16);
         }
+        if Kernel::has_amx() {
+            kernels.push(Kernel::Amx);
+        }
         for kernel in kernels {
-            // Edges of every block size: rows past MR, columns past NR, odd k, k past KC pairs.
-            for (m, k, n) in [(1, 1, 1), (13, 37, 45), (8, 64, 32), (17, 2 * KC + 3, 70), (3, 500, 129)] {
+            // Edges of every block size: rows past MR (and AMX's 16 and 32), columns past NR,
+            // odd k, k past KC pairs; whole AMX blocks read in place (k a multiple of 32, n of
+            // 32) beside a partial one.
+            for (m, k, n) in [(1, 1, 1), (13, 37, 45), (8, 64, 32), (17, 2 * KC + 3, 70), (3, 500, 129), (70, 96, 80), (33, 64, 64)] {
                 for transposed_b in [false, true] {
                     for accumulate in [false, true] {
                         check(kernel, m, k, n, transposed_b, accumulate);
@@ -372,7 +400,12 @@ mod tests {
         // 1 + 2⁻¹⁰ is not a bf16 (8 bits of mantissa): it rounds to 1, so the product is 1·b.
         let a = [1.0 + 2f32.powi(-10)];
         let b = [bf16::from_f32(3.0)];
-        for kernel in [Kernel::F32Tiles, Kernel::Avx512Bf16].into_iter().filter(|&k| k == Kernel::F32Tiles || Kernel::has_avx512_bf16()) {
+        let available = |k: &Kernel| match k {
+            Kernel::F32Tiles => true,
+            Kernel::Avx512Bf16 => Kernel::has_avx512_bf16(),
+            Kernel::Amx => Kernel::has_amx(),
+        };
+        for kernel in [Kernel::F32Tiles, Kernel::Avx512Bf16, Kernel::Amx].into_iter().filter(available) {
             let mut c = [0f32];
             matmul_with(kernel, View::row_major(&a, 1, 1), View::row_major(&b, 1, 1), &mut c, false);
             assert_eq!(c[0], 3.0, "{kernel:?}");

@@ -13,8 +13,10 @@ use super::{float, prim, reference, Activation, AttentionOptions, FusedOps, Lora
 
 mod quant;
 pub(super) mod shared;
+pub(super) mod simd;
 
 use shared::Shared;
+use simd::multiversion;
 
 /// Query rows per attention tile: a causal tile only needs the keys up to its last row.
 const TILE: usize = 64;
@@ -166,48 +168,54 @@ pub(crate) fn gelu_tanh(x: f32) -> f32 {
 /// Elements per task in the element-wise kernels.
 const CHUNK: usize = 1 << 14;
 
-/// act(gate)·up
-fn glu_f32<A: Act>(gs: &[f32], us: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; gs.len()];
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
-        let (g, u) = (&gs[c * CHUNK..][..out.len()], &us[c * CHUNK..][..out.len()]);
-        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-            *o = A::value(g) * u;
-        }
-    });
-    out
+multiversion! {
+    /// act(gate)·up
+    fn glu_f32<A: Act>(gs: &[f32], us: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; gs.len()];
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+            let (g, u) = (&gs[c * CHUNK..][..out.len()], &us[c * CHUNK..][..out.len()]);
+            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+                *o = A::value(g) * u;
+            }
+        });
+        out
+    }
 }
 
-/// The gradients of gate and up.
-fn glu_backward_f32<A: Act>(gs: &[f32], us: &[f32], ds: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let mut dgate = vec![0f32; gs.len()];
-    let mut dup = vec![0f32; gs.len()];
-    dgate.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (dg, du))| {
-        let n = dg.len();
-        let (g, u, d) = (&gs[c * CHUNK..][..n], &us[c * CHUNK..][..n], &ds[c * CHUNK..][..n]);
-        for i in 0..n {
-            (dg[i], du[i]) = A::glu_grad(g[i], u[i], d[i]);
-        }
-    });
-    (dgate, dup)
+multiversion! {
+    /// The gradients of gate and up.
+    fn glu_backward_f32<A: Act>(gs: &[f32], us: &[f32], ds: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let mut dgate = vec![0f32; gs.len()];
+        let mut dup = vec![0f32; gs.len()];
+        dgate.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (dg, du))| {
+            let n = dg.len();
+            let (g, u, d) = (&gs[c * CHUNK..][..n], &us[c * CHUNK..][..n], &ds[c * CHUNK..][..n]);
+            for i in 0..n {
+                (dg[i], du[i]) = A::glu_grad(g[i], u[i], d[i]);
+            }
+        });
+        (dgate, dup)
+    }
 }
 
-/// act(x), or with `grad` the gradient of x, grad·act'(x).
-fn activation_f32<A: Act>(xs: &[f32], grad: Option<&[f32]>) -> Vec<f32> {
-    let mut out = vec![0f32; xs.len()];
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
-        let x = &xs[c * CHUNK..][..out.len()];
-        match grad {
-            None => out.iter_mut().zip(x).for_each(|(o, &x)| *o = A::value(x)),
-            Some(ds) => {
-                let d = &ds[c * CHUNK..][..out.len()];
-                for ((o, &x), &d) in out.iter_mut().zip(x).zip(d) {
-                    *o = d * A::value_grad(x).1;
+multiversion! {
+    /// act(x), or with `grad` the gradient of x, grad·act'(x).
+    fn activation_f32<A: Act>(xs: &[f32], grad: Option<&[f32]>) -> Vec<f32> {
+        let mut out = vec![0f32; xs.len()];
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+            let x = &xs[c * CHUNK..][..out.len()];
+            match grad {
+                None => out.iter_mut().zip(x).for_each(|(o, &x)| *o = A::value(x)),
+                Some(ds) => {
+                    let d = &ds[c * CHUNK..][..out.len()];
+                    for ((o, &x), &d) in out.iter_mut().zip(x).zip(d) {
+                        *o = d * A::value_grad(x).1;
+                    }
                 }
             }
-        }
-    });
-    out
+        });
+        out
+    }
 }
 
 fn all_f32(ts: &[&FlexTensor]) -> bool {
@@ -312,6 +320,7 @@ impl Geometry<'_> {
     /// `head`) into the scores its softmax sees: soft-capped, plus the ALiBi bias, −∞ where masked.
     /// With `cap_grad`, also writes dc/draw = 1 − (c/cap)² per key. Each option is its own pass
     /// over the row, taken only when it is set.
+    #[inline(always)]
     fn prepare_row(&self, bi: usize, head: usize, i: usize, lo: usize, row: &mut [f32], cap_grad: Option<&mut [f32]>) {
         if let Some(cap) = self.softcap {
             let inv = 1.0 / cap;
@@ -338,6 +347,7 @@ impl Geometry<'_> {
     }
 
     /// Sets masked scores of query `i` (batch row `bi`) to −∞, in a row of keys `lo..`.
+    #[inline(always)]
     fn mask_row(&self, bi: usize, i: usize, lo: usize, row: &mut [f32]) {
         let n = row.len();
         match self.mask {
@@ -365,6 +375,7 @@ impl Geometry<'_> {
 
 /// exp(x − lse) in place; masked scores (−∞) become 0. A fully masked row has lse = f32::MIN
 /// and comes out all 0.
+#[inline(always)]
 fn exp_shifted(row: &mut [f32], lse: f32) {
     for x in row.iter_mut() {
         *x = exp(*x - lse);
@@ -372,140 +383,140 @@ fn exp_shifted(row: &mut [f32], lse: f32) {
 }
 
 /// Softmax of a masked row in place; returns its log-sum-exp.
+#[inline(always)]
 fn softmax_row(row: &mut [f32]) -> f32 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let max = simd::max(row);
     if max == f32::NEG_INFINITY {
         row.fill(0.0);
         return f32::MIN;
     }
-    let mut sum = 0f32;
-    for x in row.iter_mut() {
-        *x = exp(*x - max);
-        sum += *x;
-    }
+    row.iter_mut().for_each(|x| *x = exp(*x - max));
+    let sum = simd::sum(row);
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|x| *x *= inv);
     max + sum.ln()
 }
 
-// gemm's 14 arguments on one line each call: rustfmt would give each its own line.
-#[rustfmt::skip]
-fn attention_forward_f32(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<f32>, Vec<f32>) {
-    let Geometry { b, s, t, h, kv, d, scale, .. } = *g;
-    let rep = h / kv;
-    let mut out = vec![0f32; b * s * h * d];
-    let mut lse = vec![0f32; b * h * s];
-    let out_ptr = Shared(out.as_mut_ptr());
-    let lse_ptr = Shared(lse.as_mut_ptr());
-    (0..b * h).into_par_iter().for_each(|task| {
-        let (bi, hi) = (task / h, task % h);
-        let q0 = &q[(bi * s * h + hi) * d..];
-        let k0 = &k[(bi * t * kv + hi / rep) * d..];
-        let v0 = &v[(bi * t * kv + hi / rep) * d..];
-        let mut scores = vec![0f32; TILE * t];
-        for r0 in (0..s).step_by(TILE) {
-            let rows = TILE.min(s - r0);
-            let (lo, hi_key) = g.keys(r0, r0 + rows);
-            let n = hi_key - lo;
-            let (k_t, v_t) = (&k0[lo * kv * d..], &v0[lo * kv * d..]);
-            // scores = scale · q_tile · k[lo..]ᵀ, [rows, n] with row stride t
-            unsafe {
-                gemm(ONE_CORE, rows, n, d, scores.as_mut_ptr(), t as isize, false, q0[r0 * h * d..].as_ptr(), (h * d) as isize, 1, k_t.as_ptr(), 1, (kv * d) as isize, scale);
-            }
-            for ii in 0..rows {
-                let i = r0 + ii;
-                let row = &mut scores[ii * t..ii * t + n];
-                g.prepare_row(bi, hi, i, lo, row, None);
-                let row_lse = softmax_row(row);
-                unsafe { *lse_ptr.at((bi * h + hi) * s + i) = row_lse };
-            }
-            // out_tile = p · v
-            unsafe {
-                gemm(ONE_CORE, rows, d, n, out_ptr.at(((bi * s + r0) * h + hi) * d), (h * d) as isize, false, scores.as_ptr(), t as isize, 1, v_t.as_ptr(), (kv * d) as isize, 1, 1.0);
-            }
-        }
-    });
-    (out, lse)
-}
-
-#[allow(clippy::too_many_arguments)]
-// gemm's 14 arguments on one line each call: rustfmt would give each its own line.
-#[rustfmt::skip]
-fn attention_backward_f32(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    out: &[f32],
-    lse: &[f32],
-    grad: &[f32],
-    g: &Geometry,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let Geometry { b, s, t, h, kv, d, scale, .. } = *g;
-    let rep = h / kv;
-    let mut dq = vec![0f32; b * s * h * d];
-    let mut dk = vec![0f32; b * t * kv * d];
-    let mut dv = vec![0f32; b * t * kv * d];
-    let (dq_ptr, dk_ptr, dv_ptr) = (Shared(dq.as_mut_ptr()), Shared(dk.as_mut_ptr()), Shared(dv.as_mut_ptr()));
-    // One task per kv head: it alone accumulates that head's dk and dv, over its query heads.
-    (0..b * kv).into_par_iter().for_each(|task| {
-        let (bi, gi) = (task / kv, task % kv);
-        let kv_off = (bi * t * kv + gi) * d;
-        let mut p = vec![0f32; TILE * t];
-        let mut dp = vec![0f32; TILE * t];
-        // dc/draw of the soft-capped scores, kept from the rebuild of p to the scores' gradient
-        let mut cap_grad = vec![0f32; if g.softcap.is_some() { TILE * t } else { 0 }];
-        for hi in gi * rep..(gi + 1) * rep {
+multiversion! {
+    // gemm's 14 arguments on one line each call: rustfmt would give each its own line.
+    fn attention_forward_f32(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<f32>, Vec<f32>) {
+        let Geometry { b, s, t, h, kv, d, scale, .. } = *g;
+        let rep = h / kv;
+        let mut out = vec![0f32; b * s * h * d];
+        let mut lse = vec![0f32; b * h * s];
+        let out_ptr = Shared(out.as_mut_ptr());
+        let lse_ptr = Shared(lse.as_mut_ptr());
+        (0..b * h).into_par_iter().for_each(|task| {
+            let (bi, hi) = (task / h, task % h);
+            let q0 = &q[(bi * s * h + hi) * d..];
+            let k0 = &k[(bi * t * kv + hi / rep) * d..];
+            let v0 = &v[(bi * t * kv + hi / rep) * d..];
+            let mut scores = vec![0f32; TILE * t];
             for r0 in (0..s).step_by(TILE) {
                 let rows = TILE.min(s - r0);
                 let (lo, hi_key) = g.keys(r0, r0 + rows);
                 let n = hi_key - lo;
-                // keys lo.. of this kv head, and their rows of dk and dv
-                let kv_t = kv_off + lo * kv * d;
-                let (k_t, v_t) = (&k[kv_t..], &v[kv_t..]);
-                let row_off = ((bi * s + r0) * h + hi) * d;
-                let (q_t, o_t, g_t) = (&q[row_off..], &out[row_off..], &grad[row_off..]);
-                let ld = (h * d) as isize;
+                let (k_t, v_t) = (&k0[lo * kv * d..], &v0[lo * kv * d..]);
+                // scores = scale · q_tile · k[lo..]ᵀ, [rows, n] with row stride t
                 unsafe {
-                    // p = softmax(scale · q kᵀ), rebuilt from the saved log-sum-exp
-                    gemm(ONE_CORE, rows, n, d, p.as_mut_ptr(), t as isize, false, q_t.as_ptr(), ld, 1, k_t.as_ptr(), 1, (kv * d) as isize, scale);
+                    gemm(ONE_CORE, rows, n, d, scores.as_mut_ptr(), t as isize, false, q0[r0 * h * d..].as_ptr(), (h * d) as isize, 1, k_t.as_ptr(), 1, (kv * d) as isize, scale);
                 }
                 for ii in 0..rows {
                     let i = r0 + ii;
-                    let row = &mut p[ii * t..ii * t + n];
-                    let cg = if g.softcap.is_some() { Some(&mut cap_grad[ii * t..ii * t + n]) } else { None };
-                    g.prepare_row(bi, hi, i, lo, row, cg);
-                    exp_shifted(row, lse[(bi * h + hi) * s + i]);
+                    let row = &mut scores[ii * t..ii * t + n];
+                    g.prepare_row(bi, hi, i, lo, row, None);
+                    let row_lse = softmax_row(row);
+                    unsafe { *lse_ptr.at((bi * h + hi) * s + i) = row_lse };
                 }
+                // out_tile = p · v
                 unsafe {
-                    // dv += pᵀ · grad
-                    gemm(ONE_CORE, n, d, rows, dv_ptr.at(kv_t), (kv * d) as isize, true, p.as_ptr(), 1, t as isize, g_t.as_ptr(), ld, 1, 1.0);
-                    // dp = grad · vᵀ
-                    gemm(ONE_CORE, rows, n, d, dp.as_mut_ptr(), t as isize, false, g_t.as_ptr(), ld, 1, v_t.as_ptr(), 1, (kv * d) as isize, 1.0);
-                }
-                // ds = p · (dp − Σ grad·out), the softmax's backward, times the score scale
-                for ii in 0..rows {
-                    let o = &o_t[ii * h * d..ii * h * d + d];
-                    let gr = &g_t[ii * h * d..ii * h * d + d];
-                    let dot: f32 = o.iter().zip(gr).map(|(a, b)| a * b).sum();
-                    let (pr, dr) = (&p[ii * t..ii * t + n], &mut dp[ii * t..ii * t + n]);
-                    for (x, &pv) in dr.iter_mut().zip(pr) {
-                        *x = pv * (*x - dot) * scale;
-                    }
-                    if g.softcap.is_some() {
-                        // through the cap: d raw = d c · (1 − (c/cap)²)
-                        dr.iter_mut().zip(&cap_grad[ii * t..ii * t + n]).for_each(|(x, &cg)| *x *= cg);
-                    }
-                }
-                unsafe {
-                    // dq = ds · k
-                    gemm(ONE_CORE, rows, d, n, dq_ptr.at(row_off), ld, false, dp.as_ptr(), t as isize, 1, k_t.as_ptr(), (kv * d) as isize, 1, 1.0);
-                    // dk += dsᵀ · q
-                    gemm(ONE_CORE, n, d, rows, dk_ptr.at(kv_t), (kv * d) as isize, true, dp.as_ptr(), 1, t as isize, q_t.as_ptr(), ld, 1, 1.0);
+                    gemm(ONE_CORE, rows, d, n, out_ptr.at(((bi * s + r0) * h + hi) * d), (h * d) as isize, false, scores.as_ptr(), t as isize, 1, v_t.as_ptr(), (kv * d) as isize, 1, 1.0);
                 }
             }
-        }
-    });
-    (dq, dk, dv)
+        });
+        (out, lse)
+    }
+}
+
+multiversion! {
+    #[allow(clippy::too_many_arguments)]
+    // gemm's 14 arguments on one line each call: rustfmt would give each its own line.
+    fn attention_backward_f32(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &[f32],
+        lse: &[f32],
+        grad: &[f32],
+        g: &Geometry,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let Geometry { b, s, t, h, kv, d, scale, .. } = *g;
+        let rep = h / kv;
+        let mut dq = vec![0f32; b * s * h * d];
+        let mut dk = vec![0f32; b * t * kv * d];
+        let mut dv = vec![0f32; b * t * kv * d];
+        let (dq_ptr, dk_ptr, dv_ptr) = (Shared(dq.as_mut_ptr()), Shared(dk.as_mut_ptr()), Shared(dv.as_mut_ptr()));
+        // One task per kv head: it alone accumulates that head's dk and dv, over its query heads.
+        (0..b * kv).into_par_iter().for_each(|task| {
+            let (bi, gi) = (task / kv, task % kv);
+            let kv_off = (bi * t * kv + gi) * d;
+            let mut p = vec![0f32; TILE * t];
+            let mut dp = vec![0f32; TILE * t];
+            // dc/draw of the soft-capped scores, kept from the rebuild of p to the scores' gradient
+            let mut cap_grad = vec![0f32; if g.softcap.is_some() { TILE * t } else { 0 }];
+            for hi in gi * rep..(gi + 1) * rep {
+                for r0 in (0..s).step_by(TILE) {
+                    let rows = TILE.min(s - r0);
+                    let (lo, hi_key) = g.keys(r0, r0 + rows);
+                    let n = hi_key - lo;
+                    // keys lo.. of this kv head, and their rows of dk and dv
+                    let kv_t = kv_off + lo * kv * d;
+                    let (k_t, v_t) = (&k[kv_t..], &v[kv_t..]);
+                    let row_off = ((bi * s + r0) * h + hi) * d;
+                    let (q_t, o_t, g_t) = (&q[row_off..], &out[row_off..], &grad[row_off..]);
+                    let ld = (h * d) as isize;
+                    unsafe {
+                        // p = softmax(scale · q kᵀ), rebuilt from the saved log-sum-exp
+                        gemm(ONE_CORE, rows, n, d, p.as_mut_ptr(), t as isize, false, q_t.as_ptr(), ld, 1, k_t.as_ptr(), 1, (kv * d) as isize, scale);
+                    }
+                    for ii in 0..rows {
+                        let i = r0 + ii;
+                        let row = &mut p[ii * t..ii * t + n];
+                        let cg = if g.softcap.is_some() { Some(&mut cap_grad[ii * t..ii * t + n]) } else { None };
+                        g.prepare_row(bi, hi, i, lo, row, cg);
+                        exp_shifted(row, lse[(bi * h + hi) * s + i]);
+                    }
+                    unsafe {
+                        // dv += pᵀ · grad
+                        gemm(ONE_CORE, n, d, rows, dv_ptr.at(kv_t), (kv * d) as isize, true, p.as_ptr(), 1, t as isize, g_t.as_ptr(), ld, 1, 1.0);
+                        // dp = grad · vᵀ
+                        gemm(ONE_CORE, rows, n, d, dp.as_mut_ptr(), t as isize, false, g_t.as_ptr(), ld, 1, v_t.as_ptr(), 1, (kv * d) as isize, 1.0);
+                    }
+                    // ds = p · (dp − Σ grad·out), the softmax's backward, times the score scale
+                    for ii in 0..rows {
+                        let o = &o_t[ii * h * d..ii * h * d + d];
+                        let gr = &g_t[ii * h * d..ii * h * d + d];
+                        let dot: f32 = o.iter().zip(gr).map(|(a, b)| a * b).sum();
+                        let (pr, dr) = (&p[ii * t..ii * t + n], &mut dp[ii * t..ii * t + n]);
+                        for (x, &pv) in dr.iter_mut().zip(pr) {
+                            *x = pv * (*x - dot) * scale;
+                        }
+                        if g.softcap.is_some() {
+                            // through the cap: d raw = d c · (1 − (c/cap)²)
+                            dr.iter_mut().zip(&cap_grad[ii * t..ii * t + n]).for_each(|(x, &cg)| *x *= cg);
+                        }
+                    }
+                    unsafe {
+                        // dq = ds · k
+                        gemm(ONE_CORE, rows, d, n, dq_ptr.at(row_off), ld, false, dp.as_ptr(), t as isize, 1, k_t.as_ptr(), (kv * d) as isize, 1, 1.0);
+                        // dk += dsᵀ · q
+                        gemm(ONE_CORE, n, d, rows, dk_ptr.at(kv_t), (kv * d) as isize, true, dp.as_ptr(), 1, t as isize, q_t.as_ptr(), ld, 1, 1.0);
+                    }
+                }
+            }
+        });
+        (dq, dk, dv)
+    }
 }
 
 /// The shapes the raw kernels index by, checked: q `[b, s, h, d]`, k and v `[b, t, kv, d]` with
@@ -597,18 +608,16 @@ fn check_lora(
 /// One row of [`FusedOps::cross_entropy`] with soft-capped logits: the softmax of
 /// c = cap·tanh(x/cap), its gradient chained back to x through 1 − (c/cap)² (tanh recomputed
 /// rather than kept: the row's buffer holds c, then the gradient). Returns coef·nll.
+#[inline(always)]
 fn capped_cross_entropy_row(x: &[f32], g: &mut [f32], target: usize, w: f32, cap: f32) -> f64 {
     let inv = 1.0 / cap;
     for (g, &v) in g.iter_mut().zip(x) {
         *g = cap * tanh(v * inv);
     }
-    let max = g.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let max = simd::max(g);
     let picked = g[target];
-    let mut sum = 0f32;
-    for g in g.iter_mut() {
-        *g = exp(*g - max);
-        sum += *g;
-    }
+    g.iter_mut().for_each(|g| *g = exp(*g - max));
+    let sum = simd::sum(g);
     let scale = w / sum;
     for (g, &v) in g.iter_mut().zip(x) {
         let c = tanh(v * inv);
@@ -617,6 +626,160 @@ fn capped_cross_entropy_row(x: &[f32], g: &mut [f32], target: usize, w: f32, cap
     let c = tanh(x[target] * inv);
     g[target] -= w * (1.0 - c * c);
     (max + sum.ln() - picked) as f64 * w as f64
+}
+
+multiversion! {
+    /// Σ coef·nll over the rows of `xs` (`[rows, vocab]`) and the logits' gradient. Per row:
+    /// max, Σ exp, then the gradient (softmax − one-hot)·coef in one more pass.
+    fn cross_entropy_f32(xs: &[f32], vocab: usize, targets: &[u32], coef: &[f32], softcap: Option<f64>) -> (f64, Vec<f32>) {
+        let mut grad = vec![0f32; xs.len()];
+        let loss: f64 = grad
+            .par_chunks_mut(vocab)
+            .enumerate()
+            .map(|(i, g)| {
+                let x = &xs[i * vocab..][..vocab];
+                if let Some(cap) = softcap {
+                    return capped_cross_entropy_row(x, g, targets[i] as usize, coef[i], cap as f32);
+                }
+                let max = simd::max(x);
+                for (g, &v) in g.iter_mut().zip(x) {
+                    *g = exp(v - max);
+                }
+                let sum = simd::sum(g);
+                let w = coef[i];
+                let scale = w / sum;
+                g.iter_mut().for_each(|g| *g *= scale);
+                let t = targets[i] as usize;
+                g[t] -= w;
+                let nll = (max + sum.ln() - x[t]) as f64;
+                nll * w as f64
+            })
+            .sum();
+        (loss, grad)
+    }
+}
+
+multiversion! {
+    /// x/rms(x)·w per row of d = w's length, and each row's 1/rms.
+    fn rms_norm_f32(xs: &[f32], ws: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+        let d = ws.len();
+        let n = xs.len() / d;
+        let mut out = vec![0f32; n * d];
+        let mut rstd = vec![0f32; n];
+        out.par_chunks_mut(ROWS_PER_TASK * d).zip(rstd.par_chunks_mut(ROWS_PER_TASK)).enumerate().for_each(|(c, (out, rstd))| {
+            for (r, (o, rs)) in out.chunks_mut(d).zip(rstd.iter_mut()).enumerate() {
+                let x = &xs[(c * ROWS_PER_TASK + r) * d..][..d];
+                let ms = simd::sum_zip(x, x, |a, b| a * b) / d as f32;
+                *rs = 1.0 / (ms + eps).sqrt();
+                for ((o, &x), &w) in o.iter_mut().zip(x).zip(ws) {
+                    *o = x * *rs * w;
+                }
+            }
+        });
+        (out, rstd)
+    }
+}
+
+multiversion! {
+    /// The gradient of x through [`rms_norm_f32`].
+    fn rms_norm_backward_f32(xs: &[f32], ws: &[f32], rs: &[f32], gs: &[f32]) -> Vec<f32> {
+        let d = ws.len();
+        let mut dx = vec![0f32; xs.len()];
+        dx.par_chunks_mut(ROWS_PER_TASK * d).enumerate().for_each_init(
+            || vec![0f32; d],
+            |gw, (c, dx)| {
+                for (r, dx) in dx.chunks_mut(d).enumerate() {
+                    let row = c * ROWS_PER_TASK + r;
+                    let (x, g, rs) = (&xs[row * d..][..d], &gs[row * d..][..d], rs[row]);
+                    gw.iter_mut().zip(g).zip(ws).for_each(|((o, &g), &w)| *o = g * w);
+                    let dot = simd::sum_zip(x, gw, |x, gw| x * gw) / d as f32;
+                    let c2 = rs * rs * dot;
+                    for ((o, &x), &gw) in dx.iter_mut().zip(x).zip(gw.iter()) {
+                        *o = rs * (gw - x * c2);
+                    }
+                }
+            },
+        );
+        dx
+    }
+}
+
+multiversion! {
+    /// (x − mean)/σ·w + b per row of d = w's length, and each row's (mean, 1/σ).
+    fn layer_norm_f32(xs: &[f32], ws: &[f32], bs: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+        let d = ws.len();
+        let n = xs.len() / d;
+        let mut out = vec![0f32; n * d];
+        let mut stats = vec![0f32; n * 2];
+        out.par_chunks_mut(ROWS_PER_TASK * d).zip(stats.par_chunks_mut(ROWS_PER_TASK * 2)).enumerate().for_each(|(c, (out, stats))| {
+            for (r, (o, st)) in out.chunks_mut(d).zip(stats.chunks_mut(2)).enumerate() {
+                let x = &xs[(c * ROWS_PER_TASK + r) * d..][..d];
+                // Two passes, mean then Σ(x − mean)²: no cancellation when the mean is large.
+                let mean = simd::sum(x) / d as f32;
+                let var = simd::sum_zip(x, x, |a, _| (a - mean) * (a - mean)) / d as f32;
+                let rstd = 1.0 / (var + eps).sqrt();
+                for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(ws).zip(bs) {
+                    *o = (x - mean) * rstd * w + b;
+                }
+                st.copy_from_slice(&[mean, rstd]);
+            }
+        });
+        (out, stats)
+    }
+}
+
+multiversion! {
+    /// The gradient of x through [`layer_norm_f32`].
+    fn layer_norm_backward_f32(xs: &[f32], ws: &[f32], st: &[f32], gs: &[f32]) -> Vec<f32> {
+        let d = ws.len();
+        let mut dx = vec![0f32; xs.len()];
+        dx.par_chunks_mut(ROWS_PER_TASK * d).enumerate().for_each_init(
+            || vec![0f32; d],
+            |gw, (c, dx)| {
+                for (r, dx) in dx.chunks_mut(d).enumerate() {
+                    let row = c * ROWS_PER_TASK + r;
+                    let (x, g) = (&xs[row * d..][..d], &gs[row * d..][..d]);
+                    let (mean, rstd) = (st[2 * row], st[2 * row + 1]);
+                    gw.iter_mut().zip(g).zip(ws).for_each(|((o, &g), &w)| *o = g * w);
+                    // mean(g·w) and mean(g·w·x̂)
+                    let mean_g = simd::sum(gw) / d as f32;
+                    let mean_gx = simd::sum_zip(gw, x, |gw, x| gw * (x - mean) * rstd) / d as f32;
+                    for ((o, &x), &gw) in dx.iter_mut().zip(x).zip(gw.iter()) {
+                        *o = rstd * (gw - mean_g - (x - mean) * rstd * mean_gx);
+                    }
+                }
+            },
+        );
+        dx
+    }
+}
+
+multiversion! {
+    /// Rotates the first r of each head's d dimensions of x `[positions, h, d]` by its
+    /// position's cos and sin (`[positions, r]`), as rotate_half does; the rest pass through.
+    fn rope_f32(xs: &[f32], cs: &[f32], ss: &[f32], h: usize, d: usize, r: usize) -> Vec<f32> {
+        let half = r / 2;
+        let mut out = vec![0f32; xs.len()];
+        // One task per chunk of positions; every head of a position shares its cos and sin.
+        out.par_chunks_mut(ROWS_PER_TASK * h * d).enumerate().for_each(|(c, out)| {
+            for (p, o) in out.chunks_mut(h * d).enumerate() {
+                let pos = c * ROWS_PER_TASK + p;
+                let (cos, sin) = (&cs[pos * r..][..r], &ss[pos * r..][..r]);
+                for (head, o) in o.chunks_mut(d).enumerate() {
+                    let x = &xs[(pos * h + head) * d..][..d];
+                    let (o_lo, o_hi) = o.split_at_mut(half);
+                    let (x_lo, x_hi) = (&x[..half], &x[half..r]);
+                    for i in 0..half {
+                        o_lo[i] = x_lo[i] * cos[i] + x_hi[i] * sin[i];
+                        o_hi[i] = x_hi[i] * cos[i + half] + x_lo[i] * sin[i + half];
+                    }
+                    // Past the rotary dimensions, each head passes through.
+                    o[r..].copy_from_slice(&x[r..]);
+                }
+            }
+        });
+        out
+    }
 }
 
 /// The mask as the kernels read it: `Some(None)` for causal, `Some(Some(bytes))` for an
@@ -674,32 +837,7 @@ impl FusedOps for Flex {
         if let Some((row, t)) = targets.iter().enumerate().find(|&(_, &t)| t as usize >= vocab) {
             panic!("cross_entropy: target {t} of row {row} is not below the vocabulary size {vocab} (logits {shape:?})");
         }
-        let xs = logits.storage::<f32>();
-        let mut grad = vec![0f32; xs.len()];
-        // Per row: max, Σ exp, then the gradient (softmax − one-hot)·coef in one more pass.
-        let loss: f64 = grad
-            .par_chunks_mut(vocab)
-            .enumerate()
-            .map(|(i, g)| {
-                let x = &xs[i * vocab..][..vocab];
-                if let Some(cap) = softcap {
-                    return capped_cross_entropy_row(x, g, targets[i] as usize, coef[i], cap as f32);
-                }
-                let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let mut sum = 0f32;
-                for (g, &v) in g.iter_mut().zip(x) {
-                    *g = exp(v - max);
-                    sum += *g;
-                }
-                let w = coef[i];
-                let scale = w / sum;
-                g.iter_mut().for_each(|g| *g *= scale);
-                let t = targets[i] as usize;
-                g[t] -= w;
-                let nll = (max + sum.ln() - x[t]) as f64;
-                nll * w as f64
-            })
-            .sum();
+        let (loss, grad) = cross_entropy_f32(logits.storage::<f32>(), vocab, targets, coef, softcap);
         (tensor(vec![loss as f32], vec![1]), tensor(grad, shape))
     }
 
@@ -864,21 +1002,8 @@ impl FusedOps for Flex {
         let (x, w) = (contiguous(x), contiguous(w));
         let shape = dims(&x);
         assert!(shape.last() == dims(&w).last() && dims(&w).len() == 1, "rms_norm: x {shape:?}, weight {:?}", dims(&w));
-        let (xs, ws) = (x.storage::<f32>(), w.storage::<f32>());
-        let d = ws.len();
-        let n = xs.len() / d;
-        let mut out = vec![0f32; n * d];
-        let mut rstd = vec![0f32; n];
-        out.par_chunks_mut(ROWS_PER_TASK * d).zip(rstd.par_chunks_mut(ROWS_PER_TASK)).enumerate().for_each(|(c, (out, rstd))| {
-            for (r, (o, rs)) in out.chunks_mut(d).zip(rstd.iter_mut()).enumerate() {
-                let x = &xs[(c * ROWS_PER_TASK + r) * d..][..d];
-                let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
-                *rs = 1.0 / (ms + eps as f32).sqrt();
-                for ((o, &x), &w) in o.iter_mut().zip(x).zip(ws) {
-                    *o = x * *rs * w;
-                }
-            }
-        });
+        let (out, rstd) = rms_norm_f32(x.storage::<f32>(), w.storage::<f32>(), eps as f32);
+        let n = rstd.len();
         (tensor(out, shape), tensor(rstd, vec![n, 1]))
     }
 
@@ -902,20 +1027,7 @@ impl FusedOps for Flex {
             dims(&rstd),
             dims(&grad)
         );
-        let (xs, ws, rs, gs) = (x.storage::<f32>(), w.storage::<f32>(), rstd.storage::<f32>(), grad.storage::<f32>());
-        let d = ws.len();
-        let mut dx = vec![0f32; xs.len()];
-        dx.par_chunks_mut(ROWS_PER_TASK * d).enumerate().for_each(|(c, dx)| {
-            for (r, dx) in dx.chunks_mut(d).enumerate() {
-                let row = c * ROWS_PER_TASK + r;
-                let (x, g, rs) = (&xs[row * d..][..d], &gs[row * d..][..d], rs[row]);
-                let dot = x.iter().zip(g).zip(ws).map(|((x, g), w)| x * g * w).sum::<f32>() / d as f32;
-                let c2 = rs * rs * dot;
-                for (((o, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(ws) {
-                    *o = rs * (g * w - x * c2);
-                }
-            }
-        });
+        let dx = rms_norm_backward_f32(x.storage::<f32>(), w.storage::<f32>(), rstd.storage::<f32>(), grad.storage::<f32>());
         tensor(dx, shape)
     }
 
@@ -936,23 +1048,8 @@ impl FusedOps for Flex {
             dims(&w),
             dims(&b)
         );
-        let (xs, ws, bs) = (x.storage::<f32>(), w.storage::<f32>(), b.storage::<f32>());
-        let (n, d) = (shape[0], shape[1]);
-        let mut out = vec![0f32; n * d];
-        let mut stats = vec![0f32; n * 2];
-        out.par_chunks_mut(ROWS_PER_TASK * d).zip(stats.par_chunks_mut(ROWS_PER_TASK * 2)).enumerate().for_each(|(c, (out, stats))| {
-            for (r, (o, st)) in out.chunks_mut(d).zip(stats.chunks_mut(2)).enumerate() {
-                let x = &xs[(c * ROWS_PER_TASK + r) * d..][..d];
-                // Two passes, mean then Σ(x − mean)²: no cancellation when the mean is large.
-                let mean = x.iter().sum::<f32>() / d as f32;
-                let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-                let rstd = 1.0 / (var + eps as f32).sqrt();
-                for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(ws).zip(bs) {
-                    *o = (x - mean) * rstd * w + b;
-                }
-                st.copy_from_slice(&[mean, rstd]);
-            }
-        });
+        let (out, stats) = layer_norm_f32(x.storage::<f32>(), w.storage::<f32>(), b.storage::<f32>(), eps as f32);
+        let n = shape[0];
         (tensor(out, shape), tensor(stats, vec![n, 2]))
     }
 
@@ -974,26 +1071,7 @@ impl FusedOps for Flex {
             dims(&stats),
             dims(&grad)
         );
-        let (xs, ws, st, gs) = (x.storage::<f32>(), w.storage::<f32>(), stats.storage::<f32>(), grad.storage::<f32>());
-        let d = shape[1];
-        let mut dx = vec![0f32; xs.len()];
-        dx.par_chunks_mut(ROWS_PER_TASK * d).enumerate().for_each(|(c, dx)| {
-            for (r, dx) in dx.chunks_mut(d).enumerate() {
-                let row = c * ROWS_PER_TASK + r;
-                let (x, g) = (&xs[row * d..][..d], &gs[row * d..][..d]);
-                let (mean, rstd) = (st[2 * row], st[2 * row + 1]);
-                // mean(g·w) and mean(g·w·x̂)
-                let (mut sum_g, mut sum_gx) = (0f32, 0f32);
-                for ((&x, &g), &w) in x.iter().zip(g).zip(ws) {
-                    sum_g += g * w;
-                    sum_gx += g * w * (x - mean) * rstd;
-                }
-                let (mean_g, mean_gx) = (sum_g / d as f32, sum_gx / d as f32);
-                for (((o, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(ws) {
-                    *o = rstd * (g * w - mean_g - (x - mean) * rstd * mean_gx);
-                }
-            }
-        });
+        let dx = layer_norm_backward_f32(x.storage::<f32>(), w.storage::<f32>(), stats.storage::<f32>(), grad.storage::<f32>());
         tensor(dx, shape)
     }
 
@@ -1011,26 +1089,7 @@ impl FusedOps for Flex {
             dims(&cos),
             dims(&sin)
         );
-        let (h, d) = (shape[2], shape[3]);
-        let half = r / 2;
-        let (xs, cs, ss) = (x.storage::<f32>(), cos.storage::<f32>(), sin.storage::<f32>());
-        let mut out = vec![0f32; xs.len()];
-        // One task per chunk of positions; every head of a position shares its cos and sin.
-        out.par_chunks_mut(ROWS_PER_TASK * h * d).enumerate().for_each(|(c, out)| {
-            for (p, o) in out.chunks_mut(h * d).enumerate() {
-                let pos = c * ROWS_PER_TASK + p;
-                let (cos, sin) = (&cs[pos * r..][..r], &ss[pos * r..][..r]);
-                for (head, o) in o.chunks_mut(d).enumerate() {
-                    let x = &xs[(pos * h + head) * d..][..d];
-                    for i in 0..half {
-                        o[i] = x[i] * cos[i] + x[i + half] * sin[i];
-                        o[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
-                    }
-                    // Past the rotary dimensions, each head passes through.
-                    o[r..].copy_from_slice(&x[r..]);
-                }
-            }
-        });
+        let out = rope_f32(x.storage::<f32>(), cos.storage::<f32>(), sin.storage::<f32>(), shape[2], shape[3], r);
         tensor(out, shape)
     }
 

@@ -12,6 +12,8 @@ use burn::backend::{Autodiff, Flex, NdArray};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, DType, Distribution, ElementConversion, Tensor, TensorData};
 
+use burn::tensor::ops::FloatTensor;
+
 use super::{float, prim, Activation, AttentionOptions, FusedOps, Mask};
 
 type A<B> = Autodiff<B>;
@@ -581,4 +583,77 @@ fn quant_linear_generic_backward_matches_plain_ops() {
 fn quant_linear_kernel_refuses_mismatched_shapes() {
     let w = std::sync::Arc::new(crate::quant::Quantization::Nf4.quantize(&[0.5; 24 * 40], 40, 24).unwrap());
     Flex::quant_linear(prim(random::<Flex, 2>([7, 25])), None, super::QuantLinear { w, bias: None, lora: None });
+}
+
+/// The CPU kernels' AVX-512 copies and their baseline copies (`cpu::simd`) give the same bits:
+/// each fused operation with options that take every branch, run once each way.
+#[test]
+fn cpu_kernels_give_the_same_bits_in_their_avx512_and_baseline_copies() {
+    use std::sync::atomic::Ordering;
+
+    use super::cpu::simd::{avx512, BASELINE_ONLY};
+
+    type F = Flex;
+    fn bits(t: FloatTensor<F>) -> Vec<u8> {
+        float::<F, 1>(t).into_data().as_bytes().to_vec()
+    }
+    fn bits4(t: FloatTensor<F>) -> Vec<u8> {
+        bits(prim(float::<F, 4>(t).reshape([-1])))
+    }
+    let (b, s, h, kv, d) = (2, 37, 4, 2, 16);
+    let q = prim(random::<F, 4>([b, s, h, d]));
+    let k = prim(random::<F, 4>([b, s, kv, d]));
+    let v = prim(random::<F, 4>([b, s, kv, d]));
+    let g = prim(random::<F, 4>([b, s, h, d]));
+    let x = prim(random::<F, 2>([70, 48]));
+    let w = prim(random::<F, 1>([48]));
+    let bias = prim(random::<F, 1>([48]));
+    let gx = prim(random::<F, 2>([70, 48]));
+    let logits = prim(random::<F, 2>([5, 1000]) * 4.0);
+    let rope_x = prim(random::<F, 4>([2, 9, 3, 16]));
+    let (cos, sin) = (prim(random::<F, 4>([2, 9, 1, 12])), prim(random::<F, 4>([2, 9, 1, 12])));
+    let run = || {
+        let mut out = Vec::new();
+        let mut opts = AttentionOptions::new(d);
+        for (softcap, window, alibi) in [(None, None, false), (Some(20.0), Some(5), true)] {
+            opts.softcap = softcap;
+            opts.window = window;
+            opts.alibi = alibi.then(|| vec![0.5, 0.25, 0.125, 0.0625]);
+            let (o, lse) = F::attention_forward(q.clone(), k.clone(), v.clone(), Mask::Causal, &opts);
+            let (dq, dk, dv) =
+                F::attention_backward(q.clone(), k.clone(), v.clone(), Mask::Causal, &opts, o.clone(), lse.clone(), g.clone());
+            out.extend([bits4(o), bits(prim(float::<F, 3>(lse).reshape([-1]))), bits4(dq), bits4(dk), bits4(dv)]);
+        }
+        let (y, rstd) = F::rms_norm_forward(x.clone(), w.clone(), 1e-5);
+        let dx = F::rms_norm_backward(x.clone(), w.clone(), rstd.clone(), gx.clone());
+        let (ly, stats) = F::layer_norm_forward(x.clone(), w.clone(), bias.clone(), 1e-5);
+        let ldx = F::layer_norm_backward(x.clone(), w.clone(), stats.clone(), gx.clone());
+        for t in [y, rstd, dx, ly, stats, ldx] {
+            out.push(bits(prim(float::<F, 2>(t).reshape([-1]))));
+        }
+        for softcap in [None, Some(5.0)] {
+            let (loss, grad) = F::cross_entropy(logits.clone(), &[3, 999, 0, 500, 42], &[0.5, 0.0, 1.0, 0.25, 2.0], softcap);
+            out.extend([bits(loss), bits(prim(float::<F, 2>(grad).reshape([-1])))]);
+        }
+        out.push(bits4(F::fused_rope(rope_x.clone(), cos.clone(), sin.clone())));
+        for act in [Activation::Silu, Activation::Gelu, Activation::GeluTanh] {
+            let glu = F::fused_glu(x.clone(), gx.clone(), act);
+            let (dg, du) = F::glu_backward(x.clone(), gx.clone(), act, glu.clone());
+            let a = F::fused_activation(x.clone(), act);
+            let da = F::activation_backward(x.clone(), act, gx.clone());
+            for t in [glu, dg, du, a, da] {
+                out.push(bits(prim(float::<F, 2>(t).reshape([-1]))));
+            }
+        }
+        out
+    };
+    assert!(avx512() || !std::arch::is_x86_feature_detected!("avx512f"), "AVX-512 is there but the kernels do not take it");
+    let wide = run();
+    BASELINE_ONLY.store(true, Ordering::Relaxed);
+    let baseline = run();
+    BASELINE_ONLY.store(false, Ordering::Relaxed);
+    assert_eq!(wide.len(), baseline.len());
+    for (i, (a, b)) in wide.iter().zip(&baseline).enumerate() {
+        assert!(a == b, "output {i} differs between the AVX-512 and baseline copies");
+    }
 }

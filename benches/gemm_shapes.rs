@@ -5,7 +5,8 @@
 //! stored: read transposed in the forward pass, row-major for the input gradient).
 //!
 //! `cargo bench --bench gemm_shapes` prints a table; the README's performance section uses it
-//! to bound tokens/s (a step's FLOPs over the gemm rate).
+//! to bound tokens/s (a step's FLOPs over the gemm rate). `cargo bench --bench gemm_shapes --
+//! 7B` prints only the rows whose name contains "7B".
 
 use std::time::Instant;
 
@@ -90,7 +91,9 @@ fn main() {
     use tune::ops::bf16::Kernel;
     println!("| matmul | m | n | k | f32 GFLOP/s, {cores} cores | f32, 1 core | bf16 AMX, {cores} cores | bf16 AVX512-BF16, {cores} cores | bf16 f32 tiles, {cores} cores |");
     println!("|---|---|---|---|---|---|---|---|---|");
-    for (what, m, n, k, t) in shapes {
+    // cargo bench passes --bench to the harness; any other argument filters the rows.
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with("--"));
+    for (what, m, n, k, t) in shapes.into_iter().filter(|s| filter.as_ref().is_none_or(|f| s.0.contains(f.as_str()))) {
         let all = gflops(gemm::Parallelism::Rayon(cores), m, n, k, t);
         let one = gflops(gemm::Parallelism::None, m, n, k, t);
         // An f32 base holds its weights [in, out]; a bf16 base keeps them [out, in].

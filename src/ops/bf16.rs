@@ -384,8 +384,11 @@ mod tests {
         for kernel in kernels {
             // Edges of every block size: rows past MR (and AMX's 16 and 32), columns past NR,
             // odd k, k past KC pairs; whole AMX blocks read in place (k a multiple of 32, n of
-            // 32) beside a partial one.
-            for (m, k, n) in [(1, 1, 1), (13, 37, 45), (8, 64, 32), (17, 2 * KC + 3, 70), (3, 500, 129), (70, 96, 80), (33, 64, 64)] {
+            // 32) beside a partial one; rows enough for AMX's groups of rows (more than 1 MiB
+            // of rounded rows) with a partial last block.
+            for (m, k, n) in
+                [(1, 1, 1), (13, 37, 45), (8, 64, 32), (17, 2 * KC + 3, 70), (3, 500, 129), (70, 96, 80), (33, 64, 64), (260, 2050, 40)]
+            {
                 for transposed_b in [false, true] {
                     for accumulate in [false, true] {
                         check(kernel, m, k, n, transposed_b, accumulate);

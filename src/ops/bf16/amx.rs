@@ -30,6 +30,7 @@ use rayon::prelude::*;
 
 use super::View;
 use crate::ops::cpu::shared::Shared;
+use crate::ops::cpu::simd::multiversion;
 
 /// Rows (and columns) of a tile; a block of c is two by two tiles.
 const T: usize = 16;
@@ -37,6 +38,14 @@ const T: usize = 16;
 const BLOCK: usize = 2 * T;
 /// k per tile: 32 bf16 make a tile row's 64 bytes.
 const KT: usize = 32;
+/// The packed rows a group of tasks shares: a core's L2 holds them while every block of the
+/// other operand passes over them once, instead of streaming all of them from L3 per block.
+const GROUP_BYTES: usize = 1 << 20;
+
+/// Blocks of 32 rows of m per group: as many as GROUP_BYTES of packed rows hold, at least one.
+fn group_blocks(m: usize, kp: usize) -> usize {
+    (GROUP_BYTES / (BLOCK * row_stride(kp) * 2)).clamp(1, m.div_ceil(BLOCK))
+}
 
 /// Whether this CPU has AMX-BF16 and Linux lets this process use it (asked once).
 pub(super) fn available() -> bool {
@@ -135,23 +144,31 @@ impl Drop for Tiles {
 /// c `[m, n]` (= c + if `accumulate`) bf16(a)·b on AMX; b is read along its contiguous direction
 /// (the caller checked that one of its strides is 1).
 pub(super) fn matmul(a: View<f32>, b: View<bf16>, c: &mut [f32], accumulate: bool) {
-    let kp = k_padded(a.cols);
-    // rounded[i · kp + p] = a[i, p] rounded to bf16 (zero past m or k), for whole blocks of rows.
-    let rows = a.rows.div_ceil(BLOCK) * BLOCK;
-    let mut rounded = vec![0u16; rows * kp];
-    rounded.par_chunks_mut(kp).take(a.rows).enumerate().for_each(|(i, row)| {
-        let row = &mut row[..a.cols];
-        if a.cs == 1 {
-            let src = &a.data[a.offset + i * a.rs..][..a.cols];
-            row.iter_mut().zip(src).for_each(|(v, &x)| *v = round_bits(x));
-        } else {
-            row.iter_mut().enumerate().for_each(|(p, v)| *v = round_bits(a.at(i, p)));
-        }
-    });
+    let rounded = round_rows(a);
     if b.rs == 1 {
         transposed(a.rows, &rounded, b, c, accumulate)
     } else {
         row_major(a.rows, &rounded, b, c, accumulate)
+    }
+}
+
+multiversion! {
+    /// rounded[i · row_stride + p] = a[i, p] rounded to bf16 (zero past k, and in the rows past
+    /// m that make whole blocks of rows).
+    fn round_rows(a: View<f32>) -> Vec<u16> {
+        let ld = row_stride(k_padded(a.cols));
+        let rows = a.rows.div_ceil(BLOCK) * BLOCK;
+        let mut rounded = vec![0u16; rows * ld];
+        rounded.par_chunks_mut(ld).take(a.rows).enumerate().for_each(|(i, row)| {
+            let row = &mut row[..a.cols];
+            if a.cs == 1 {
+                let src = &a.data[a.offset + i * a.rs..][..a.cols];
+                row.iter_mut().zip(src).for_each(|(v, &x)| *v = round_bits(x));
+            } else {
+                row.iter_mut().enumerate().for_each(|(p, v)| *v = round_bits(a.at(i, p)));
+            }
+        });
+        rounded
     }
 }
 
@@ -167,6 +184,12 @@ fn k_padded(k: usize) -> usize {
     k.div_ceil(KT) * KT
 }
 
+/// Elements from one row of the rounded rows to the next: a k-step more than the row, so that
+/// the 16 rows a tile load reads do not all fall in one L1 set when kp is a power of two.
+fn row_stride(kp: usize) -> usize {
+    kp + KT
+}
+
 /// b's columns are k-contiguous (a weight `[n, k]` read as `[k, n]`): cᵀ = bᵀ·aᵀ, with b's
 /// columns as the left operand and a's rounded rows packed as the right one.
 fn transposed(m: usize, rounded: &[u16], b: View<bf16>, c: &mut [f32], accumulate: bool) {
@@ -176,18 +199,24 @@ fn transposed(m: usize, rounded: &[u16], b: View<bf16>, c: &mut [f32], accumulat
     // right[(panel · pairs + p) · 16 + j] = the k-pair p of a's row panel·16 + j, one word: each
     // panel of 16 rows of a is the 16 columns of a right operand. A row block's two panels
     // always exist (`rounded` holds whole blocks).
-    let mut right = vec![0u32; rounded.len() / 2];
+    let ld = row_stride(kp);
+    let mut right = vec![0u32; rounded.len() / ld * pairs];
     right.par_chunks_mut(pairs * T).enumerate().for_each(|(panel, dst)| {
-        let src = &rounded[panel * T * kp..][..T * kp];
-        // Safe: `available` held (AVX-512 included); src holds 16 rows of kp bf16, dst pairs·16
-        // words, and kp is a multiple of 32.
-        unsafe { simd::transpose_words(src.as_ptr() as *const u32, pairs, dst.as_mut_ptr(), pairs) };
+        let src = &rounded[panel * T * ld..][..T * ld];
+        // Safe: `available` held (AVX-512 included); src holds 16 rows of ld ≥ kp bf16, dst
+        // pairs·16 words, and kp and ld are multiples of 32.
+        unsafe { simd::transpose_words(src.as_ptr() as *const u32, ld / 2, dst.as_mut_ptr(), pairs) };
     });
     // b's column j (a weight row) starts at data[offset + j·cs]; a block of 32 of them is the
     // left operand as it lies, when all 32 exist and each has whole k-steps.
     let direct = k % KT == 0;
     let dst = Shared(c.as_mut_ptr());
-    (0..n.div_ceil(BLOCK)).into_par_iter().for_each_init(Vec::<bf16>::new, |scratch, blk| {
+    // A task is a group of row blocks of a against one block of b's columns; the tasks of a
+    // group run one after the other on a core, so its packed rows stay in that core's L2.
+    let (group, blocks) = (group_blocks(m, kp), n.div_ceil(BLOCK));
+    let row_blocks = m.div_ceil(BLOCK);
+    (0..row_blocks.div_ceil(group) * blocks).into_par_iter().for_each_init(Vec::<bf16>::new, |scratch, task| {
+        let (grp, blk) = (task / blocks, task % blocks);
         let (j0, w) = (blk * BLOCK, BLOCK.min(n - blk * BLOCK));
         let (left, stride) = if direct && w == BLOCK {
             (b.data[b.offset + j0 * b.cs..].as_ptr(), b.cs * 2)
@@ -206,7 +235,7 @@ fn transposed(m: usize, rounded: &[u16], b: View<bf16>, c: &mut [f32], accumulat
         // at `stride` bytes (in place, checked above, or the padded scratch), each right panel
         // pairs·16 words.
         let tiles = unsafe { Tiles::configure() };
-        for rb in 0..m.div_ceil(BLOCK) {
+        for rb in grp * group..row_blocks.min((grp + 1) * group) {
             let r0 = right[2 * rb * pairs * T..].as_ptr() as *const u8;
             let r1 = right[(2 * rb + 1) * pairs * T..].as_ptr() as *const u8;
             unsafe { tiles.block(kp / KT, left as *const u8, stride, [r0, r1], &mut out) };
@@ -228,44 +257,72 @@ fn transposed(m: usize, rounded: &[u16], b: View<bf16>, c: &mut [f32], accumulat
 }
 
 /// b is row-major (`[k, n]`, n contiguous): c = a·b, with a's rounded rows as the left operand
-/// and each task packing a 32-column panel of b as the right one.
+/// and b packed, 32 columns to a panel, as the right one.
+///
+/// Where the rows make several groups and the packed b is small enough to stay in L2/L3, b is
+/// packed once and each task takes a group of rows against one panel, so a group's rows stay
+/// in a core's L2. Otherwise (a 7B model's weights, at tens of MB packed) each task packs its
+/// own panel and passes every row over it while it is in L2: measured faster there than
+/// writing and re-reading the whole packed weight (`cargo bench --bench gemm_shapes -- dx`).
 fn row_major(m: usize, rounded: &[u16], b: View<bf16>, c: &mut [f32], accumulate: bool) {
+    /// The most packed b kept whole.
+    const PACKED_BYTES: usize = 4 << 20;
     let (k, n) = (b.rows, b.cols);
     let kp = k_padded(k);
-    let pairs = kp / 2;
-    let dst = Shared(c.as_mut_ptr());
+    let (pairs, ld, blocks) = (kp / 2, row_stride(kp), n.div_ceil(BLOCK));
+    let (group, row_blocks) = (group_blocks(m, kp), m.div_ceil(BLOCK));
     // bf16 is a u16 underneath (repr(transparent)).
     let bits: &[u16] = unsafe { std::slice::from_raw_parts(b.data.as_ptr() as *const u16, b.data.len()) };
-    (0..n.div_ceil(BLOCK)).into_par_iter().for_each_init(
-        || vec![0u32; 2 * pairs * T],
-        |right, blk| {
-            let (j0, w) = (blk * BLOCK, BLOCK.min(n - blk * BLOCK));
-            // right[(half · pairs + p) · 16 + j] = the k-pair p of b's column j0 + half·16 + j
-            // (zero past n or k).
-            // Safe: `available` held; rows 0..k of b from column j0 hold w elements each
-            // (the view was checked), right holds 2·pairs·16 words.
-            unsafe { simd::interleave_rows(bits.as_ptr().add(b.offset + j0), b.rs, k, w, right.as_mut_ptr(), pairs) };
-            let r0 = right.as_ptr() as *const u8;
-            let r1 = right[pairs * T..].as_ptr() as *const u8;
-            let mut out = [0f32; BLOCK * BLOCK];
-            // Safe: reached only where `available` held; `rounded` holds whole blocks of rows
-            // of kp bf16, right two panels of pairs·16 words.
-            let tiles = unsafe { Tiles::configure() };
-            for rb in 0..m.div_ceil(BLOCK) {
-                let l = rounded[rb * BLOCK * kp..].as_ptr() as *const u8;
-                unsafe { tiles.block(kp / KT, l, kp * 2, [r0, r1], &mut out) };
-                for ii in 0..BLOCK.min(m - rb * BLOCK) {
-                    let row = unsafe { std::slice::from_raw_parts_mut(dst.at((rb * BLOCK + ii) * n + j0), w) };
-                    let src = &out[ii * BLOCK..][..w];
-                    if accumulate {
-                        row.iter_mut().zip(src).for_each(|(o, v)| *o += v);
-                    } else {
-                        row.copy_from_slice(src);
-                    }
+    // panel[(half · pairs + p) · 16 + j] = the k-pair p of b's column blk·32 + half·16 + j
+    // (zero past n or k).
+    let pack = |blk: usize, panel: &mut [u32]| {
+        let (j0, w) = (blk * BLOCK, BLOCK.min(n - blk * BLOCK));
+        // Safe: `available` held; rows 0..k of b from column j0 hold w elements each (the
+        // view was checked), the panel 2·pairs·16 words.
+        unsafe { simd::interleave_rows(bits.as_ptr().add(b.offset + j0), b.rs, k, w, panel.as_mut_ptr(), pairs) };
+    };
+    let dst = Shared(c.as_mut_ptr());
+    // Row blocks `rows` of c's columns blk·32.. from the packed panel.
+    let run = |blk: usize, panel: &[u32], rows: std::ops::Range<usize>| {
+        let (j0, w) = (blk * BLOCK, BLOCK.min(n - blk * BLOCK));
+        let r0 = panel.as_ptr() as *const u8;
+        let r1 = panel[pairs * T..].as_ptr() as *const u8;
+        let mut out = [0f32; BLOCK * BLOCK];
+        // Safe: reached only where `available` held; `rounded` holds whole blocks of rows of
+        // kp bf16 (ld apart), the panel two halves of pairs·16 words.
+        let tiles = unsafe { Tiles::configure() };
+        for rb in rows {
+            let l = rounded[rb * BLOCK * ld..].as_ptr() as *const u8;
+            unsafe { tiles.block(kp / KT, l, ld * 2, [r0, r1], &mut out) };
+            for ii in 0..BLOCK.min(m - rb * BLOCK) {
+                // Each task writes only its columns of c.
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.at((rb * BLOCK + ii) * n + j0), w) };
+                let src = &out[ii * BLOCK..][..w];
+                if accumulate {
+                    row.iter_mut().zip(src).for_each(|(o, v)| *o += v);
+                } else {
+                    row.copy_from_slice(src);
                 }
             }
-        },
-    );
+        }
+    };
+    let groups = row_blocks.div_ceil(group);
+    if groups > 1 && blocks * 2 * pairs * T * 4 <= PACKED_BYTES {
+        let mut packed = vec![0u32; blocks * 2 * pairs * T];
+        packed.par_chunks_mut(2 * pairs * T).enumerate().for_each(|(blk, panel)| pack(blk, panel));
+        (0..groups * blocks).into_par_iter().for_each(|task| {
+            let (grp, blk) = (task / blocks, task % blocks);
+            run(blk, &packed[blk * 2 * pairs * T..][..2 * pairs * T], grp * group..row_blocks.min((grp + 1) * group));
+        });
+    } else {
+        (0..blocks).into_par_iter().for_each_init(
+            || vec![0u32; 2 * pairs * T],
+            |panel, blk| {
+                pack(blk, panel);
+                run(blk, panel, 0..row_blocks);
+            },
+        );
+    }
 }
 
 /// The AVX-512 moves around the tiles (every AMX CPU has AVX-512 F, BW and VL).

@@ -13,6 +13,7 @@ use std::str::FromStr;
 
 use half::{bf16, f16};
 use memmap2::Mmap;
+use rayon::prelude::*;
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use safetensors::SafeTensors;
 
@@ -187,9 +188,9 @@ impl Weights {
     /// mapped, and the tensor's pages are released once converted).
     pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
         self.read_as(name, expected, |dtype, bytes| match dtype {
-            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            _ => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::F32 => convert(bytes, f32::from_le_bytes),
+            Dtype::BF16 => convert(bytes, |b| bf16::from_le_bytes(b).to_f32()),
+            _ => convert(bytes, |b| f16::from_le_bytes(b).to_f32()),
         })
     }
 
@@ -197,9 +198,9 @@ impl Weights {
     /// without a conversion), f32 and f16 are rounded to nearest even.
     pub fn read_bf16(&self, name: &str, expected: &[usize]) -> Result<Vec<bf16>> {
         self.read_as(name, expected, |dtype, bytes| match dtype {
-            Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect(),
-            Dtype::F32 => bytes.chunks_exact(4).map(|b| bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect(),
-            _ => bytes.chunks_exact(2).map(|b| bf16::from_f32(f16::from_le_bytes([b[0], b[1]]).to_f32())).collect(),
+            Dtype::BF16 => convert(bytes, bf16::from_le_bytes),
+            Dtype::F32 => convert(bytes, |b| bf16::from_f32(f32::from_le_bytes(b))),
+            _ => convert(bytes, |b| bf16::from_f32(f16::from_le_bytes(b).to_f32())),
         })
     }
 
@@ -243,6 +244,44 @@ impl Weights {
         shard.release(shard.data_start + start, end - start);
         Ok(out)
     }
+}
+
+/// `bytes`, S to an element, converted by `f` into a new Vec, on every core. Loading a 7B model
+/// is otherwise one core faulting in and zeroing 14.5 GB of fresh pages and copying into them,
+/// while the disk could deliver twice as fast: measured 115 s, then 44–50 s, before this.
+fn convert<T: Send, const S: usize>(bytes: &[u8], f: impl Fn([u8; S]) -> T + Sync) -> Vec<T> {
+    const CHUNK: usize = 1 << 16;
+    let n = bytes.len() / S;
+    let mut out: Vec<T> = Vec::with_capacity(n);
+    let dst = &mut out.spare_capacity_mut()[..n];
+    advise_huge_pages(dst);
+    dst.par_chunks_mut(CHUNK).zip(bytes.par_chunks(CHUNK * S)).for_each(|(dst, src)| {
+        for (d, s) in dst.iter_mut().zip(src.chunks_exact(S)) {
+            d.write(f(s.try_into().expect("chunks of S bytes")));
+        }
+    });
+    // SAFETY: the loop above wrote each of the n elements (bytes holds n·S bytes).
+    unsafe { out.set_len(n) };
+    out
+}
+
+/// Asks Linux to back a large, still untouched buffer with 2 MiB pages: fewer page faults when
+/// it is filled, and fewer TLB misses when the kernels stream the weights later (THP is often
+/// `madvise`-only, as on this project's machines).
+fn advise_huge_pages<T>(buf: &mut [std::mem::MaybeUninit<T>]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let (p, len) = (buf.as_mut_ptr() as usize, std::mem::size_of_val(buf));
+        let (start, end) = (p.next_multiple_of(HUGE), (p + len) / HUGE * HUGE);
+        if end > start {
+            // SAFETY: an advice on memory this Vec owns; it changes how pages are backed, never
+            // their contents.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
 }
 
 /// A tensor to write: name, shape, and its little-endian bytes.

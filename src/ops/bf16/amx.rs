@@ -1,26 +1,25 @@
 //! The bf16 product on Intel AMX: `tdpbf16ps` multiplies a 16×32 bf16 tile by a 32×16 one into a
-//! 16×16 f32 tile, 8,192 products an instruction. Measured on the Xeon this was written on (2
-//! cores, `cargo bench --bench gemm_shapes`), it runs W1's products several times faster than
-//! f32 FMAs do.
+//! 16×16 f32 tile, 8,192 products an instruction. On the Xeon this was written on it runs W1's
+//! products 2.5–3× as fast as the f32 gemm (`cargo bench --bench gemm_shapes`).
 //!
 //! The instruction wants its left operand row-major (k contiguous, 32 bf16 a tile row) and its
 //! right operand "VNNI" packed: row p of the tile holds, for each of 16 columns, the k-pair
-//! (b[2p, j], b[2p + 1, j]) as one 32-bit word. Which operand is which depends on how the bf16
-//! weight lies in memory:
+//! (b[2p, j], b[2p + 1, j]) as one 32-bit word. a is always rounded into row-major rows; how b
+//! becomes an operand depends on how the bf16 weight lies in memory:
 //!
-//! - an nn.Linear's weight read through its transposed view (the forward pass, `x·wᵀ`): each
-//!   weight row is already k-contiguous, so the product is computed transposed, `(x·wᵀ)ᵀ =
-//!   w·xᵀ`, with the weight as the left operand loaded straight from its storage, and x (which
-//!   has to be rounded to bf16 anyway) packed as the right operand;
-//! - a row-major weight (the input gradient, `g·w`): g is rounded into a row-major left
-//!   operand, and each task packs one 32-column panel of the weight as the right operand.
+//! - a row-major b (the input gradient, `g·w`): its rows are interleaved in pairs into the
+//!   right operand, 32 columns to a panel ([`packed_right`]);
+//! - b with k-contiguous columns (an nn.Linear weight read through its transposed view, the
+//!   forward pass `x·wᵀ`): either its columns' words are transposed into the right operand
+//!   (again [`packed_right`]), or cᵀ = bᵀ·aᵀ is computed with b's columns as the left operand
+//!   loaded as they lie, a packed as the right one and c written back transposed
+//!   ([`transposed`]). [`matmul`] takes whichever moves fewer words.
 //!
-//! Each task owns 32 columns of c and walks all of its rows 32 at a time, holding a 32×32 block
-//! of c in four tiles while k is swept in steps of 32: every output is one f32 sum in a fixed k
-//! order, whatever the number of threads, so runs repeat bit for bit.
+//! Each task holds a 32×32 block of c in four tiles while k is swept in steps of 32: every output
+//! is one f32 sum in a fixed k order, whatever the number of threads, so runs repeat bit for bit.
 //!
-//! Tiles are per thread: each task loads the tile configuration and releases it when done, and
-//! the kernel asks Linux once per process for the permission to use the tile registers.
+//! Tiles are per thread: a task (or a rayon job) loads the tile configuration and releases it
+//! when done, and the kernel asks Linux once per process for the permission to use the tiles.
 
 use std::arch::asm;
 use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};

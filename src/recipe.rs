@@ -416,6 +416,16 @@ pub struct TrainSection {
     /// device's to float rounding, and a resumed run repeats the uninterrupted one bit for bit
     /// on the same number of devices. Default 1.
     pub devices: Devices,
+    /// Data parallel across machines: several `tune run` processes, one per node, each with
+    /// train.devices replicas, train as one run of count × devices replicas (replica r of node
+    /// k takes share k × devices + r of every micro-batch's rows). Every node runs the same
+    /// recipe but for `rank` (model and dataset paths may differ; the data must not), and
+    /// node 0 gathers every node's gradients each step and hands them all back, so every node
+    /// takes the same optimizer step and writes the same checkpoints and adapter into its own
+    /// output.dir. Per-step losses and the adapter equal those of one node with count × devices
+    /// devices, bit for bit. A run is resumed by resuming every node from the same step.
+    /// Default none: one node.
+    pub nodes: Option<Nodes>,
     /// Stop when this many evaluations in a row have not improved on the best eval loss so far
     /// (improving means strictly lower). The run ends with a checkpoint and the adapter of the
     /// step it stopped at, and says why it stopped. Needs train.eval_every. Default none.
@@ -441,6 +451,7 @@ impl Default for TrainSection {
             eval_every: None,
             early_stopping_patience: None,
             devices: Devices::Count(1),
+            nodes: None,
         }
     }
 }
@@ -460,6 +471,30 @@ impl Devices {
             Devices::Count(n) => (0..*n).collect(),
             Devices::List(l) => l.clone(),
         }
+    }
+}
+
+/// `train.nodes`: this process's place in a run over several nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nodes {
+    /// How many nodes train together (at least 2).
+    pub count: u32,
+    /// This node's place among them, 0 to count − 1, each rank once. It decides which rows of
+    /// every micro-batch this node's replicas take; node 0 also gathers the gradients.
+    pub rank: u32,
+    /// Node 0's address as every node reaches it, `HOST:PORT` (e.g. `10.0.0.1:29500`). Node 0
+    /// listens on that port on every interface; the others connect to it, retrying for up to
+    /// 10 minutes while it starts. The same on every node.
+    pub address: String,
+}
+
+impl Nodes {
+    /// The port of [`Nodes::address`].
+    pub fn port(&self) -> Option<u16> {
+        let (host, port) = self.address.rsplit_once(':')?;
+        (!host.is_empty() && !host.contains('/')).then_some(())?;
+        port.parse().ok().filter(|&p| p != 0)
     }
 }
 
@@ -564,6 +599,10 @@ const KEYS: &[&str] = &[
     "train.eval_every",
     "train.early_stopping_patience",
     "train.devices",
+    "train.nodes",
+    "train.nodes.count",
+    "train.nodes.rank",
+    "train.nodes.address",
     "device",
     "output",
     "output.dir",
@@ -647,14 +686,26 @@ impl Recipe {
         if let Some(d) = devices.iter().enumerate().find_map(|(i, d)| devices[..i].contains(d).then_some(d)) {
             return bad("train.devices", &format!("device {d} is listed twice"));
         }
-        if !self.train.batch_size.is_multiple_of(devices.len()) {
+        let mut replicas = devices.len();
+        if let Some(nodes) = &self.train.nodes {
+            if nodes.count < 2 {
+                return bad("train.nodes.count", "must be at least 2 (for one node, leave train.nodes out)");
+            }
+            if nodes.rank >= nodes.count {
+                return bad("train.nodes.rank", &format!("must be below train.nodes.count ({}), got {}", nodes.count, nodes.rank));
+            }
+            if nodes.port().is_none() {
+                return bad("train.nodes.address", &format!("must be HOST:PORT (node 0's address), got {:?}", nodes.address));
+            }
+            replicas *= nodes.count as usize;
+        }
+        if !self.train.batch_size.is_multiple_of(replicas) {
+            let key = if self.train.nodes.is_some() { "train.devices × train.nodes.count" } else { "train.devices" };
             return bad(
-                "train.devices",
+                key,
                 &format!(
-                    "{} replicas cannot share train.batch_size {} evenly; use a batch size divisible by {}",
-                    devices.len(),
+                    "{replicas} replicas cannot share train.batch_size {} evenly; use a batch size divisible by {replicas}",
                     self.train.batch_size,
-                    devices.len()
                 ),
             );
         }
@@ -845,7 +896,9 @@ mod tests {
             }
         }
         let mut schema = Vec::new();
-        walk("", &serde_yaml::to_value(parse(MINIMAL, &[]).unwrap()).unwrap(), &mut schema);
+        // Optional sections appear with their keys only when set.
+        let nodes = ["train.nodes.count=2", "train.nodes.rank=0", "train.nodes.address=a:1"];
+        walk("", &serde_yaml::to_value(parse(MINIMAL, &nodes).unwrap()).unwrap(), &mut schema);
         schema.sort();
         let mut keys: Vec<String> = KEYS.iter().map(|k| k.to_string()).collect();
         keys.sort();
@@ -976,6 +1029,23 @@ mod tests {
         assert!(e.contains("train.devices") && e.contains("at least 1"), "{e}");
         let e = err(&["train.devices=[2, 2]"]);
         assert!(e.contains("train.devices") && e.contains("device 2 is listed twice"), "{e}");
+        // Over nodes: every node's replicas count, and each address is checked.
+        let nodes = |rest: &[&str]| {
+            let mut o = vec!["train.nodes.count=2", "train.nodes.rank=1", "train.nodes.address=10.0.0.1:29500"];
+            o.extend_from_slice(rest);
+            parse(MINIMAL, &o).map(|r| r.train.nodes.unwrap().port()).map_err(|e| e.to_string())
+        };
+        assert_eq!(nodes(&["train.devices=2"]), Ok(Some(29500)));
+        let e = nodes(&["train.devices=3", "train.batch_size=9"]).unwrap_err();
+        assert!(e.contains("train.devices × train.nodes.count") && e.contains("6 replicas") && e.contains("train.batch_size 9"), "{e}");
+        let e = nodes(&["train.nodes.rank=2"]).unwrap_err();
+        assert!(e.contains("train.nodes.rank") && e.contains("below train.nodes.count (2), got 2"), "{e}");
+        let e = nodes(&["train.nodes.count=1", "train.nodes.rank=0"]).unwrap_err();
+        assert!(e.contains("train.nodes.count") && e.contains("at least 2"), "{e}");
+        let e = nodes(&["train.nodes.address=10.0.0.1"]).unwrap_err();
+        assert!(e.contains("train.nodes.address") && e.contains("HOST:PORT"), "{e}");
+        let e = nodes(&["train.nodes.address=ws://10.0.0.1:x"]).unwrap_err();
+        assert!(e.contains("train.nodes.address") && e.contains("HOST:PORT"), "{e}");
         // Resuming on another number of devices continues the same run.
         let (one, two) = (parse(MINIMAL, &[]).unwrap(), parse(MINIMAL, &["train.devices=2"]).unwrap());
         assert!(crate::train::breaking_changes(&one, &two).is_empty());

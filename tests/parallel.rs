@@ -1,6 +1,8 @@
 //! Data parallel on the CPU (`train.devices`): replicas that each take a slice of every
 //! micro-batch's rows train as one device running the whole batch does, dropout and gradient
-//! accumulation included, and a data-parallel run resumes bit for bit.
+//! accumulation included, and a data-parallel run resumes bit for bit. Over several nodes
+//! (`train.nodes`, processes on loopback here) the nodes train as one node with all their
+//! devices, bit for bit, and resume so too.
 
 mod common;
 
@@ -116,4 +118,123 @@ fn uneven_split_is_refused() {
     assert_ne!(code, 0);
     assert!(err.contains("train.devices") && err.contains("train.batch_size 2"), "{err}");
     assert!(!dir.exists(), "nothing is written for a refused recipe");
+}
+
+/// Runs `count` nodes of the tiny run at once on loopback, each a `tune run` process with
+/// `overrides` and its rank; returns each node's metrics and run directory.
+fn run_nodes(tag: &str, count: u32, overrides: &[&str], extra: &[&str]) -> Vec<(Vec<StepMetrics>, PathBuf)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let nodes: Vec<_> = (0..count)
+        .map(|rank| {
+            let dir = std::env::temp_dir().join(format!("tune-nodes-{tag}-{rank}-{}", std::process::id()));
+            let mut args: Vec<String> = ["run", "tests/fixtures/tiny-run/recipe.yaml"].iter().map(|a| a.to_string()).collect();
+            args.push(format!("output.dir={}", dir.display()));
+            args.push(format!("train.nodes.count={count}"));
+            args.push(format!("train.nodes.rank={rank}"));
+            args.push(format!("train.nodes.address=127.0.0.1:{port}"));
+            args.extend(overrides.iter().map(|o| o.to_string()));
+            args.extend(extra.iter().map(|o| o.replace("{dir}", &dir.display().to_string())));
+            std::thread::spawn(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let (code, err) = tune(&args);
+                assert_eq!(code, 0, "node {rank}: {err}");
+                (metrics::read(&dir.join("metrics.jsonl")).unwrap(), dir)
+            })
+        })
+        .collect();
+    nodes.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+fn same_bits(what: &str, got: &[StepMetrics], want: &[StepMetrics]) {
+    assert_eq!(got.len(), want.len(), "{what}: steps");
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(
+            (g.loss.to_bits(), g.grad_norm.to_bits(), g.tokens),
+            (w.loss.to_bits(), w.grad_norm.to_bits(), w.tokens),
+            "{what} step {}: loss {} vs {}, grad norm {} vs {}",
+            g.step,
+            g.loss,
+            w.loss,
+            g.grad_norm,
+            w.grad_norm
+        );
+    }
+}
+
+fn adapter_bytes(dir: &std::path::Path) -> Vec<u8> {
+    std::fs::read(dir.join("adapter/adapter_model.safetensors")).unwrap()
+}
+
+/// Two nodes of one device each, and two nodes of two devices each, train exactly as one node
+/// with two (four) devices: the same losses, gradient norms and adapter bytes on every node.
+/// A node taking the wrong rows, a sum in another order or one node's gradients alone would
+/// change them.
+#[test]
+fn nodes_on_loopback_train_as_one_node_with_all_their_devices() {
+    for (tag, count, overrides, devices) in
+        [("2x1", 2u32, vec![], "train.devices=2"), ("2x2", 2, vec!["train.devices=2", "train.batch_size=4"], "train.devices=4")]
+    {
+        let one = run(
+            &format!("nodes-ref-{tag}"),
+            &[&overrides.iter().filter(|o| o.starts_with("train.batch")).copied().collect::<Vec<_>>()[..], &[devices]].concat(),
+        );
+        let nodes = run_nodes(tag, count, &overrides, &[]);
+        for (rank, (m, dir)) in nodes.iter().enumerate() {
+            same_bits(&format!("{tag} node {rank}"), m, &one.0);
+            assert!(adapter_bytes(dir) == adapter_bytes(&one.2), "{tag} node {rank}: the adapter differs from one node's");
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+        assert!(one.0.last().unwrap().loss < one.0[0].loss, "the run learns");
+        std::fs::remove_dir_all(&one.2).unwrap();
+    }
+}
+
+/// Two nodes resumed from their step-3 checkpoints repeat steps 4 to 6 and the adapter of the
+/// uninterrupted run bit for bit; a node resuming from another step than node 0 is refused.
+#[test]
+fn nodes_resume_bit_for_bit() {
+    let args = ["output.save_every=3", "output.keep_last=3"];
+    let first = run_nodes("resume", 2, &args, &[]);
+    let adapters: Vec<Vec<u8>> = first.iter().map(|(_, d)| adapter_bytes(d)).collect();
+    // Each node resumes its own run directory (the same path the first runs used).
+    let resumed = run_nodes("resume", 2, &args, &["--resume", "{dir}/checkpoints/step_000003"]);
+    for (rank, ((a, _), (b, dir))) in first.iter().zip(&resumed).enumerate() {
+        same_bits(&format!("resumed node {rank}"), &b[3..], &a[3..]);
+        assert!(adapter_bytes(dir) == adapters[rank], "node {rank}: the resumed adapter differs");
+    }
+    // Node 1 from step 3, node 0 from the final checkpoint (step 6): refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let node = |rank: usize, step: &str| {
+        let dir = resumed[rank].1.clone();
+        let checkpoint = dir.join(format!("checkpoints/{step}"));
+        let addr = format!("train.nodes.address=127.0.0.1:{port}");
+        std::thread::spawn(move || {
+            let out = format!("output.dir={}", dir.display());
+            let rank = format!("train.nodes.rank={rank}");
+            let args = [
+                "run",
+                "tests/fixtures/tiny-run/recipe.yaml",
+                &out,
+                "train.nodes.count=2",
+                &rank,
+                &addr,
+                args[0],
+                args[1],
+                "--resume",
+                s(&checkpoint),
+            ];
+            tune(&args)
+        })
+    };
+    let zero = node(0, "step_000006");
+    let (code, err) = node(1, "step_000003").join().unwrap();
+    assert_ne!(code, 0);
+    assert!(err.contains("node 0 refused") && err.contains("starts at step 3 and node 0 at step 6"), "{err}");
+    // Node 0 still waits for a node 1; the right one lets it finish.
+    let (code, err) = node(1, "step_000006").join().unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(zero.join().unwrap().0, 0);
+    for (_, dir) in &resumed {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

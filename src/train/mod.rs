@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod metrics;
+pub mod nodes;
 pub mod optimizer;
 pub mod parallel;
 pub mod report;
@@ -188,6 +189,7 @@ pub const RESUMABLE_CHANGES: &[&str] = &[
     "device",
     "train.activation_checkpointing",
     "train.devices",
+    "train.nodes",
     "output.dir",
     "output.save_every",
     "output.keep_last",
@@ -209,6 +211,22 @@ pub fn breaking_changes(old: &Recipe, new: &Recipe) -> Vec<String> {
         .filter(|k| !RESUMABLE_CHANGES.iter().any(|r| k == r || k.starts_with(&format!("{r}."))))
         .cloned()
         .collect()
+}
+
+/// Recipe keys naming files, which may sit at other paths on other machines (the files'
+/// contents are compared by fingerprint).
+const MACHINE_PATHS: &[&str] = &["model.path", "dataset.path", "dataset.sources", "dataset.eval_path", "lora.init_from"];
+
+/// The recipe's keys that decide what a run trains, with their values: what every node of a
+/// run over several nodes must agree on.
+fn run_keys(recipe: &Recipe) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    flatten("", &serde_yaml::to_value(recipe).expect("recipes serialise"), &mut out);
+    out.retain(|k, _| {
+        let within = |r: &&str| k == r || k.starts_with(&format!("{r}."));
+        !RESUMABLE_CHANGES.iter().any(within) && !MACHINE_PATHS.iter().any(within)
+    });
+    out
 }
 
 fn flatten(prefix: &str, v: &serde_yaml::Value, out: &mut std::collections::BTreeMap<String, String>) {
@@ -256,9 +274,18 @@ where
     let inner: Vec<_> = lora_params(&model).into_iter().map(|p| p.inner()).collect();
     let mut opt = AdamW::new(adamw, &inner);
     drop(inner);
-    let mut replicas = match devices.len() {
-        1 => None,
-        _ => Some(parallel::Replicas::start(&model, &devices, |d| replica_on(recipe, &setup.lora, d))?),
+    // Data parallel: replicas on this node's other devices and, over several nodes, the link to
+    // the others, which checks that every node trains this run from this step before the run
+    // directory is written to.
+    let run = t.nodes.as_ref().map(|_| nodes::RunIdentity {
+        keys: run_keys(recipe),
+        dataset: dataset_hash.clone(),
+        eval_dataset: eval_dataset_hash.clone(),
+        first_step: resume_from.as_ref().map_or(0, |found| found.state.step),
+    });
+    let mut replicas = match (devices.len(), t.nodes.as_ref().zip(run.as_ref())) {
+        (1, None) => None,
+        (_, nodes) => Some(parallel::Replicas::start(&model, &devices, nodes, |d| replica_on(recipe, &setup.lora, d))?),
     };
     let (first_step, elapsed_before, mut history) = match &resume_from {
         None => {
@@ -409,6 +436,9 @@ where
         }
     }
     observer.finish();
+    if let Some(r) = replicas.take() {
+        r.finish();
+    }
 
     // 3. What the run leaves: the adapter in PEFT layout (the report is written with the last
     // checkpoint).

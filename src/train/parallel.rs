@@ -6,6 +6,10 @@
 //! The replica on the first device is the training loop's own model. It alone holds AdamW's
 //! state and writes the checkpoints, and it hands the others its LoRA tensors with each step, so
 //! they hold nothing a resumed run would need: resume works as on one device.
+//!
+//! Over several nodes (`train.nodes`) each node is such a process, and [`super::nodes`] carries
+//! each node's gradient rows to every other. Every node's loop takes the same AdamW step from
+//! the same summed gradients, so the nodes stay equal without ever sending weights.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -16,12 +20,14 @@ use burn::backend::Autodiff;
 use burn::tensor::{Tensor, TensorPrimitive};
 use burn_collective::{CollectiveConfig, PeerId, ReduceOperation};
 
+use super::nodes::{NodeLink, RunIdentity};
 use super::optimizer::AdamW;
 use super::step::{apply_grads, lora_params, set_lora_params, shard_grads, Shard, StepOptions, StepStats};
 use crate::backend::Backend;
 use crate::data::batch::Batch;
 use crate::error::{Error, Result};
 use crate::model::CausalLm;
+use crate::recipe::Nodes;
 
 /// burn-collective keeps one session per backend type and process, so two data-parallel runs
 /// in one process (tests) take turns.
@@ -30,13 +36,25 @@ static SESSION: Mutex<()> = Mutex::new(());
 /// The replicas besides the training loop's own, with their threads.
 pub struct Replicas<B: Backend> {
     workers: Vec<Worker<B>>,
+    /// This node's replicas are replicas `first..first + workers + 1` of `count` in all.
+    place: Place,
+    /// The other nodes, over several.
+    link: Option<NodeLink>,
+    finished: bool,
     _session: MutexGuard<'static, ()>,
+}
+
+/// Where this process's replicas sit among every node's.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    first: usize,
+    count: usize,
 }
 
 struct Worker<B: Backend> {
     jobs: Option<Sender<Job<B>>>,
-    /// The replica's share of the step's loss, once its gradients went into the all-reduce.
-    done: Receiver<std::result::Result<f64, String>>,
+    /// Whether the replica's step went well, once its gradients went into the all-reduce.
+    done: Receiver<std::result::Result<(), String>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -51,38 +69,66 @@ struct Job<B: Backend> {
 impl<B: Backend> Replicas<B> {
     /// Starts a replica on each of `devices` after the first, which is `model`'s. A replica on
     /// the same device as `model` is a clone of it (its frozen tensors shared, not copied);
-    /// elsewhere `load` builds one.
+    /// elsewhere `load` builds one. With `nodes`, this node then joins the others, which waits
+    /// until every node has.
     pub fn start(
         model: &CausalLm<Autodiff<B>>,
         devices: &[B::Device],
+        nodes: Option<(&Nodes, &RunIdentity)>,
         load: impl Fn(&B::Device) -> Result<CausalLm<Autodiff<B>>>,
     ) -> Result<Self> {
         let session = SESSION.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         // A session an earlier run in this process left half done (an error) is forgotten.
         burn_collective::reset_collective::<B>();
-        let count = devices.len();
-        let mut workers = Vec::with_capacity(count - 1);
-        for (peer, device) in devices.iter().enumerate().skip(1) {
+        let local = devices.len();
+        let place = match nodes {
+            None => Place { first: 0, count: local },
+            Some((n, _)) => Place { first: n.rank as usize * local, count: n.count as usize * local },
+        };
+        let mut workers = Vec::with_capacity(local - 1);
+        for (i, device) in devices.iter().enumerate().skip(1) {
             let replica = if *device == devices[0] { model.clone() } else { load(device)? };
             let (jobs, job_rx) = channel();
             let (done_tx, done) = channel();
-            let device = device.clone();
+            let (device, peer) = (device.clone(), place.first + i);
             let thread = std::thread::Builder::new()
                 .name(format!("tune-replica-{peer}"))
-                .spawn(move || serve(peer, count, replica, device, job_rx, done_tx))
+                .spawn(move || serve(peer, place, local, replica, device, job_rx, done_tx))
                 .map_err(|e| Error::Unsupported(format!("train.devices: cannot start replica {peer}: {e}")))?;
             workers.push(Worker { jobs: Some(jobs), done, thread: Some(thread) });
         }
-        register::<B>(0, count, devices[0].clone())?;
-        for (peer, w) in workers.iter().enumerate() {
-            w.done.recv().map_err(|_| lost(peer + 1))?.map_err(Error::Unsupported)?;
+        let mut replicas = Replicas { workers, place, link: None, finished: false, _session: session };
+        if local > 1 {
+            register::<B>(place.first, local, devices[0].clone())?;
+            for (i, w) in replicas.workers.iter().enumerate() {
+                w.done.recv().map_err(|_| lost(place.first + i + 1))?.map_err(Error::Unsupported)?;
+            }
         }
-        Ok(Replicas { workers, _session: session })
+        if let Some((nodes, run)) = nodes {
+            let width = lora_params(model).iter().map(|p| p.dims().iter().product::<usize>()).sum::<usize>() + LOSS_COLUMNS;
+            replicas.link = Some(NodeLink::join(nodes, local, width, run)?);
+        }
+        Ok(replicas)
     }
 
-    /// Replicas in all, the training loop's own included.
+    /// Replicas in all, every node's included.
     pub fn count(&self) -> usize {
-        self.workers.len() + 1
+        self.place.count
+    }
+
+    /// Ends the session in order: each replica leaves it, then the training loop's own, the
+    /// last of which closes this node's connection to the others.
+    pub fn finish(mut self) {
+        for w in &mut self.workers {
+            w.jobs = None;
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+        if !self.workers.is_empty() {
+            let _ = burn_collective::finish_collective::<B>(PeerId(self.place.first as u32));
+        }
+        self.finished = true;
     }
 
     /// [`super::step::train_step`] over every replica: each takes its slice of every micro-batch, the
@@ -95,20 +141,26 @@ impl<B: Backend> Replicas<B> {
         options: StepOptions,
         device: &B::Device,
     ) -> Result<StepStats> {
-        let count = self.count();
+        let Place { first, count } = self.place;
         let label_total: usize = batches.iter().map(Batch::label_count).sum();
         let params: Vec<Tensor<B, 2>> = lora_params(model).into_iter().map(|p| p.inner()).collect();
         let shared = Arc::new(batches.to_vec());
-        for (peer, w) in self.workers.iter().enumerate() {
+        for (i, w) in self.workers.iter().enumerate() {
             let job = Job { params: params.clone(), batches: shared.clone(), label_total, options };
-            w.jobs.as_ref().expect("replicas run until dropped").send(job).map_err(|_| lost(peer + 1))?;
+            w.jobs.as_ref().expect("replicas run until dropped").send(job).map_err(|_| lost(first + i + 1))?;
         }
-        let (mut loss, grads) = shard_grads(model, batches, label_total, options, Shard { index: 0, count }, device);
-        let grads = sum_across_replicas(0, count, grads)?;
-        // Added in replica order, so that the logged loss is the same in every run.
-        for (peer, w) in self.workers.iter().enumerate() {
-            loss += w.done.recv().map_err(|_| lost(peer + 1))?.map_err(Error::Unsupported)?;
+        let (loss, grads) = shard_grads(model, batches, label_total, options, Shard { index: first, count }, device);
+        let (mut rows, shapes) = gradient_rows(first, count, grads, loss);
+        if !self.workers.is_empty() {
+            rows = all_reduce_local(first, rows)?;
         }
+        for (i, w) in self.workers.iter().enumerate() {
+            w.done.recv().map_err(|_| lost(first + i + 1))?.map_err(Error::Unsupported)?;
+        }
+        if let Some(link) = self.link.as_mut() {
+            rows = gather_nodes(link, rows, first, self.workers.len() + 1)?;
+        }
+        let (grads, loss) = add_rows(rows, &shapes);
         let grad_norm = apply_grads(model, opt, grads, options);
         Ok(StepStats { loss: loss as f32, grad_norm, tokens: batches.iter().map(|b| b.tokens).sum() })
     }
@@ -116,6 +168,9 @@ impl<B: Backend> Replicas<B> {
 
 impl<B: Backend> Drop for Replicas<B> {
     fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
         for w in &mut self.workers {
             w.jobs = None;
         }
@@ -134,8 +189,8 @@ fn lost(peer: usize) -> Error {
     Error::Unsupported(format!("train.devices: replica {peer} stopped"))
 }
 
-fn register<B: Backend>(peer: usize, count: usize, device: B::Device) -> Result<()> {
-    let config = CollectiveConfig::default().with_num_devices(count);
+fn register<B: Backend>(peer: usize, local: usize, device: B::Device) -> Result<()> {
+    let config = CollectiveConfig::default().with_num_devices(local);
     burn_collective::register::<B>(PeerId(peer as u32), device, config)
         .map_err(|e| Error::Unsupported(format!("train.devices: replica {peer} could not join the all-reduce: {e:?}")))
 }
@@ -143,33 +198,35 @@ fn register<B: Backend>(peer: usize, count: usize, device: B::Device) -> Result<
 /// A replica's thread: a step per job, until the training loop drops its sender.
 fn serve<B: Backend>(
     peer: usize,
-    count: usize,
+    place: Place,
+    local: usize,
     mut model: CausalLm<Autodiff<B>>,
     device: B::Device,
     jobs: Receiver<Job<B>>,
-    done: Sender<std::result::Result<f64, String>>,
+    done: Sender<std::result::Result<(), String>>,
 ) {
-    if let Err(e) = register::<B>(peer, count, device.clone()) {
+    if let Err(e) = register::<B>(peer, local, device.clone()) {
         let _ = done.send(Err(e.to_string()));
         return;
     }
-    let _ = done.send(Ok(0.0));
+    let _ = done.send(Ok(()));
     for job in jobs {
         let shapes: Vec<[usize; 2]> = job.params.iter().map(|p| p.dims()).collect();
         set_lora_params(&mut model, job.params.into_iter().map(|p| Tensor::from_inner(p).require_grad()).collect());
-        let shard = Shard { index: peer, count };
+        let shard = Shard { index: peer, count: place.count };
         let step = catch_unwind(AssertUnwindSafe(|| shard_grads(&mut model, &job.batches, job.label_total, job.options, shard, &device)));
         // The other replicas wait in the all-reduce for this one's part: a failed step still
-        // takes part (with zeros), and reports the failure instead of its loss.
-        let (result, grads) = match step {
-            Ok((loss, grads)) => (Ok(loss), grads),
+        // takes part (with zeros), and reports the failure.
+        let (result, loss, grads) = match step {
+            Ok((loss, grads)) => (Ok(()), loss, grads),
             Err(panic) => {
                 let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
                 let zeros = shapes.iter().map(|&s| Tensor::zeros(s, &device)).collect();
-                (Err(format!("train.devices: replica {peer} failed: {}", msg.unwrap_or_default())), zeros)
+                (Err(format!("train.devices: replica {peer} failed: {}", msg.unwrap_or_default())), 0.0, zeros)
             }
         };
-        let result = sum_across_replicas(peer, count, grads).map_err(|e| e.to_string()).and(result);
+        let (rows, _) = gradient_rows(peer, place.count, grads, loss);
+        let result = all_reduce_local(peer, rows).map(|_| ()).map_err(|e| e.to_string()).and(result);
         if done.send(result).is_err() {
             break;
         }
@@ -177,44 +234,75 @@ fn serve<B: Backend>(
     let _ = burn_collective::finish_collective::<B>(PeerId(peer as u32));
 }
 
-/// The sum of every replica's `grads`, the same on each replica and in every run.
+/// A replica's row ends with its loss as two f32s (its f32 rounding and what that left off), so
+/// that the step's whole loss travels with the gradients and every node logs it.
+const LOSS_COLUMNS: usize = 2;
+
+/// This replica's gradients and loss as its row of an `[replicas, width]` tensor of zeros, with
+/// the gradients' shapes.
 ///
 /// burn-collective adds the peers' tensors in whatever order its hash map yields them, and
 /// float addition is not associative: with three or more replicas a plain all-reduce could round
 /// differently from one run to the next, and a resumed run would not repeat the uninterrupted
-/// one. So each replica puts its gradients in its own row of an `[replicas, total]` tensor of
-/// zeros: the all-reduce then adds only zeros, which is exact in any order, and each replica
-/// adds the rows up in replica order. The all-reduce moves `replicas` times the gradients, a
-/// small cost for LoRA's.
-fn sum_across_replicas<B: Backend>(peer: usize, count: usize, grads: Vec<Tensor<B, 2>>) -> Result<Vec<Tensor<B, 2>>> {
+/// one. With a row each, the all-reduce adds only zeros, which is exact in any order, the rows
+/// can cross to other nodes as they are, and [`add_rows`] adds them up in replica order. The
+/// all-reduce moves `replicas` times the gradients, a small cost for LoRA's.
+fn gradient_rows<B: Backend>(peer: usize, count: usize, grads: Vec<Tensor<B, 2>>, loss: f64) -> (Tensor<B, 2>, Vec<[usize; 2]>) {
     let shapes: Vec<[usize; 2]> = grads.iter().map(|g| g.dims()).collect();
     let total: usize = shapes.iter().map(|[r, c]| r * c).sum();
     let device = grads.first().map(|g| g.device()).unwrap_or_default();
-    let flat = Tensor::cat(grads.into_iter().map(|g| g.reshape([1, -1])).collect(), 1);
+    let high = loss as f32;
+    let low = (loss - high as f64) as f32;
+    let loss_cols = Tensor::<B, 1>::from_floats([high, low], &device).reshape([1, LOSS_COLUMNS]);
+    let flat = Tensor::cat(grads.into_iter().map(|g| g.reshape([1, -1])).chain([loss_cols]).collect(), 1);
+    let width = total + LOSS_COLUMNS;
     let mut rows = Vec::with_capacity(3);
     if peer > 0 {
-        rows.push(Tensor::zeros([peer, total], &device));
+        rows.push(Tensor::zeros([peer, width], &device));
     }
     rows.push(flat);
     if peer + 1 < count {
-        rows.push(Tensor::zeros([count - peer - 1, total], &device));
+        rows.push(Tensor::zeros([count - peer - 1, width], &device));
     }
-    let slots: Tensor<B, 2> = Tensor::cat(rows, 0);
-    let reduced = burn_collective::all_reduce::<B>(PeerId(peer as u32), slots.into_primitive().tensor(), ReduceOperation::Sum)
+    (Tensor::cat(rows, 0), shapes)
+}
+
+/// The rows of every replica on this node, through burn-collective.
+fn all_reduce_local<B: Backend>(peer: usize, rows: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
+    let reduced = burn_collective::all_reduce::<B>(PeerId(peer as u32), rows.into_primitive().tensor(), ReduceOperation::Sum)
         .map_err(|e| Error::Unsupported(format!("train.devices: the all-reduce failed on replica {peer}: {e:?}")))?;
-    let reduced = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(reduced));
-    let mut sum = reduced.clone().narrow(0, 0, 1);
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(reduced)))
+}
+
+/// Every node's rows, given this node's `local` rows from `first` on.
+fn gather_nodes<B: Backend>(link: &mut NodeLink, rows: Tensor<B, 2>, first: usize, local: usize) -> Result<Tensor<B, 2>> {
+    let [count, width] = rows.dims();
+    let device = rows.device();
+    let block = rows.narrow(0, first, local).into_data().convert::<f32>().to_vec::<f32>().expect("f32 gradients");
+    let all = link.all_gather(&block)?;
+    Ok(Tensor::from_data(burn::tensor::TensorData::new(all, [count, width]), &device))
+}
+
+/// The gradients and the loss: the rows added up in replica order, the same on every replica,
+/// every node and in every run.
+fn add_rows<B: Backend>(rows: Tensor<B, 2>, shapes: &[[usize; 2]]) -> (Vec<Tensor<B, 2>>, f64) {
+    let [count, width] = rows.dims();
+    let total = width - LOSS_COLUMNS;
+    let losses = rows.clone().narrow(1, total, LOSS_COLUMNS).into_data().convert::<f32>().to_vec::<f32>().expect("f32 losses");
+    let loss = losses.chunks(LOSS_COLUMNS).fold(0.0, |sum, hl| sum + (hl[0] as f64 + hl[1] as f64));
+    let mut sum = rows.clone().narrow(0, 0, 1);
     for r in 1..count {
-        sum = sum + reduced.clone().narrow(0, r, 1);
+        sum = sum + rows.clone().narrow(0, r, 1);
     }
     let mut offset = 0;
-    Ok(shapes
-        .into_iter()
-        .map(|shape| {
+    let grads = shapes
+        .iter()
+        .map(|&shape| {
             let n = shape[0] * shape[1];
             let g = sum.clone().narrow(1, offset, n).reshape(shape);
             offset += n;
             g
         })
-        .collect())
+        .collect();
+    (grads, loss)
 }

@@ -12,7 +12,7 @@
 //! `CubeBackend` directly and fusion's open wrong-result bugs cannot reach them.
 
 mod kernels;
-#[cfg(all(test, feature = "wgpu"))]
+#[cfg(test)]
 mod tests;
 
 use burn::tensor::{DType, Shape};

@@ -1,14 +1,17 @@
 //! Each CubeCL kernel against the generic burn ops of [`crate::ops::reference`] on the same
-//! device (wgpu; lavapipe in CI). The references are themselves checked against burn's
-//! autodiff in f64 on the CPU (`ops::tests`); WGSL has no f64, so the comparison here is
+//! device: wgpu when built with `--features wgpu` (lavapipe in CI), CUDA when built with
+//! `--features cuda` alone (scripts/gpu-check.sh). The references are themselves checked against
+//! burn's autodiff in f64 on the CPU (`ops::tests`); WGSL has no f64, so the comparison here is
 //! kernel against reference, both in f32.
 
 use burn::tensor::{Distribution, ElementConversion, Tensor};
-use burn_wgpu::Wgpu;
 
 use crate::ops::{float, prim, reference, Activation, AttentionOptions, FusedOps, Mask};
 
-type B = Wgpu;
+#[cfg(feature = "wgpu")]
+type B = crate::backend::Wgpu;
+#[cfg(all(feature = "cuda", not(feature = "wgpu")))]
+type B = crate::backend::Cuda;
 
 fn random<const D: usize>(shape: [usize; D]) -> Tensor<B, D> {
     Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())

@@ -3,7 +3,14 @@
 
 LoRA on all seven projections, random token ids, AdamW, 2 warm-up steps then `--steps` timed
 steps; tokens/s over the timed steps, median step time, peak memory (RSS on CPU, peak allocated
-device memory on CUDA). Prints a table and the ratio tune / PyTorch.
+device memory on CUDA), the time from the start of loading to the end of the first step (kernel
+compilation and autotuning included), and on a GPU the MFU. Prints a table and the ratio
+tune / PyTorch.
+
+MFU counts 4·N FLOPs a token, N the weights of the linear layers the tokens pass through (the
+head included, the embedding lookup not): 2·N forward and 2·N for the input gradients, as the
+frozen weights get no gradient. LoRA's own products and attention's scores are left out, so it
+is a lower bound. The peak is `--peak-tflops`, or the dense bf16 rate of a known GPU.
 
   python3 benches/compare.py --model ~/.cache/tune/models/smollm2-135m-instruct            # W1, CPU, f32
   python3 benches/compare.py --model DIR --device cuda --dtype bf16 --seq 1024 --batch 4 --rank 16
@@ -40,6 +47,38 @@ def make_random(shape, out):
     print(f"wrote a random {shape} model to {out}", file=sys.stderr)
 
 
+def linear_weights(model_dir):
+    """N: the elements of every 2-D weight but the embedding table, plus the head's when it is
+    tied to the embedding; read from the safetensors headers (no tensor is loaded)."""
+    n, embed, head = 0, 0, False
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for name, t in header.items():
+            if name == "__metadata__" or len(t["shape"]) != 2:
+                continue
+            size = t["shape"][0] * t["shape"][1]
+            if "embed_tokens" in name or name.endswith("wte.weight"):
+                embed = size
+            else:
+                n += size
+                head |= "lm_head" in name
+    return n if head else n + embed
+
+
+# Dense bf16 peaks (TFLOP/s) of the GPUs this is run on, by the name nvidia-smi gives.
+PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "L40S": 362.0, "RTX 4090": 165.0}
+
+
+def gpu_peak(a):
+    if a.peak_tflops:
+        return a.peak_tflops
+    if a.device != "cuda":
+        return None
+    name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True).stdout
+    return next((v for k, v in PEAKS.items() if k in name), None)
+
+
 def torch_bench(a):
     import torch
     import peft
@@ -48,6 +87,7 @@ def torch_bench(a):
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation="sdpa").to(dev)
     cfg = peft.LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, cfg)
@@ -74,10 +114,13 @@ def torch_bench(a):
         opt.zero_grad(set_to_none=True)
         if dev.type == "cuda":
             torch.cuda.synchronize()
+        if step == 0:
+            first = time.perf_counter() - start
         if step >= 2:
             times.append(time.perf_counter() - t)
     peak = (torch.cuda.max_memory_allocated() / 2**20) if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"tokens_per_s": a.seq * a.batch * a.steps / sum(times), "step_s_median": statistics.median(times), "peak_mib": peak}
+    return {"tokens_per_s": a.seq * a.batch * a.steps / sum(times), "step_s_median": statistics.median(times), "peak_mib": peak,
+            "to_first_step_s": first}
 
 
 def tune_bench(a):
@@ -105,7 +148,8 @@ def tune_bench(a):
     stop[0] = True
     r = json.loads(out.strip().splitlines()[-1])
     peak = peak_dev[0] if a.device == "cuda" else r["peak_rss_mib"]
-    return {"tokens_per_s": r["tokens_per_s"], "step_s_median": r["step_s_median"], "peak_mib": peak}
+    return {"tokens_per_s": r["tokens_per_s"], "step_s_median": r["step_s_median"], "peak_mib": peak,
+            "to_first_step_s": r["to_first_step_s"]}
 
 
 def main():
@@ -121,6 +165,7 @@ def main():
     p.add_argument("--tune", default=os.environ.get("TUNE_BIN", "target/release/tune"))
     p.add_argument("--only", choices=["torch", "tune"])
     p.add_argument("--make-random", choices=sorted(SHAPES))
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak for MFU (default: known GPUs' dense bf16)")
     a = p.parse_args()
     if a.make_random:
         make_random(a.make_random, a.model)
@@ -131,11 +176,16 @@ def main():
     if a.only != "torch":
         rows["tune"] = tune_bench(a)
     mem = "peak device MiB" if a.device == "cuda" else "peak RSS MiB"
+    peak = gpu_peak(a)
+    flops = 4 * linear_weights(a.model)
+    for r in rows.values():
+        r["mfu"] = r["tokens_per_s"] * flops / (peak * 1e12) if peak else None
     print(f"workload: {Path(a.model).name}, seq {a.seq}, batch {a.batch}, rank {a.rank}, {a.dtype}, {a.device}, {a.steps} timed steps")
-    print(f"| | tokens/s | median step s | {mem} |")
-    print("|---|---|---|---|")
+    print(f"| | tokens/s | median step s | {mem} | to first step s | MFU |")
+    print("|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['tokens_per_s']:.1f} | {r['step_s_median']:.3f} | {r['peak_mib']:.0f} |")
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"| {name} | {r['tokens_per_s']:.1f} | {r['step_s_median']:.3f} | {r['peak_mib']:.0f} | {r['to_first_step_s']:.1f} | {mfu} |")
     if len(rows) == 2:
         t, p_ = rows["tune"], rows["transformers+peft"]
         print(f"tune / PyTorch: speed {t['tokens_per_s'] / p_['tokens_per_s']:.2f}x, memory {t['peak_mib'] / p_['peak_mib']:.2f}x")

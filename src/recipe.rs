@@ -419,11 +419,13 @@ pub struct TrainSection {
     /// Data parallel across machines: several `tune run` processes, one per node, each with
     /// train.devices replicas, train as one run of count × devices replicas (replica r of node
     /// k takes share k × devices + r of every micro-batch's rows). Every node runs the same
-    /// recipe but for `rank` (model and dataset paths may differ; the data must not), and
+    /// recipe but for `rank` (model and dataset paths may differ; the data and the model's
+    /// config.json must not), and
     /// node 0 gathers every node's gradients each step and hands them all back, so every node
     /// takes the same optimizer step and writes the same checkpoints and adapter into its own
     /// output.dir. Per-step losses and the adapter equal those of one node with count × devices
-    /// devices, bit for bit. A run is resumed by resuming every node from the same step.
+    /// devices, bit for bit. When any node is interrupted or stops early, every node saves
+    /// that step and stops; a run is resumed by resuming every node from the same step.
     /// Default none: one node.
     pub nodes: Option<Nodes>,
     /// Stop when this many evaluations in a row have not improved on the best eval loss so far
@@ -484,9 +486,17 @@ pub struct Nodes {
     /// every micro-batch this node's replicas take; node 0 also gathers the gradients.
     pub rank: u32,
     /// Node 0's address as every node reaches it, `HOST:PORT` (e.g. `10.0.0.1:29500`). Node 0
-    /// listens on that port on every interface; the others connect to it, retrying for up to
-    /// 10 minutes while it starts. The same on every node.
+    /// listens on that port on every interface; the others connect to it, retrying while it
+    /// starts. The same on every node.
     pub address: String,
+    /// How long node 0 waits for every other node to join, and they for node 0 to answer, in
+    /// seconds. Default 600.
+    #[serde(default = "default_join_timeout")]
+    pub join_timeout_s: u64,
+}
+
+fn default_join_timeout() -> u64 {
+    600
 }
 
 impl Nodes {
@@ -603,6 +613,7 @@ const KEYS: &[&str] = &[
     "train.nodes.count",
     "train.nodes.rank",
     "train.nodes.address",
+    "train.nodes.join_timeout_s",
     "device",
     "output",
     "output.dir",

@@ -132,6 +132,8 @@ fn run_nodes(tag: &str, count: u32, overrides: &[&str], extra: &[&str]) -> Vec<(
             args.push(format!("train.nodes.count={count}"));
             args.push(format!("train.nodes.rank={rank}"));
             args.push(format!("train.nodes.address=127.0.0.1:{port}"));
+            // A node that cannot meet the others fails the test in a minute, not ten.
+            args.push("train.nodes.join_timeout_s=60".into());
             args.extend(overrides.iter().map(|o| o.to_string()));
             args.extend(extra.iter().map(|o| o.replace("{dir}", &dir.display().to_string())));
             std::thread::spawn(move || {
@@ -218,6 +220,7 @@ fn nodes_resume_bit_for_bit() {
                 "train.nodes.count=2",
                 &rank,
                 &addr,
+                "train.nodes.join_timeout_s=60",
                 args[0],
                 args[1],
                 "--resume",

@@ -213,15 +213,21 @@ pub fn breaking_changes(old: &Recipe, new: &Recipe) -> Vec<String> {
         .collect()
 }
 
-/// Recipe keys naming files, which may sit at other paths on other machines (the files'
-/// contents are compared by fingerprint).
-const MACHINE_PATHS: &[&str] = &["model.path", "dataset.path", "dataset.sources", "dataset.eval_path", "lora.init_from"];
+/// Recipe keys naming files, which may sit at other paths on other machines (the data's and
+/// the model's config.json are compared by fingerprint instead; the weights are not compared).
+const MACHINE_PATHS: &[&str] = &["model.path", "dataset.path", "dataset.eval_path", "lora.init_from"];
 
 /// The recipe's keys that decide what a run trains, with their values: what every node of a
-/// run over several nodes must agree on.
+/// run over several nodes must agree on. Each of dataset.sources counts without its path.
 fn run_keys(recipe: &Recipe) -> std::collections::BTreeMap<String, String> {
+    let mut value = serde_yaml::to_value(recipe).expect("recipes serialise");
+    if let Some(serde_yaml::Value::Sequence(sources)) = value.get_mut("dataset").and_then(|d| d.get_mut("sources")) {
+        for source in sources.iter_mut().filter_map(serde_yaml::Value::as_mapping_mut) {
+            source.remove("path");
+        }
+    }
     let mut out = std::collections::BTreeMap::new();
-    flatten("", &serde_yaml::to_value(recipe).expect("recipes serialise"), &mut out);
+    flatten("", &value, &mut out);
     out.retain(|k, _| {
         let within = |r: &&str| k == r || k.starts_with(&format!("{r}."));
         !RESUMABLE_CHANGES.iter().any(within) && !MACHINE_PATHS.iter().any(within)
@@ -275,12 +281,13 @@ where
     let mut opt = AdamW::new(adamw, &inner);
     drop(inner);
     // Data parallel: replicas on this node's other devices and, over several nodes, the link to
-    // the others, which checks that every node trains this run from this step before the run
-    // directory is written to.
+    // the others, which checks that every node trains this run from this step before this run
+    // writes anything (`--overwrite` has cleared the old run already).
     let run = t.nodes.as_ref().map(|_| nodes::RunIdentity {
         keys: run_keys(recipe),
         dataset: dataset_hash.clone(),
         eval_dataset: eval_dataset_hash.clone(),
+        model_config: checkpoint::file_fingerprint(&recipe.model.path.join("config.json")).unwrap_or_default(),
         first_step: resume_from.as_ref().map_or(0, |found| found.state.step),
     });
     let mut replicas = match (devices.len(), t.nodes.as_ref().zip(run.as_ref())) {
@@ -396,6 +403,21 @@ where
                 }
             }
         }
+        // Over several nodes, every node stops after the same step: where any was interrupted
+        // or stopped early, all save this step and stop, so that a run can be resumed from a
+        // step every node has.
+        let mut stop_requested = observer.should_stop();
+        if let Some(r) = replicas.as_mut() {
+            if let Some([stop, early]) = r.agree_across_nodes([stop_requested, stopped_early.is_some()])? {
+                stop_requested = stop;
+                if early && stopped_early.is_none() && done < total {
+                    stopped_early = Some(format!("early stopping: another node's evaluation stopped the run after step {done}"));
+                    if let Some(state) = eval_state.as_mut() {
+                        state.stopped_early = true;
+                    }
+                }
+            }
+        }
         let m = StepMetrics {
             step: done,
             epoch: (done * per_step) as f64 / setup.data.rows.len() as f64,
@@ -418,7 +440,7 @@ where
             observer.checkpoint(&dir, checkpoint::size_bytes(&dir), saving.elapsed().as_secs_f64());
         }
         let periodic = recipe.output.save_every > 0 && done % recipe.output.save_every == 0;
-        if done == total || periodic || observer.should_stop() || stopped_early.is_some() {
+        if done == total || periodic || stop_requested || stopped_early.is_some() {
             let saving = Instant::now();
             let dir = save(&model, &opt, &state)?;
             // Redrawn with each checkpoint from the whole history (on resume, the steps before
@@ -429,7 +451,7 @@ where
                 observer.stopped_early(done, reason);
                 break;
             }
-            if done < total && observer.should_stop() {
+            if done < total && stop_requested {
                 interrupted = Some(dir);
                 break;
             }

@@ -25,12 +25,15 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::recipe::Nodes;
 
-/// How long node 0 waits for the others to join, and they for it to listen.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(600);
 /// Bumped whenever the frames change, so that two tune versions refuse each other clearly.
 const PROTOCOL: u32 = 1;
 /// A hello is a few kilobytes; anything far larger is not one.
 const MAX_HELLO: u64 = 1 << 20;
+/// How long node 0 waits for a hello on a new connection (a stray one sends none).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// The length that announces an abort instead of a frame: a frame with the reason follows.
+const ABORT: u64 = u64::MAX;
+const MAX_REASON: u64 = 1 << 12;
 
 /// What must be the same on every node for the nodes to train as one run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,6 +44,8 @@ pub struct RunIdentity {
     /// The training data's fingerprint, and the eval set's.
     pub dataset: String,
     pub eval_dataset: Option<String>,
+    /// The model's config.json's fingerprint.
+    pub model_config: String,
     /// The step the node starts at: 0, or the step of the checkpoint it resumes.
     pub first_step: usize,
 }
@@ -66,8 +71,7 @@ pub struct NodeLink {
     rank: u32,
     /// Node 0: the streams of nodes 1, 2, …; the others: node 0's.
     streams: Vec<TcpStream>,
-    /// Floats in one node's block of rows.
-    block: usize,
+    /// Nodes in all.
     count: usize,
 }
 
@@ -76,11 +80,9 @@ impl NodeLink {
     /// same run as it does; each other node connects to node 0 and waits for its answer.
     pub fn join(nodes: &Nodes, replicas: usize, width: usize, run: &RunIdentity) -> Result<NodeLink> {
         let hello = Hello { protocol: PROTOCOL, rank: nodes.rank, count: nodes.count, replicas, width, run: run.clone() };
-        let block = replicas * width;
-        let count = nodes.count as usize;
         if nodes.rank == 0 {
             let streams = gather_hellos(nodes, &hello)?;
-            Ok(NodeLink { rank: 0, streams, block, count })
+            Ok(NodeLink { rank: 0, streams, count: nodes.count as usize })
         } else {
             let mut stream = connect(nodes)?;
             write_frame(&mut stream, &serde_json::to_vec(&hello).expect("a hello serialises"))
@@ -89,42 +91,57 @@ impl NodeLink {
             let welcome: Welcome = serde_json::from_slice(&answer)
                 .map_err(|e| Error::Unsupported(format!("train.nodes: node 0 answered with something that is not tune's: {e}")))?;
             welcome.map_err(|why| Error::Unsupported(format!("train.nodes: node 0 refused this node: {why}")))?;
-            Ok(NodeLink { rank: nodes.rank, streams: vec![stream], block, count })
+            Ok(NodeLink { rank: nodes.rank, streams: vec![stream], count: nodes.count as usize })
         }
     }
 
-    /// Every node's block, in rank order, given this node's.
+    /// Every node's block, in rank order, given this node's; every node's block has the same
+    /// length. When node 0 loses a node, it tells the others which before it stops.
     pub fn all_gather(&mut self, block: &[f32]) -> Result<Vec<f32>> {
-        assert_eq!(block.len(), self.block, "a node's block has replicas × width floats");
-        let bytes = self.block as u64 * 4;
+        let bytes = block.len() as u64 * 4;
+        let whole = bytes * self.count as u64;
         if self.rank == 0 {
-            let mut all = Vec::with_capacity(self.block * self.count);
+            let mut all = Vec::with_capacity(block.len() * self.count);
             all.extend_from_slice(block);
-            for (i, stream) in self.streams.iter_mut().enumerate() {
-                let frame = read_frame(stream, bytes).map_err(|e| lost(0, i + 1, "gathering the gradients", e))?;
-                if frame.len() as u64 != bytes {
-                    return Err(Error::Unsupported(format!(
-                        "train.nodes: node {} sent {} bytes of gradients, expected {bytes}",
-                        i + 1,
-                        frame.len()
-                    )));
-                }
+            for i in 0..self.streams.len() {
+                let received = read_frame(&mut self.streams[i], bytes).map_err(|e| lost(0, i + 1, "gathering the gradients", e));
+                let frame = match received {
+                    Ok(frame) if frame.len() as u64 == bytes => frame,
+                    Ok(frame) => {
+                        Err(Error::Unsupported(format!("train.nodes: node {} sent {} bytes, expected {bytes}", i + 1, frame.len())))?
+                    }
+                    Err(e) => {
+                        self.abort(&e.to_string());
+                        return Err(e);
+                    }
+                };
                 all.extend(floats(&frame));
             }
             let out = to_bytes(&all);
-            for (i, stream) in self.streams.iter_mut().enumerate() {
-                write_frame(stream, &out).map_err(|e| lost(0, i + 1, "sending the gradients back", e))?;
+            for i in 0..self.streams.len() {
+                if let Err(e) = write_frame(&mut self.streams[i], &out) {
+                    let e = lost(0, i + 1, "sending the gradients back", e);
+                    self.abort(&e.to_string());
+                    return Err(e);
+                }
             }
             Ok(all)
         } else {
+            let rank = self.rank;
             let stream = &mut self.streams[0];
-            write_frame(stream, &to_bytes(block)).map_err(|e| lost(self.rank, 0, "sending its gradients", e))?;
-            let whole = bytes * self.count as u64;
-            let frame = read_frame(stream, whole).map_err(|e| lost(self.rank, 0, "waiting for the gradients", e))?;
+            write_frame(stream, &to_bytes(block)).map_err(|e| lost(rank, 0, "sending its gradients", e))?;
+            let frame = read_frame(stream, whole).map_err(|e| lost(rank, 0, "waiting for the gradients", e))?;
             if frame.len() as u64 != whole {
-                return Err(Error::Unsupported(format!("train.nodes: node 0 sent {} bytes of gradients, expected {whole}", frame.len())));
+                return Err(Error::Unsupported(format!("train.nodes: node 0 sent {} bytes, expected {whole}", frame.len())));
             }
             Ok(floats(&frame).collect())
+        }
+    }
+
+    /// Node 0: tells every node still connected why the run stops (best effort).
+    fn abort(&mut self, why: &str) {
+        for stream in &mut self.streams {
+            let _ = stream.write_all(&ABORT.to_le_bytes()).and_then(|_| write_frame(stream, why.as_bytes()));
         }
     }
 }
@@ -133,22 +150,30 @@ impl NodeLink {
 /// own, and answers all of them once all are in.
 fn gather_hellos(nodes: &Nodes, own: &Hello) -> Result<Vec<TcpStream>> {
     let port = nodes.port().expect("the recipe checked train.nodes.address");
-    let listener = TcpListener::bind(("0.0.0.0", port))
-        .map_err(|e| Error::Unsupported(format!("train.nodes: node 0 cannot listen on port {port}: {e}")))?;
+    let any = if nodes.address.starts_with('[') { "::" } else { "0.0.0.0" };
+    let listener =
+        TcpListener::bind((any, port)).map_err(|e| Error::Unsupported(format!("train.nodes: node 0 cannot listen on port {port}: {e}")))?;
     listener.set_nonblocking(true).map_err(|e| Error::Unsupported(format!("train.nodes: {e}")))?;
     let others = nodes.count as usize - 1;
     let mut joined: Vec<Option<TcpStream>> = (0..others).map(|_| None).collect();
-    let deadline = Instant::now() + JOIN_TIMEOUT;
+    // Why each rank was last refused, for the message if it never joins.
+    let mut refused: Vec<Option<String>> = vec![None; others];
+    let deadline = Instant::now() + Duration::from_secs(nodes.join_timeout_s);
     while joined.iter().any(Option::is_none) {
         let mut stream = match listener.accept() {
             Ok((stream, _)) => stream,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() > deadline {
-                    let missing: Vec<String> =
-                        joined.iter().enumerate().filter(|(_, s)| s.is_none()).map(|(i, _)| (i + 1).to_string()).collect();
+                    let missing: Vec<String> = (0..others)
+                        .filter(|&i| joined[i].is_none())
+                        .map(|i| match &refused[i] {
+                            Some(why) => format!("{} (refused: {why})", i + 1),
+                            None => (i + 1).to_string(),
+                        })
+                        .collect();
                     return Err(Error::Unsupported(format!(
-                        "train.nodes: waited {} s on port {port} and node(s) {} did not join",
-                        JOIN_TIMEOUT.as_secs(),
+                        "train.nodes: waited {} s (train.nodes.join_timeout_s) on port {port} and node(s) {} did not join",
+                        nodes.join_timeout_s,
                         missing.join(", ")
                     )));
                 }
@@ -158,21 +183,28 @@ fn gather_hellos(nodes: &Nodes, own: &Hello) -> Result<Vec<TcpStream>> {
             Err(e) => return Err(Error::Unsupported(format!("train.nodes: node 0 cannot accept a connection: {e}"))),
         };
         let _ = stream.set_nonblocking(false);
-        let _ = stream.set_nodelay(true);
-        // A stray connection (a port scan, a wrong program) is dropped, not fatal.
+        // A stray connection (a port scan, another program) is dropped, not fatal.
+        let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
         let Ok(frame) = read_frame(&mut stream, MAX_HELLO) else { continue };
         let Ok(hello) = serde_json::from_slice::<Hello>(&frame) else { continue };
-        let rank = hello.rank as usize;
+        let _ = stream.set_read_timeout(None);
+        let refuse = |mut stream: TcpStream, why: String| {
+            let _ = write_frame(&mut stream, &serde_json::to_vec(&Welcome::Err(why)).expect("serialises"));
+        };
         if let Some(why) = mismatch(own, &hello) {
-            let _ = write_frame(&mut stream, &serde_json::to_vec(&Welcome::Err(why)).expect("serialises"));
+            if let Some(slot) = refused.get_mut((hello.rank as usize).wrapping_sub(1)) {
+                *slot = Some(why.clone());
+            }
             // Its place stays open for the same node, started again with the right recipe.
+            refuse(stream, why);
             continue;
         }
+        let rank = hello.rank as usize;
         if joined[rank - 1].is_some() {
-            let why = format!("node {rank} joined twice: each node needs its own train.nodes.rank");
-            let _ = write_frame(&mut stream, &serde_json::to_vec(&Welcome::Err(why)).expect("serialises"));
+            refuse(stream, format!("node {rank} joined twice: each node needs its own train.nodes.rank"));
             continue;
         }
+        keep_alive(&stream);
         joined[rank - 1] = Some(stream);
     }
     let mut streams: Vec<TcpStream> = joined.into_iter().map(|s| s.expect("every node joined")).collect();
@@ -206,6 +238,9 @@ fn mismatch(own: &Hello, theirs: &Hello) -> Option<String> {
     if theirs.run.dataset != own.run.dataset || theirs.run.eval_dataset != own.run.eval_dataset {
         return Some("its dataset differs from node 0's (the files' fingerprints differ)".into());
     }
+    if theirs.run.model_config != own.run.model_config {
+        return Some("its model's config.json differs from node 0's".into());
+    }
     let keys: std::collections::BTreeSet<&String> = own.run.keys.keys().chain(theirs.run.keys.keys()).collect();
     let differ: Vec<&str> = keys.into_iter().filter(|k| own.run.keys.get(*k) != theirs.run.keys.get(*k)).map(String::as_str).collect();
     if !differ.is_empty() {
@@ -217,26 +252,60 @@ fn mismatch(own: &Hello, theirs: &Hello) -> Option<String> {
     None
 }
 
-/// A node other than 0: connects to node 0, retrying while it starts.
+/// A node other than 0: connects to node 0, retrying while it starts (and while its name does
+/// not resolve yet).
 fn connect(nodes: &Nodes) -> Result<TcpStream> {
-    let deadline = Instant::now() + JOIN_TIMEOUT;
+    let deadline = Instant::now() + Duration::from_secs(nodes.join_timeout_s);
+    let mut last = String::from("no answer");
     loop {
-        let addrs =
-            nodes.address.to_socket_addrs().map_err(|e| Error::Unsupported(format!("train.nodes.address {:?}: {e}", nodes.address)))?;
-        for addr in addrs {
-            if let Ok(stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-                let _ = stream.set_nodelay(true);
-                return Ok(stream);
+        match nodes.address.to_socket_addrs() {
+            Ok(addrs) => {
+                for addr in addrs {
+                    match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                        Ok(stream) => {
+                            keep_alive(&stream);
+                            return Ok(stream);
+                        }
+                        Err(e) => last = e.to_string(),
+                    }
+                }
             }
+            Err(e) => last = e.to_string(),
         }
         if Instant::now() > deadline {
             return Err(Error::Unsupported(format!(
-                "train.nodes: node 0 did not answer at {} within {} s",
-                nodes.address,
-                JOIN_TIMEOUT.as_secs()
+                "train.nodes: node 0 did not answer at {} within {} s (train.nodes.join_timeout_s): {last}",
+                nodes.address, nodes.join_timeout_s
             )));
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// No delay for small frames, and TCP keepalive, so that a node whose machine or network went
+/// away (no connection closed) is noticed within about two minutes instead of never.
+fn keep_alive(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+            // SAFETY: setsockopt on a socket this process owns, with a pointer to a live c_int
+            // and its size.
+            unsafe {
+                libc::setsockopt(
+                    stream.as_raw_fd(),
+                    level,
+                    name,
+                    &value as *const libc::c_int as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }
+        };
+        set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 60);
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10);
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 6);
     }
 }
 
@@ -250,11 +319,16 @@ fn write_frame(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
     stream.flush()
 }
 
-/// A frame of at most `max` bytes; a longer length is refused before anything is allocated.
+/// A frame of at most `max` bytes; a longer length is refused before anything is allocated. An
+/// abort from node 0 becomes an error carrying its reason.
 fn read_frame(stream: &mut TcpStream, max: u64) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 8];
     stream.read_exact(&mut len)?;
     let len = u64::from_le_bytes(len);
+    if len == ABORT {
+        let reason = read_frame(stream, MAX_REASON)?;
+        return Err(std::io::Error::other(format!("node 0 stopped the run: {}", String::from_utf8_lossy(&reason))));
+    }
     if len > max {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("a frame of {len} bytes, at most {max} expected")));
     }
@@ -276,12 +350,12 @@ mod tests {
     use super::*;
 
     fn nodes(rank: u32, port: u16) -> Nodes {
-        Nodes { count: 3, rank, address: format!("127.0.0.1:{port}") }
+        Nodes { count: 3, rank, address: format!("127.0.0.1:{port}"), join_timeout_s: 60 }
     }
 
     fn run() -> RunIdentity {
         let keys = [("lora.rank".to_string(), "8".to_string())].into_iter().collect();
-        RunIdentity { keys, dataset: "d".into(), eval_dataset: None, first_step: 0 }
+        RunIdentity { keys, dataset: "d".into(), eval_dataset: None, model_config: "c".into(), first_step: 0 }
     }
 
     fn free_port() -> u16 {
@@ -335,6 +409,25 @@ mod tests {
         two.join().unwrap().unwrap();
     }
 
+    /// A node that goes away mid-run: node 0 stops with an error naming it, and tells the
+    /// other nodes which node it lost instead of leaving them waiting.
+    #[test]
+    fn a_lost_node_is_named_to_every_node() {
+        let port = free_port();
+        let gather = move |rank: u32| {
+            std::thread::spawn(move || {
+                let mut link = NodeLink::join(&nodes(rank, port), 1, 3, &run()).unwrap();
+                link.all_gather(&[rank as f32; 3]).err().map(|e| e.to_string())
+            })
+        };
+        let (zero, one) = (gather(0), gather(1));
+        drop(NodeLink::join(&nodes(2, port), 1, 3, &run()).unwrap());
+        let e = zero.join().unwrap().expect("node 0 fails");
+        assert!(e.contains("node 0 lost node 2 while gathering"), "{e}");
+        let e = one.join().unwrap().expect("node 1 fails");
+        assert!(e.contains("node 0 stopped the run") && e.contains("lost node 2"), "{e}");
+    }
+
     /// A length prefix larger than what the receiver expects is refused before allocating.
     #[test]
     fn an_oversized_frame_is_refused() {
@@ -342,7 +435,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let sender = std::thread::spawn(move || {
             let mut s = TcpStream::connect(addr).unwrap();
-            s.write_all(&u64::MAX.to_le_bytes()).unwrap();
+            s.write_all(&(u64::MAX - 1).to_le_bytes()).unwrap();
         });
         let (mut s, _) = listener.accept().unwrap();
         let e = read_frame(&mut s, 1024).unwrap_err();

@@ -116,6 +116,14 @@ impl<B: Backend> Replicas<B> {
         self.place.count
     }
 
+    /// Over several nodes, each flag ORed over every node (the same answer on each); None on
+    /// one node.
+    pub fn agree_across_nodes<const N: usize>(&mut self, flags: [bool; N]) -> Result<Option<[bool; N]>> {
+        let Some(link) = self.link.as_mut() else { return Ok(None) };
+        let all = link.all_gather(&flags.map(|f| if f { 1.0 } else { 0.0 }))?;
+        Ok(Some(std::array::from_fn(|i| all.chunks(N).any(|node| node[i] != 0.0))))
+    }
+
     /// Ends the session in order: each replica leaves it, then the training loop's own, the
     /// last of which closes this node's connection to the others.
     pub fn finish(mut self) {
@@ -149,16 +157,17 @@ impl<B: Backend> Replicas<B> {
             let job = Job { params: params.clone(), batches: shared.clone(), label_total, options };
             w.jobs.as_ref().expect("replicas run until dropped").send(job).map_err(|_| lost(first + i + 1))?;
         }
+        let local = self.workers.len() + 1;
         let (loss, grads) = shard_grads(model, batches, label_total, options, Shard { index: first, count }, device);
-        let (mut rows, shapes) = gradient_rows(first, count, grads, loss);
-        if !self.workers.is_empty() {
+        let (mut rows, shapes) = gradient_rows(0, local, grads, loss);
+        if local > 1 {
             rows = all_reduce_local(first, rows)?;
         }
         for (i, w) in self.workers.iter().enumerate() {
             w.done.recv().map_err(|_| lost(first + i + 1))?.map_err(Error::Unsupported)?;
         }
         if let Some(link) = self.link.as_mut() {
-            rows = gather_nodes(link, rows, first, self.workers.len() + 1)?;
+            rows = gather_nodes(link, rows, count)?;
         }
         let (grads, loss) = add_rows(rows, &shapes);
         let grad_norm = apply_grads(model, opt, grads, options);
@@ -225,7 +234,7 @@ fn serve<B: Backend>(
                 (Err(format!("train.devices: replica {peer} failed: {}", msg.unwrap_or_default())), 0.0, zeros)
             }
         };
-        let (rows, _) = gradient_rows(peer, place.count, grads, loss);
+        let (rows, _) = gradient_rows(peer - place.first, local, grads, loss);
         let result = all_reduce_local(peer, rows).map(|_| ()).map_err(|e| e.to_string()).and(result);
         if done.send(result).is_err() {
             break;
@@ -238,8 +247,8 @@ fn serve<B: Backend>(
 /// that the step's whole loss travels with the gradients and every node logs it.
 const LOSS_COLUMNS: usize = 2;
 
-/// This replica's gradients and loss as its row of an `[replicas, width]` tensor of zeros, with
-/// the gradients' shapes.
+/// This replica's gradients and loss as row `row` of an `[rows, width]` tensor of zeros (one row
+/// for each of this node's replicas), with the gradients' shapes.
 ///
 /// burn-collective adds the peers' tensors in whatever order its hash map yields them, and
 /// float addition is not associative: with three or more replicas a plain all-reduce could round
@@ -247,7 +256,7 @@ const LOSS_COLUMNS: usize = 2;
 /// one. With a row each, the all-reduce adds only zeros, which is exact in any order, the rows
 /// can cross to other nodes as they are, and [`add_rows`] adds them up in replica order. The
 /// all-reduce moves `replicas` times the gradients, a small cost for LoRA's.
-fn gradient_rows<B: Backend>(peer: usize, count: usize, grads: Vec<Tensor<B, 2>>, loss: f64) -> (Tensor<B, 2>, Vec<[usize; 2]>) {
+fn gradient_rows<B: Backend>(row: usize, rows: usize, grads: Vec<Tensor<B, 2>>, loss: f64) -> (Tensor<B, 2>, Vec<[usize; 2]>) {
     let shapes: Vec<[usize; 2]> = grads.iter().map(|g| g.dims()).collect();
     let total: usize = shapes.iter().map(|[r, c]| r * c).sum();
     let device = grads.first().map(|g| g.device()).unwrap_or_default();
@@ -256,15 +265,15 @@ fn gradient_rows<B: Backend>(peer: usize, count: usize, grads: Vec<Tensor<B, 2>>
     let loss_cols = Tensor::<B, 1>::from_floats([high, low], &device).reshape([1, LOSS_COLUMNS]);
     let flat = Tensor::cat(grads.into_iter().map(|g| g.reshape([1, -1])).chain([loss_cols]).collect(), 1);
     let width = total + LOSS_COLUMNS;
-    let mut rows = Vec::with_capacity(3);
-    if peer > 0 {
-        rows.push(Tensor::zeros([peer, width], &device));
+    let mut parts = Vec::with_capacity(3);
+    if row > 0 {
+        parts.push(Tensor::zeros([row, width], &device));
     }
-    rows.push(flat);
-    if peer + 1 < count {
-        rows.push(Tensor::zeros([count - peer - 1, width], &device));
+    parts.push(flat);
+    if row + 1 < rows {
+        parts.push(Tensor::zeros([rows - row - 1, width], &device));
     }
-    (Tensor::cat(rows, 0), shapes)
+    (Tensor::cat(parts, 0), shapes)
 }
 
 /// The rows of every replica on this node, through burn-collective.
@@ -274,11 +283,11 @@ fn all_reduce_local<B: Backend>(peer: usize, rows: Tensor<B, 2>) -> Result<Tenso
     Ok(Tensor::from_primitive(TensorPrimitive::Float(reduced)))
 }
 
-/// Every node's rows, given this node's `local` rows from `first` on.
-fn gather_nodes<B: Backend>(link: &mut NodeLink, rows: Tensor<B, 2>, first: usize, local: usize) -> Result<Tensor<B, 2>> {
-    let [count, width] = rows.dims();
+/// Every node's rows (`count` in all, in replica order), given this node's.
+fn gather_nodes<B: Backend>(link: &mut NodeLink, rows: Tensor<B, 2>, count: usize) -> Result<Tensor<B, 2>> {
+    let [_, width] = rows.dims();
     let device = rows.device();
-    let block = rows.narrow(0, first, local).into_data().convert::<f32>().to_vec::<f32>().expect("f32 gradients");
+    let block = rows.into_data().convert::<f32>().to_vec::<f32>().expect("f32 gradients");
     let all = link.all_gather(&block)?;
     Ok(Tensor::from_data(burn::tensor::TensorData::new(all, [count, width]), &device))
 }

@@ -66,17 +66,20 @@ def linear_weights(model_dir):
     return n if head else n + embed
 
 
-# Dense bf16 peaks (TFLOP/s) of the GPUs this is run on, by the name nvidia-smi gives.
-PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "L40S": 362.0, "RTX 4090": 165.0}
+# Dense bf16 peaks (TFLOP/s) of GPUs, by a part of the name nvidia-smi gives; the longest part
+# that matches wins ("H100 PCIe" before "H100", "L40S" before "L4").
+PEAKS = {"H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "A100": 312.0, "L4": 121.0,
+         "L40": 181.0, "L40S": 362.0, "RTX 4090": 165.0}
 
 
 def gpu_peak(a):
     if a.peak_tflops:
         return a.peak_tflops
-    if a.device != "cuda":
+    if a.device != "cuda" or a.dtype != "bf16":  # the table holds bf16 peaks
         return None
     name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True).stdout
-    return next((v for k, v in PEAKS.items() if k in name), None)
+    hits = [k for k in PEAKS if k in name]
+    return PEAKS[max(hits, key=len)] if hits else None
 
 
 def torch_bench(a):

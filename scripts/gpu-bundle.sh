@@ -15,7 +15,8 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 
 cargo build --release --locked --features cuda
-json=$(cargo test --release --locked --features cuda --no-run --lib --test gpu --message-format=json 2>/dev/null)
+# Compiler messages go to stderr (shown); the artifacts' JSON lines to stdout.
+json=$(cargo test --release --locked --features cuda --no-run --lib --test gpu --message-format=json)
 exe() {
     # The executable of the test target named $1 ("lib" for the library's unit tests).
     echo "$json" | python3 -c '

@@ -403,21 +403,6 @@ where
                 }
             }
         }
-        // Over several nodes, every node stops after the same step: where any was interrupted
-        // or stopped early, all save this step and stop, so that a run can be resumed from a
-        // step every node has.
-        let mut stop_requested = observer.should_stop();
-        if let Some(r) = replicas.as_mut() {
-            if let Some([stop, early]) = r.agree_across_nodes([stop_requested, stopped_early.is_some()])? {
-                stop_requested = stop;
-                if early && stopped_early.is_none() && done < total {
-                    stopped_early = Some(format!("early stopping: another node's evaluation stopped the run after step {done}"));
-                    if let Some(state) = eval_state.as_mut() {
-                        state.stopped_early = true;
-                    }
-                }
-            }
-        }
         let m = StepMetrics {
             step: done,
             epoch: (done * per_step) as f64 / setup.data.rows.len() as f64,
@@ -432,6 +417,21 @@ where
         metrics::append(&paths.metrics, &m)?;
         observer.step(&m);
         history.push(m);
+        // Asked after the step is reported (an observer may count steps). Over several nodes,
+        // every node stops after the same step: where any was interrupted or stopped early, all
+        // save this step and stop, so that a run can be resumed from a step every node has.
+        let mut stop_requested = observer.should_stop();
+        if let Some(r) = replicas.as_mut() {
+            if let Some([stop, early]) = r.agree_across_nodes([stop_requested, stopped_early.is_some()])? {
+                stop_requested = stop;
+                if early && stopped_early.is_none() && done < total {
+                    stopped_early = Some(format!("early stopping: another node's evaluation stopped the run after step {done}"));
+                    if let Some(state) = eval_state.as_mut() {
+                        state.stopped_early = true;
+                    }
+                }
+            }
+        }
         let state = state_at(&opt, done, elapsed_s, eval_state.as_ref());
         if improved && recipe.output.save_best {
             let saving = Instant::now();

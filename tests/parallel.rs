@@ -241,3 +241,59 @@ fn nodes_resume_bit_for_bit() {
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
+
+/// Ctrl-C on one node stops every node after the same step, each with a checkpoint of it (and no
+/// other: `output.save_every` is 0), and the nodes resumed from there finish exactly as one node
+/// with both devices does uninterrupted.
+#[test]
+fn ctrl_c_on_one_node_stops_every_node_after_the_same_step() {
+    let steps = ["train.max_steps=300", "output.save_every=0"];
+    let want = run("interrupt-ref", &[&steps[..], &["train.devices=2"]].concat());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dirs: Vec<PathBuf> =
+        (0..2).map(|rank| std::env::temp_dir().join(format!("tune-nodes-interrupt-{rank}-{}", std::process::id()))).collect();
+    let node = |rank: usize, extra: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tune"));
+        c.current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["run", "tests/fixtures/tiny-run/recipe.yaml"])
+            .arg(format!("output.dir={}", dirs[rank].display()))
+            .args(["train.nodes.count=2", &format!("train.nodes.rank={rank}")])
+            .arg(format!("train.nodes.address=127.0.0.1:{port}"))
+            .args(["train.nodes.join_timeout_s=60"])
+            .args(steps)
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c.spawn().unwrap()
+    };
+    let (zero, one) = (node(0, &[]), node(1, &[]));
+    let metrics_of = |rank: usize| dirs[rank].join("metrics.jsonl");
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(metrics_of(1)).map(|t| t.lines().count()).unwrap_or(0) < 20 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(120), "node 1 never reached step 20");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let status = std::process::Command::new("kill").args(["-INT", &one.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let (zero, one) = (zero.wait_with_output().unwrap(), one.wait_with_output().unwrap());
+    for (rank, out) in [&zero, &one].into_iter().enumerate() {
+        assert_eq!(out.status.code(), Some(130), "node {rank}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let stopped: Vec<usize> = (0..2).map(|rank| metrics::read(&metrics_of(rank)).unwrap().len()).collect();
+    assert_eq!(stopped[0], stopped[1], "the nodes stopped after different steps");
+    assert!(stopped[0] < 300, "the interrupt came too late to test anything");
+    for dir in &dirs {
+        let checkpoints = tune::train::checkpoint::list(dir);
+        assert_eq!(checkpoints.iter().map(|c| c.state.step).collect::<Vec<_>>(), vec![stopped[0]]);
+    }
+    let resumed = [node(0, &["--resume"]), node(1, &["--resume"])].map(|c| c.wait_with_output().unwrap());
+    for (rank, out) in resumed.iter().enumerate() {
+        assert!(out.status.success(), "node {rank}: {}", String::from_utf8_lossy(&out.stderr));
+        same_bits(&format!("interrupted node {rank}"), &metrics::read(&metrics_of(rank)).unwrap(), &want.0);
+        assert!(adapter_bytes(&dirs[rank]) == adapter_bytes(&want.2), "node {rank}: the adapter differs");
+    }
+    for dir in dirs.iter().chain([&want.2]) {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

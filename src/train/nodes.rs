@@ -104,20 +104,17 @@ impl NodeLink {
             let mut all = Vec::with_capacity(block.len() * self.count);
             all.extend_from_slice(block);
             for i in 0..self.streams.len() {
-                let received = read_frame(&mut self.streams[i], bytes).map_err(|e| lost(0, i + 1, "gathering the gradients", e));
-                let frame = match received {
-                    Ok(frame) if frame.len() as u64 == bytes => frame,
-                    Ok(frame) => {
-                        Err(Error::Unsupported(format!("train.nodes: node {} sent {} bytes, expected {bytes}", i + 1, frame.len())))?
-                    }
+                let frame = match read_block(&mut self.streams[i], bytes) {
+                    Ok(frame) => frame,
                     Err(e) => {
+                        let e = lost(0, i + 1, "gathering the gradients", e);
                         self.abort(&e.to_string());
                         return Err(e);
                     }
                 };
                 all.extend(floats(&frame));
             }
-            let out = to_bytes(&all);
+            let out = crate::peft::f32_bytes(&all);
             for i in 0..self.streams.len() {
                 if let Err(e) = write_frame(&mut self.streams[i], &out) {
                     let e = lost(0, i + 1, "sending the gradients back", e);
@@ -129,11 +126,8 @@ impl NodeLink {
         } else {
             let rank = self.rank;
             let stream = &mut self.streams[0];
-            write_frame(stream, &to_bytes(block)).map_err(|e| lost(rank, 0, "sending its gradients", e))?;
-            let frame = read_frame(stream, whole).map_err(|e| lost(rank, 0, "waiting for the gradients", e))?;
-            if frame.len() as u64 != whole {
-                return Err(Error::Unsupported(format!("train.nodes: node 0 sent {} bytes, expected {whole}", frame.len())));
-            }
+            write_frame(stream, &crate::peft::f32_bytes(block)).map_err(|e| lost(rank, 0, "sending its gradients", e))?;
+            let frame = read_block(stream, whole).map_err(|e| lost(rank, 0, "waiting for the gradients", e))?;
             Ok(floats(&frame).collect())
         }
     }
@@ -241,8 +235,7 @@ fn mismatch(own: &Hello, theirs: &Hello) -> Option<String> {
     if theirs.run.model_config != own.run.model_config {
         return Some("its model's config.json differs from node 0's".into());
     }
-    let keys: std::collections::BTreeSet<&String> = own.run.keys.keys().chain(theirs.run.keys.keys()).collect();
-    let differ: Vec<&str> = keys.into_iter().filter(|k| own.run.keys.get(*k) != theirs.run.keys.get(*k)).map(String::as_str).collect();
+    let differ = super::differing_keys(&own.run.keys, &theirs.run.keys);
     if !differ.is_empty() {
         return Some(format!("its recipe differs from node 0's in {}", differ.join(", ")));
     }
@@ -337,8 +330,13 @@ fn read_frame(stream: &mut TcpStream, max: u64) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-fn to_bytes(floats: &[f32]) -> Vec<u8> {
-    floats.iter().flat_map(|f| f.to_le_bytes()).collect()
+/// A frame of exactly `len` bytes (a block of gradients, whose size both ends know).
+fn read_block(stream: &mut TcpStream, len: u64) -> std::io::Result<Vec<u8>> {
+    let frame = read_frame(stream, len)?;
+    if frame.len() as u64 != len {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("a frame of {} bytes, {len} expected", frame.len())));
+    }
+    Ok(frame)
 }
 
 fn floats(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {

@@ -420,10 +420,9 @@ pub struct TrainSection {
     /// train.devices replicas, train as one run of count × devices replicas (replica r of node
     /// k takes share k × devices + r of every micro-batch's rows). Every node runs the same
     /// recipe but for `rank` (model and dataset paths may differ; the data and the model's
-    /// config.json must not), and
-    /// node 0 gathers every node's gradients each step and hands them all back, so every node
-    /// takes the same optimizer step and writes the same checkpoints and adapter into its own
-    /// output.dir. Per-step losses and the adapter equal those of one node with count × devices
+    /// config.json must not), and node 0 gathers every node's gradients each step and hands
+    /// them all back, so every node takes the same optimizer step and writes the same
+    /// checkpoints and adapter into its own output.dir. Per-step losses and the adapter equal those of one node with count × devices
     /// devices, bit for bit. When any node is interrupted or stops early, every node saves
     /// that step and stops; a run is resumed by resuming every node from the same step.
     /// Default none: one node.

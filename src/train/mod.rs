@@ -204,13 +204,16 @@ pub fn breaking_changes(old: &Recipe, new: &Recipe) -> Vec<String> {
         flatten("", &serde_yaml::to_value(r).expect("recipes serialise"), &mut out);
         out
     };
-    let (a, b) = (flat(old), flat(new));
+    let mut differ = differing_keys(&flat(old), &flat(new));
+    differ.retain(|k| !under(k, RESUMABLE_CHANGES));
+    differ
+}
+
+/// The keys whose values differ between two flattened recipes (a key missing on one side
+/// differs), in key order.
+fn differing_keys(a: &std::collections::BTreeMap<String, String>, b: &std::collections::BTreeMap<String, String>) -> Vec<String> {
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    keys.into_iter()
-        .filter(|k| a.get(*k) != b.get(*k))
-        .filter(|k| !RESUMABLE_CHANGES.iter().any(|r| k == r || k.starts_with(&format!("{r}."))))
-        .cloned()
-        .collect()
+    keys.into_iter().filter(|k| a.get(*k) != b.get(*k)).cloned().collect()
 }
 
 /// Recipe keys naming files, which may sit at other paths on other machines (the data's and
@@ -228,11 +231,13 @@ fn run_keys(recipe: &Recipe) -> std::collections::BTreeMap<String, String> {
     }
     let mut out = std::collections::BTreeMap::new();
     flatten("", &value, &mut out);
-    out.retain(|k, _| {
-        let within = |r: &&str| k == r || k.starts_with(&format!("{r}."));
-        !RESUMABLE_CHANGES.iter().any(within) && !MACHINE_PATHS.iter().any(within)
-    });
+    out.retain(|k, _| !under(k, RESUMABLE_CHANGES) && !under(k, MACHINE_PATHS));
     out
+}
+
+/// Whether the flattened recipe key `key` is one of `roots` or lies within one.
+fn under(key: &str, roots: &[&str]) -> bool {
+    roots.iter().any(|r| key == *r || key.strip_prefix(r).is_some_and(|rest| rest.starts_with('.')))
 }
 
 fn flatten(prefix: &str, v: &serde_yaml::Value, out: &mut std::collections::BTreeMap<String, String>) {

@@ -120,20 +120,33 @@ fn uneven_split_is_refused() {
     assert!(!dir.exists(), "nothing is written for a refused recipe");
 }
 
+/// A free port on loopback, for node 0 to listen on.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `tune run` of the tiny run as node `rank` of `count` meeting on loopback at `port`, into `dir`.
+fn node_args(count: u32, rank: usize, port: u16, dir: &std::path::Path) -> Vec<String> {
+    vec![
+        "run".into(),
+        "tests/fixtures/tiny-run/recipe.yaml".into(),
+        format!("output.dir={}", dir.display()),
+        format!("train.nodes.count={count}"),
+        format!("train.nodes.rank={rank}"),
+        format!("train.nodes.address=127.0.0.1:{port}"),
+        // A node that cannot meet the others fails the test in a minute, not ten.
+        "train.nodes.join_timeout_s=60".into(),
+    ]
+}
+
 /// Runs `count` nodes of the tiny run at once on loopback, each a `tune run` process with
 /// `overrides` and its rank; returns each node's metrics and run directory.
 fn run_nodes(tag: &str, count: u32, overrides: &[&str], extra: &[&str]) -> Vec<(Vec<StepMetrics>, PathBuf)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let nodes: Vec<_> = (0..count)
         .map(|rank| {
             let dir = std::env::temp_dir().join(format!("tune-nodes-{tag}-{rank}-{}", std::process::id()));
-            let mut args: Vec<String> = ["run", "tests/fixtures/tiny-run/recipe.yaml"].iter().map(|a| a.to_string()).collect();
-            args.push(format!("output.dir={}", dir.display()));
-            args.push(format!("train.nodes.count={count}"));
-            args.push(format!("train.nodes.rank={rank}"));
-            args.push(format!("train.nodes.address=127.0.0.1:{port}"));
-            // A node that cannot meet the others fails the test in a minute, not ten.
-            args.push("train.nodes.join_timeout_s=60".into());
+            let mut args = node_args(count, rank as usize, port, &dir);
             args.extend(overrides.iter().map(|o| o.to_string()));
             args.extend(extra.iter().map(|o| o.replace("{dir}", &dir.display().to_string())));
             std::thread::spawn(move || {
@@ -205,29 +218,13 @@ fn nodes_resume_bit_for_bit() {
         assert!(adapter_bytes(dir) == adapters[rank], "node {rank}: the resumed adapter differs");
     }
     // Node 1 from step 3, node 0 from the final checkpoint (step 6): refused.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let node = |rank: usize, step: &str| {
-        let dir = resumed[rank].1.clone();
-        let checkpoint = dir.join(format!("checkpoints/{step}"));
-        let addr = format!("train.nodes.address=127.0.0.1:{port}");
-        std::thread::spawn(move || {
-            let out = format!("output.dir={}", dir.display());
-            let rank = format!("train.nodes.rank={rank}");
-            let args = [
-                "run",
-                "tests/fixtures/tiny-run/recipe.yaml",
-                &out,
-                "train.nodes.count=2",
-                &rank,
-                &addr,
-                "train.nodes.join_timeout_s=60",
-                args[0],
-                args[1],
-                "--resume",
-                s(&checkpoint),
-            ];
-            tune(&args)
-        })
+        let dir = &resumed[rank].1;
+        let mut all = node_args(2, rank, port, dir);
+        all.extend(args.iter().map(|a| a.to_string()));
+        all.extend(["--resume".to_string(), dir.join(format!("checkpoints/{step}")).display().to_string()]);
+        std::thread::spawn(move || tune(&all.iter().map(String::as_str).collect::<Vec<_>>()))
     };
     let zero = node(0, "step_000006");
     let (code, err) = node(1, "step_000003").join().unwrap();
@@ -249,17 +246,13 @@ fn nodes_resume_bit_for_bit() {
 fn ctrl_c_on_one_node_stops_every_node_after_the_same_step() {
     let steps = ["train.max_steps=300", "output.save_every=0"];
     let want = run("interrupt-ref", &[&steps[..], &["train.devices=2"]].concat());
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let dirs: Vec<PathBuf> =
         (0..2).map(|rank| std::env::temp_dir().join(format!("tune-nodes-interrupt-{rank}-{}", std::process::id()))).collect();
     let node = |rank: usize, extra: &[&str]| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tune"));
         c.current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["run", "tests/fixtures/tiny-run/recipe.yaml"])
-            .arg(format!("output.dir={}", dirs[rank].display()))
-            .args(["train.nodes.count=2", &format!("train.nodes.rank={rank}")])
-            .arg(format!("train.nodes.address=127.0.0.1:{port}"))
-            .args(["train.nodes.join_timeout_s=60"])
+            .args(node_args(2, rank, port, &dirs[rank]))
             .args(steps)
             .args(extra)
             .stdin(std::process::Stdio::null())

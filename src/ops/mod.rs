@@ -460,7 +460,7 @@ pub mod reference {
     }
 
     /// The [`LoraLinear`] of a quantized layer with an adapter: W dequantized, as `[in, out]`.
-    fn dequantized_lora<B: Backend>(p: QuantLinear<B>, device: &B::Device) -> LoraLinear<B> {
+    pub(crate) fn dequantized_lora<B: Backend>(p: QuantLinear<B>, device: &B::Device) -> LoraLinear<B> {
         let lora = p.lora.expect("quant_lora_linear_backward: a layer with an adapter");
         LoraLinear { w: prim(dequantized::<B>(&p.w, device).transpose()), bias: p.bias, a: lora.a, b: lora.b, scale: lora.scale }
     }

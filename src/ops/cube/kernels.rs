@@ -814,3 +814,41 @@ pub fn dropout_mask<F: Float>(
     }
     mask[p] = F::cast_from(v);
 }
+
+/// One unit per element of `out` `[n, m]`, in place: out = out + bias + scale·u·up, with u
+/// `[n, r]` and up `[r, m]` at any strides (the adapter's rank r is small). This is the LoRA
+/// up-projection folded into the frozen product's output: lora_B on the forward pass, lora_Aᵀ
+/// on the input gradient's, so the adapter's `[n, m]` product is never stored nor added in a
+/// pass of its own. Without a bias, `bias` is any tensor of W, unread.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn lora_add<F: Float, L: Float, W: Float>(
+    out: &mut Tensor<F>,
+    bias: &Tensor<W>,
+    u: &Tensor<L>,
+    up: &Tensor<L>,
+    len: usize,
+    m: usize,
+    r: usize,
+    scale: f32,
+    #[comptime] has_bias: bool,
+    #[define(F, L, W)] _dtypes: [StorageType; 3],
+) {
+    let p = ABSOLUTE_POS;
+    if p >= len {
+        terminate!();
+    }
+    let (i, j) = (p / m, p % m);
+    let (u_row, u_col) = (u.stride(0), u.stride(1));
+    let (up_row, up_col) = (up.stride(0), up.stride(1));
+    let mut acc = f32::new(0.0);
+    for k in 0..r {
+        acc += f32::cast_from(u[i * u_row + k * u_col]) * f32::cast_from(up[k * up_row + j * up_col]);
+    }
+    // In the reference's order: the base with its bias, then the adapter.
+    let mut y = f32::cast_from(out[p]);
+    if has_bias {
+        y += f32::cast_from(bias[j]);
+    }
+    out[p] = F::cast_from(y + scale * acc);
+}

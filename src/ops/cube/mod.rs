@@ -5,8 +5,10 @@
 //! `[b, h, s, t]` scores and probabilities). The norms, the rotary embedding and the MLPs'
 //! activations are one kernel each way, reading their inputs once instead of through burn's
 //! chain of element-wise ops (each a kernel launch and a tensor in memory). The cross-entropy
-//! is one kernel per chunk of rows that leaves its loss on the device. The LoRA linear layers
-//! (burn's autotuned matmuls) keep the generic defaults of [`FusedOps`].
+//! is one kernel per chunk of rows that leaves its loss on the device. The frozen linear
+//! layers with LoRA take cubecl's autotuned matmuls for their products, reading a bf16 base as
+//! it is stored and summing in f32 into the activations' dtype, and one kernel folds the
+//! adapter's up-projection (and the bias) into the frozen product's output.
 //!
 //! tune runs these backends without burn's fusion (see Cargo.toml), so the kernels register on
 //! `CubeBackend` directly and fusion's open wrong-result bugs cannot reach them.
@@ -17,13 +19,14 @@ mod tests;
 
 use burn::tensor::{DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::kernel::matmul::MatmulStrategy;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::*;
 use cubecl_runtime::server::CubeCountSelection;
 
-use super::{Activation, AttentionOptions, FusedOps, Mask};
+use super::{float, prim, Activation, AttentionOptions, FusedOps, LoraLinear, Mask, QuantLinear};
 
 /// Units per cube for the row kernels: a power of two, at most what the device allows.
 fn row_block<R: CubeRuntime>(client: &ComputeClient<R>) -> usize {
@@ -148,6 +151,63 @@ impl<R: CubeRuntime> AttentionArgs<R> {
     }
 }
 
+/// x·w for the frozen w of a layer (`[n, k]`·`[k, m]`, w may be a transposed view), in x's
+/// dtype: cubecl's matmul reads both operands in w's dtype (x rounded once, where it enters) and
+/// writes its f32 sums straight into x's dtype. A bf16 matmul followed by a cast, the generic
+/// path, would round every output to bf16 on the way.
+fn base_product<R: CubeRuntime>(x: CubeTensor<R>, w: CubeTensor<R>) -> CubeTensor<R> {
+    let out_dtype = x.dtype;
+    let x = if x.dtype == w.dtype { x } else { burn_cubecl::kernel::cast(x, w.dtype) };
+    let (xs, ws) = (x.meta.shape().clone(), w.meta.shape().clone());
+    burn_cubecl::kernel::matmul::matmul(x, w, None, MatmulStrategy::default(), out_dtype)
+        .unwrap_or_else(|e| panic!("frozen matmul of {xs:?} by {ws:?} into {out_dtype:?}: {e:?}"))
+}
+
+/// out + bias + scale·u·up, written into `out` (`[n, m]`, a product just made here, so no one
+/// else holds it): [`kernels::lora_add`]. u `[n, r]`, up `[r, m]`, bias `[m]`.
+fn lora_add<R: CubeRuntime>(
+    out: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    u: CubeTensor<R>,
+    up: CubeTensor<R>,
+    scale: f64,
+) -> CubeTensor<R> {
+    let out = into_contiguous(out);
+    let out = if out.can_mut() { out } else { into_contiguous(out.copy()) };
+    let (n, m) = rows_and_width(&out, "lora_add");
+    let (us, ups) = (u.meta.shape().clone(), up.meta.shape().clone());
+    assert!(
+        us.num_dims() == 2 && ups.num_dims() == 2 && us[0] == n && ups[1] == m && us[1] == ups[0],
+        "lora_add: [{n}, {m}] += [n, r] {us:?} · [r, m] {ups:?}"
+    );
+    assert_eq!(u.dtype, up.dtype, "lora_add: the adapter's factors");
+    let bias = bias.map(into_contiguous);
+    if let Some(b) = &bias {
+        assert!(b.meta.shape().num_elements() == m, "lora_add: a bias of {:?} for {m} outputs", b.meta.shape());
+    }
+    let has_bias = bias.is_some();
+    let bias = bias.unwrap_or_else(|| u.clone());
+    let len = n * m;
+    let (count, dim) = elementwise_launch(&out.client, len);
+    let dtypes = [storage(out.dtype), storage(u.dtype), storage(bias.dtype)];
+    kernels::lora_add::launch::<R>(
+        &out.client.clone(),
+        count,
+        dim,
+        out.clone().into_tensor_arg(),
+        bias.into_tensor_arg(),
+        u.into_tensor_arg(),
+        up.into_tensor_arg(),
+        len,
+        m,
+        us[1],
+        scale as f32,
+        has_bias,
+        dtypes,
+    );
+    out
+}
+
 fn explicit<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     mask: Mask<CubeBackend<R, F, I, BT>>,
 ) -> Option<CubeTensor<R>> {
@@ -252,6 +312,63 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps f
             dtypes,
         );
         (dq, dk, dv)
+    }
+
+    fn frozen_matmul(x: CubeTensor<R>, w: CubeTensor<R>) -> CubeTensor<R> {
+        base_product(x, w)
+    }
+
+    fn lora_linear(x: CubeTensor<R>, x_lora: Option<CubeTensor<R>>, p: LoraLinear<Self>) -> CubeTensor<R> {
+        let x_lora = x_lora.unwrap_or_else(|| x.clone());
+        let y = base_product(x, p.w);
+        let down = prim(float::<Self, 2>(x_lora).matmul(float(p.a)));
+        lora_add(y, p.bias, down, p.b, p.scale)
+    }
+
+    fn lora_linear_backward(
+        x: CubeTensor<R>,
+        x_lora: Option<CubeTensor<R>>,
+        p: LoraLinear<Self>,
+        grad: CubeTensor<R>,
+        need_dx: bool,
+    ) -> (Option<CubeTensor<R>>, Option<CubeTensor<R>>, CubeTensor<R>, CubeTensor<R>) {
+        let shared = x_lora.is_none();
+        let x_lora = float::<Self, 2>(x_lora.unwrap_or(x));
+        let (a, b, g) = (float::<Self, 2>(p.a), float::<Self, 2>(p.b), float::<Self, 2>(grad.clone()));
+        // The scale goes on the thin [n, r] factors, not on the gradients they make.
+        let down = x_lora.clone().matmul(a.clone()) * p.scale;
+        let v = g.clone().matmul(b.transpose()) * p.scale;
+        let db = down.transpose().matmul(g);
+        let da = x_lora.transpose().matmul(v.clone());
+        let dx = need_dx.then(|| {
+            let dx = base_product(grad, prim(float::<Self, 2>(p.w).transpose()));
+            if shared {
+                lora_add(dx, None, prim(v.clone()), prim(a.clone().transpose()), 1.0)
+            } else {
+                dx
+            }
+        });
+        let dx_lora = (!shared).then(|| prim(v.matmul(a.transpose())));
+        (dx, dx_lora, prim(da), prim(db))
+    }
+
+    fn quant_linear(x: CubeTensor<R>, x_lora: Option<CubeTensor<R>>, p: QuantLinear<Self>) -> CubeTensor<R> {
+        if p.lora.is_none() {
+            return super::reference::quant_linear::<Self>(x, x_lora, p);
+        }
+        let device = x.device.clone();
+        Self::lora_linear(x, x_lora, super::reference::dequantized_lora(p, &device))
+    }
+
+    fn quant_lora_linear_backward(
+        x: CubeTensor<R>,
+        x_lora: Option<CubeTensor<R>>,
+        p: QuantLinear<Self>,
+        grad: CubeTensor<R>,
+        need_dx: bool,
+    ) -> (Option<CubeTensor<R>>, Option<CubeTensor<R>>, CubeTensor<R>, CubeTensor<R>) {
+        let device = x.device.clone();
+        Self::lora_linear_backward(x, x_lora, super::reference::dequantized_lora(p, &device), grad, need_dx)
     }
 
     fn rms_norm_forward(x: CubeTensor<R>, w: CubeTensor<R>, eps: f64) -> (CubeTensor<R>, CubeTensor<R>) {

@@ -6,7 +6,7 @@
 
 use burn::tensor::{Distribution, ElementConversion, Tensor};
 
-use crate::ops::{float, prim, reference, Activation, AttentionOptions, FusedOps, Mask};
+use crate::ops::{float, prim, reference, Activation, AttentionOptions, FusedOps, LoraLinear, Mask};
 
 #[cfg(feature = "wgpu")]
 type B = crate::backend::Wgpu;
@@ -101,6 +101,96 @@ fn gated_and_plain_activations_match_the_reference_both_ways() {
         let dx = B::activation_backward(prim(gate.clone()), act, prim(grad.clone()));
         let dx_ref = reference::activation_backward::<B>(prim(gate), act, prim(grad));
         check::<2>(float(dx), float(dx_ref), &format!("activation backward {act:?}"));
+    }
+}
+
+/// The frozen linear layer with LoRA, `[n, k]` -> `[n, m]` at rank r: the output, and each
+/// gradient with and without x's, against the reference within `tol`.
+fn check_lora_linear(w: Tensor<B, 2>, [n, r]: [usize; 2], bias: bool, dropout: bool, tol: f32, what: &str) {
+    let [k, m] = w.dims();
+    let x = random::<2>([n, k]);
+    // With dropout the adapter sees its own input; without, x itself (one gradient for both).
+    let x_lora = dropout.then(|| random::<2>([n, k]));
+    let bias = bias.then(|| random::<1>([m]));
+    let (a, b, grad) = (random::<2>([k, r]), random::<2>([r, m]), random::<2>([n, m]));
+    let p = || LoraLinear::<B> { w: prim(w.clone()), bias: bias.clone().map(prim), a: prim(a.clone()), b: prim(b.clone()), scale: 1.75 };
+    let x_lora_prim = || x_lora.clone().map(prim);
+    let close = |kernel: Tensor<B, 2>, reference: Tensor<B, 2>, part: &str| {
+        let d = rel_diff(kernel, reference);
+        assert!(d < tol, "{what}: {part}: the kernel is {d} off the reference");
+    };
+    let y = B::lora_linear(prim(x.clone()), x_lora_prim(), p());
+    let y_ref = reference::lora_linear::<B>(prim(x.clone()), x_lora_prim(), p());
+    close(float(y), float(y_ref), "output");
+    for need_dx in [true, false] {
+        let (dx, dx_lora, da, db) = B::lora_linear_backward(prim(x.clone()), x_lora_prim(), p(), prim(grad.clone()), need_dx);
+        let (dx_ref, dx_lora_ref, da_ref, db_ref) =
+            reference::lora_linear_backward::<B>(prim(x.clone()), x_lora_prim(), p(), prim(grad.clone()), need_dx);
+        assert_eq!((dx.is_some(), dx_lora.is_some()), (dx_ref.is_some(), dx_lora_ref.is_some()), "{what}: which gradients");
+        assert_eq!(dx.is_some(), need_dx, "{what}: dx when need_dx is {need_dx}");
+        assert_eq!(dx_lora.is_some(), dropout, "{what}: dx_lora with dropout {dropout}");
+        if let (Some(dx), Some(dx_ref)) = (dx, dx_ref) {
+            close(float(dx), float(dx_ref), "dx");
+        }
+        if let (Some(dx_lora), Some(dx_lora_ref)) = (dx_lora, dx_lora_ref) {
+            close(float(dx_lora), float(dx_lora_ref), "dx_lora");
+        }
+        close(float(da), float(da_ref), "d lora_A");
+        close(float(db), float(db_ref), "d lora_B");
+    }
+}
+
+#[test]
+fn lora_linear_forward_and_backward_match_the_reference() {
+    // (rows, in, out, rank, bias, dropout): outputs that are not a multiple of a cube, ranks 1
+    // and 16, the adapter on x itself or on its own (dropped) input.
+    for (n, k, m, r, bias, dropout) in
+        [(37, 48, 100, 8, true, false), (5, 576, 300, 16, false, true), (64, 32, 257, 1, true, true), (3, 8, 8, 4, false, false)]
+    {
+        check_lora_linear(random::<2>([k, m]), [n, r], bias, dropout, TOL, &format!("lora_linear n={n} in={k} out={m} r={r}"));
+    }
+}
+
+#[test]
+fn frozen_matmul_matches_the_reference_also_by_a_transposed_weight() {
+    let (x, w) = (random::<2>([33, 40]), random::<2>([40, 70]));
+    let y = B::frozen_matmul(prim(x.clone()), prim(w.clone()));
+    check::<2>(float(y), float(reference::frozen_matmul::<B>(prim(x), prim(w.clone()))), "frozen_matmul");
+    // The backward pass multiplies by wᵀ, a view.
+    let g = random::<2>([33, 70]);
+    let dx = B::frozen_matmul(prim(g.clone()), prim(w.clone().transpose()));
+    check::<2>(float(dx), float(reference::frozen_matmul::<B>(prim(g), prim(w.transpose()))), "frozen_matmul by wᵀ");
+}
+
+/// On CUDA the base may be bf16. Its products read x (or the gradient) rounded to bf16 and sum
+/// in f32 without rounding the result, so the reference is the f32 op on bf16-rounded inputs;
+/// the generic path's bf16 output would be up to 2⁻⁹ off.
+#[cfg(all(feature = "cuda", not(feature = "wgpu")))]
+#[test]
+fn frozen_matmul_with_a_bf16_base_sums_in_f32() {
+    use burn::tensor::DType;
+    let round = |t: Tensor<B, 2>| t.cast(DType::BF16).cast(DType::F32);
+    let (x, w) = (random::<2>([65, 96]), random::<2>([96, 130]).cast(DType::BF16));
+    let y = float::<B, 2>(B::frozen_matmul(prim(x.clone()), prim(w.clone())));
+    assert_eq!(y.dtype(), DType::F32, "frozen_matmul: the output takes x's dtype");
+    let y_ref = round(x).matmul(w.clone().cast(DType::F32));
+    let d = rel_diff(y, y_ref);
+    assert!(d < 1e-5, "frozen_matmul, bf16 base: {d} off the f32 sums of bf16-rounded inputs");
+    let g = random::<2>([65, 130]);
+    let dx = float::<B, 2>(B::frozen_matmul(prim(g.clone()), prim(w.clone().transpose())));
+    let d = rel_diff(dx, round(g).matmul(w.cast(DType::F32).transpose()));
+    assert!(d < 1e-5, "frozen_matmul by a bf16 wᵀ: {d} off");
+}
+
+/// The LoRA layer with a bf16 base on CUDA, against the generic path (which rounds the base's
+/// product to bf16: 2⁻⁸ of the largest value covers it).
+#[cfg(all(feature = "cuda", not(feature = "wgpu")))]
+#[test]
+fn lora_linear_with_a_bf16_base_matches_the_reference() {
+    use burn::tensor::DType;
+    for (n, k, m, r, bias, dropout) in [(37, 48, 100, 8, true, false), (5, 576, 300, 16, false, true)] {
+        let w = random::<2>([k, m]).cast(DType::BF16);
+        check_lora_linear(w, [n, r], bias, dropout, 1.0 / 256.0, &format!("lora_linear, bf16 base, n={n} in={k} out={m} r={r}"));
     }
 }
 

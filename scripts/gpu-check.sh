@@ -4,7 +4,8 @@
 # scripts/gpu-bundle.sh built (target/gpu-bundle/, carried along), in the order of what matters
 # most, each part under its own time limit, and writes a log per part and summary.txt to $OUT
 # (default target/gpu-check):
-#   1. kernels:   the CubeCL kernels' golden tests on CUDA (src/ops/cube/tests.rs, f32, 1e-5);
+#   1. kernels:   the CubeCL kernels' golden tests on CUDA (src/ops/cube/tests.rs, f32, 1e-5;
+#                 and the bf16 base's products: f32 sums of bf16-rounded inputs);
 #   2. gpu-tests: tests/gpu.rs on CUDA: every tiny family vs transformers, `tune eval` and a
 #                 6-step `tune run` vs the CPU (f32 base), the bf16 base's run vs the CPU's f32
 #                 run (every step within 2%), and the warm start's cache;
@@ -49,7 +50,7 @@ part() {
 
 # The parts' limits add up to 510 s; unpacking and writing the two random models take about a
 # minute more, so the whole run fits a 10-minute command.
-part kernels 80 "$work/lib-tests" --test-threads 1 ops::cube
+part kernels 100 "$work/lib-tests" --test-threads 1 ops::cube
 part gpu-tests 150 "$work/gpu-tests" --include-ignored --test-threads 1 --nocapture
 part make-smollm2 30 python3 benches/compare.py --make-random smollm2-135m --model "$work/smollm2"
 part smollm2 120 python3 benches/compare.py --model "$work/smollm2" --device cuda --dtype bf16 --seq 1024 --batch 8 --rank 8 --tune "$work/tune"

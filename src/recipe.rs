@@ -422,10 +422,10 @@ pub struct TrainSection {
     /// recipe but for `rank` (model and dataset paths may differ; the data and the model's
     /// config.json must not), and node 0 gathers every node's gradients each step and hands
     /// them all back, so every node takes the same optimizer step and writes the same
-    /// checkpoints and adapter into its own output.dir. Per-step losses and the adapter equal those of one node with count × devices
-    /// devices, bit for bit. When any node is interrupted or stops early, every node saves
-    /// that step and stops; a run is resumed by resuming every node from the same step.
-    /// Default none: one node.
+    /// checkpoints and adapter into its own output.dir. Per-step losses and the adapter equal
+    /// those of one node with count × devices devices, bit for bit. When any node is
+    /// interrupted or stops early, every node saves that step and stops; a run is resumed by
+    /// resuming every node from the same step. Default none: one node.
     pub nodes: Option<Nodes>,
     /// Stop when this many evaluations in a row have not improved on the best eval loss so far
     /// (improving means strictly lower). The run ends with a checkpoint and the adapter of the

@@ -111,11 +111,6 @@ impl<B: Backend> Replicas<B> {
         Ok(replicas)
     }
 
-    /// Replicas in all, every node's included.
-    pub fn count(&self) -> usize {
-        self.place.count
-    }
-
     /// Over several nodes, each flag ORed over every node (the same answer on each); None on
     /// one node.
     pub fn agree_across_nodes<const N: usize>(&mut self, flags: [bool; N]) -> Result<Option<[bool; N]>> {

@@ -172,8 +172,9 @@ fn lora_add<R: CubeRuntime>(
     up: CubeTensor<R>,
     scale: f64,
 ) -> CubeTensor<R> {
+    // A copy of a contiguous tensor is contiguous.
     let out = into_contiguous(out);
-    let out = if out.can_mut() { out } else { into_contiguous(out.copy()) };
+    let out = if out.can_mut() { out } else { out.copy() };
     let (n, m) = rows_and_width(&out, "lora_add");
     let (us, ups) = (u.meta.shape().clone(), up.meta.shape().clone());
     assert!(
